@@ -1,0 +1,9 @@
+"""streamprune: prune LLaMA-family checkpoints one decoder block at a time (Wanda, Elastic-Net Wanda)."""
+
+__version__ = "0.1.0"
+
+from .config import PruneConfig  # noqa: E402
+from .engine import prune  # noqa: E402
+from .errors import StreamPruneError  # noqa: E402
+
+__all__ = ["PruneConfig", "StreamPruneError", "prune", "__version__"]

@@ -1,0 +1,191 @@
+"""A model whose decoder blocks are materialised one at a time.
+
+The whole model is built on the `meta` device (no memory), with its buffers real, so non-persistent
+buffers such as the rotary `inv_freq` are computed by transformers itself.  To get the inputs of the
+blocks, the base model's own forward runs with every block replaced by a recorder that returns its
+input unchanged: the recorder of block 0 keeps the hidden states (embedding scale included, where a
+family has one) and every recorder keeps the keyword arguments its block is called with (causal or
+sliding-window mask, rotary position embeddings, position ids).  Block i is then called exactly as the
+model would call it, with transformers' own decoder-layer class and the mask built by transformers.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from .checkpoint import CheckpointReader
+from .errors import StreamPruneError
+from .families import Family
+
+
+class _BlockInputRecorder(nn.Module):
+    """Stands in for block `index`: records what the block would receive, returns its input."""
+
+    def __init__(self, index: int, record: dict):
+        super().__init__()
+        self.index = index
+        self.record = record
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise RuntimeError("decoder blocks are expected to take their options as keyword arguments")
+        self.record.setdefault("kwargs", {})[self.index] = kwargs
+        if self.index == 0:
+            self.record["hidden_states"] = hidden_states
+        return hidden_states
+
+
+def _release(module: nn.Module) -> None:
+    """Every parameter of `module` back to the meta device, freeing its memory."""
+    for submodule in module.modules():
+        for name, param in submodule._parameters.items():
+            if param is not None and param.device.type != "meta":
+                submodule._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+
+
+class DecoderStack:
+    """The model skeleton plus a reader: load block i, call it, free it."""
+
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        family: Family,
+        reader: CheckpointReader,
+        device: torch.device,
+        dtype: torch.dtype,
+        trust_remote_code: bool = False,
+    ):
+        self.config = config
+        self.family = family
+        self.reader = reader
+        self.device = device
+        self.dtype = dtype
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        self.model.eval()
+        for module in self.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None and buffer.device.type != "meta":
+                    module._buffers[name] = buffer.to(device)
+        self.base = getattr(self.model, family.base_model)
+        self.blocks: nn.ModuleList = getattr(self.base, family.blocks)
+        if len(self.blocks) != config.num_hidden_layers:
+            raise StreamPruneError(f"model has {len(self.blocks)} blocks, config says {config.num_hidden_layers}")
+        self.block_kwargs: dict[int, dict] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block_keys(self, index: int) -> list[str]:
+        return self.reader.keys_with_prefix(self.family.block_prefix(index))
+
+    def non_block_keys(self) -> list[str]:
+        in_blocks = f"{self.family.base_prefix}{self.family.blocks}."
+        return [key for key in self.reader.keys() if not key.startswith(in_blocks)]
+
+    def _materialise(self, module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+        tensors = {k: t.to(device=self.device, dtype=self.dtype) for k, t in tensors.items()}
+        try:
+            module.load_state_dict(tensors, strict=True, assign=True)
+        except RuntimeError as exc:
+            detail = " ".join(str(exc).split())
+            raise StreamPruneError(f"the checkpoint's {what} does not match the config: {detail[:300]}") from exc
+
+    def load_block(self, index: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """Block `index` on the device in the compute dtype, and its tensors as stored (CPU, checkpoint dtype)."""
+        prefix = self.family.block_prefix(index)
+        stored = self.reader.read(self.block_keys(index))
+        block = self.blocks[index]
+        self._materialise(block, {k[len(prefix) :]: t for k, t in stored.items()}, f"block {index}")
+        return block, stored
+
+    def free_block(self, index: int) -> None:
+        _release(self.blocks[index])
+
+    @contextmanager
+    def _base_without_blocks(self):
+        """The base model's own tensors (embedding, final norm) materialised, every block a recorder."""
+        prefix = self.family.base_prefix
+        in_blocks = f"{prefix}{self.family.blocks}."
+        keys = [k for k in self.reader.keys() if k.startswith(prefix) and not k.startswith(in_blocks)]
+        tensors = {k[len(prefix) :]: t.to(device=self.device, dtype=self.dtype) for k, t in self.reader.read(keys).items()}
+        blocks = self.blocks
+        record: dict = {}
+        setattr(self.base, self.family.blocks, nn.ModuleList(_BlockInputRecorder(i, record) for i in range(len(blocks))))
+        try:
+            try:
+                self.base.load_state_dict(tensors, strict=True, assign=True)
+            except RuntimeError as exc:
+                detail = " ".join(str(exc).split())
+                raise StreamPruneError(f"the checkpoint's embedding or final norm does not match the config: {detail[:300]}") from exc
+            yield record
+        finally:
+            setattr(self.base, self.family.blocks, blocks)
+            self._release_base_parameters()
+
+    def _release_base_parameters(self) -> None:
+        """Back to meta: the embedding is not needed again while blocks stream."""
+        for name, module in self.base.named_children():
+            if name != self.family.blocks:
+                _release(module)
+
+    def _module_name(self, module: nn.Module) -> str:
+        return next(name for name, candidate in self.model.named_modules() if candidate is module)
+
+    @contextmanager
+    def output_head(self):
+        """The final norm and the LM head materialised; yields a function hidden states -> logits."""
+        norm = getattr(self.base, self.family.final_norm)
+        head = self.model.get_output_embeddings()
+        norm_prefix = f"{self._module_name(norm)}."
+        head_prefix = f"{self._module_name(head)}."
+        head_tensors = {k[len(head_prefix) :]: t for k, t in self.reader.read(self.reader.keys_with_prefix(head_prefix)).items()}
+        if not head_tensors and getattr(self.config, "tie_word_embeddings", False):
+            embedding_key = f"{self._module_name(self.model.get_input_embeddings())}.weight"
+            head_tensors = {"weight": self.reader.read([embedding_key])[embedding_key]}
+        norm_tensors = {k[len(norm_prefix) :]: t for k, t in self.reader.read(self.reader.keys_with_prefix(norm_prefix)).items()}
+        try:
+            self._materialise(norm, norm_tensors, "final norm")
+            self._materialise(head, head_tensors, "LM head")
+            yield lambda hidden: head(norm(hidden))
+        finally:
+            _release(norm)
+            _release(head)
+
+    @torch.inference_mode()
+    def block_inputs(self, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """Inputs of block 0 for every window, shape (windows, seqlen, hidden), on the device.
+
+        Also records, in self.block_kwargs, the keyword arguments every block is called with (taken
+        from a call on one window; its mask and position tensors broadcast over any batch).
+        """
+        windows = input_ids.shape[0]
+        hidden = None
+        with self._base_without_blocks() as record:
+            self.base(input_ids=input_ids[:1].to(self.device), use_cache=False)
+            self.block_kwargs = record["kwargs"]
+            for start in range(0, windows, batch_size):
+                self.base(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
+                batch = record["hidden_states"]
+                if hidden is None:
+                    hidden = torch.empty((windows, *batch.shape[1:]), dtype=batch.dtype, device=self.device)
+                hidden[start : start + batch.shape[0]] = batch
+        return hidden
+
+    def run_block(self, index: int, hidden: torch.Tensor, batch_size: int, write_back: bool) -> None:
+        """Calls block `index` on every window in batches; with write_back its outputs replace its inputs."""
+        block = self.blocks[index]
+        kwargs = self.block_kwargs[index]
+        with torch.inference_mode():
+            for start in range(0, hidden.shape[0], batch_size):
+                out = block(hidden[start : start + batch_size], **kwargs)
+                if isinstance(out, tuple):
+                    out = out[0]
+                if write_back:
+                    hidden[start : start + batch_size] = out

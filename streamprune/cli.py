@@ -1,0 +1,156 @@
+"""The `streamprune` command line: click commands, tqdm bars, one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .config import DTYPES, STAT_NORMS, PruneConfig
+from .errors import StreamPruneError
+from .scoring import METHODS
+
+
+class _Group(click.Group):
+    """Every failure ends as one `Error: ...` line on stderr and a non-zero exit status."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            code = exc.exit_code
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("Error: interrupted", err=True)
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def reports_errors(command):
+    """Turns exceptions into one-line errors; --debug (or STREAMPRUNE_DEBUG=1) shows the traceback."""
+
+    @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+    @functools.wraps(command)
+    def wrapper(*args, debug: bool, **kwargs):
+        debug = debug or os.environ.get("STREAMPRUNE_DEBUG") == "1"
+        _quiet_libraries()
+        try:
+            return command(*args, **kwargs)
+        except (click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except StreamPruneError as exc:
+            if debug:
+                raise
+            raise click.ClickException(_one_line(exc)) from None
+        except Exception as exc:  # a bug or an environment problem: still one line, unless --debug
+            if debug:
+                raise
+            message = f"{type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)"
+            raise click.ClickException(message) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    """Our own bars and warnings only: transformers' loading bars and notices would drown them."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logger = logging.getLogger("streamprune")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        logger.addHandler(_WarningLines())
+        logger.propagate = False
+
+
+class _WarningLines(logging.Handler):
+    """`Warning: ...` on whatever stderr is current (click's test runner swaps it)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record):
+        click.echo(f"Warning: {_one_line(record.getMessage())}", err=True)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="streamprune")
+def main():
+    """Prune LLaMA-family models one decoder block at a time (Wanda and Elastic-Net Wanda)."""
+
+
+@main.command()
+@click.argument("model")
+@click.argument("output", type=click.Path(file_okay=True, dir_okay=True, path_type=Path))
+@click.option("--method", type=click.Choice(list(METHODS)), default="en-modified", show_default=True,
+              help="magnitude |W|; wanda |W| L2; en-original |W|(a L1 + (1-a) L2^2); en-modified |W|(a L1 + (1-a) L2).")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Elastic-net mix a in [0, 1].")
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Share of each output row to zero, in [0, 1).")
+@click.option("--pattern", default=None, help="Semi-structured N:M sparsity instead, e.g. 2:4 or 4:8.")
+@click.option("--calib", default="wikitext103", show_default=True,
+              help="wikitext103, c4 (from the hub), a text/.raw/.jsonl file or folder, or an input_ids .safetensors file.")
+@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
+@click.option("--calib-mult", type=int, default=1, show_default=True, help="Draw nsamples * calib-mult windows.")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the window sampling.")
+@click.option("--stat-norm", type=click.Choice(STAT_NORMS), default="mean", show_default=True,
+              help="mean: norms divided by the token count; sum: raw norms.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N; auto = cuda if available.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Compute dtype; auto = the checkpoint's. The output keeps the checkpoint's dtype.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per calibration forward pass.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@reports_errors
+def prune(model, output, overwrite, trust_remote_code, quiet, **options):
+    """Prune MODEL (a local directory or a hub id) into the directory OUTPUT."""
+    from .engine import prune as run_prune
+
+    config = PruneConfig(**options)
+    manifest = run_prune(model, output, config, overwrite=overwrite, trust_remote_code=trust_remote_code, progress=not quiet)
+    zeros = sum(manifest.sparsity.values()) / max(len(manifest.sparsity), 1)
+    mix = f", alpha {config.alpha:g}" if config.method.startswith("en-") else ""
+    shape = config.pattern or f"{config.sparsity:.0%} per row"
+    click.echo(
+        f"Pruned {manifest.blocks_total} blocks with {config.method}{mix} ({shape}; mean sparsity of the "
+        f"{len(manifest.sparsity)} linear weights {zeros:.2%}) in {manifest.timings['total_s']:.1f} s "
+        f"on {manifest.device}, peak host memory {_gib(manifest.peak_memory['host_rss_bytes'])}."
+    )
+    click.echo(f"Output: {output}  (loads with AutoModelForCausalLM.from_pretrained; manifest in streamprune.json)")
+
+
+@main.command()
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--nsamples", type=int, default=32, show_default=True)
+@click.option("--seqlen", type=int, default=256, show_default=True)
+@click.option("--alpha", type=float, default=0.5, show_default=True)
+@click.option("--eval-windows", type=int, default=24, show_default=True, help="Perplexity windows of seqlen tokens.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None, help="Where the model is built (default: ~/.cache/streamprune).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@reports_errors
+def demo(device, dtype, nsamples, seqlen, alpha, eval_windows, cache, quiet):
+    """Prune SmolLM2-135M to 50% with EN-Modified on bundled WikiText; compare perplexities."""
+    from .demo import run_demo
+
+    run_demo(device=device, dtype=dtype, nsamples=nsamples, seqlen=seqlen, alpha=alpha, eval_windows=eval_windows,
+             cache=cache, progress=not quiet, echo=click.echo)
+
+
+if __name__ == "__main__":
+    main()

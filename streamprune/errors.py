@@ -1,0 +1,5 @@
+"""The one exception type users see: its message says what is wrong and what to do."""
+
+
+class StreamPruneError(Exception):
+    """A problem with the user's input or environment, reported as one line without a traceback."""

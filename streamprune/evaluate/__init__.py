@@ -1,0 +1,1 @@
+"""Evaluation of (pruned) checkpoints with the same block streaming as pruning."""

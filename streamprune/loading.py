@@ -1,0 +1,79 @@
+"""From what the user typed (a directory or hub id, a device, a dtype) to a DecoderStack and tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from .blocks import DecoderStack
+from .checkpoint import CheckpointReader, resolve_model_dir
+from .errors import StreamPruneError
+from .families import family_for
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def choose_device(name: str) -> torch.device:
+    """'auto' is cuda when available, else cpu; asking for cuda without it is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise StreamPruneError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StreamPruneError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def load_config(model_dir: Path, trust_remote_code: bool = False):
+    if not (model_dir / "config.json").is_file():
+        raise StreamPruneError(f"no config.json in {model_dir}; is it a Hugging Face model directory?")
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise StreamPruneError(f"{model_dir} needs custom code to load; pass --trust-remote-code if you trust it") from exc
+        raise StreamPruneError(f"cannot read {model_dir / 'config.json'}: {' '.join(str(exc).split())}") from exc
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    """The model's tokenizer, or None when the directory has none (token ids can still be given)."""
+    if not any(model_dir.glob("tokenizer*")):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def compute_dtype(reader: CheckpointReader, first_block_key: str, requested: str) -> torch.dtype:
+    """'auto' computes in the checkpoint's own dtype."""
+    if requested != "auto":
+        return DTYPES[requested]
+    stored = reader.dtypes[first_block_key]
+    if stored not in DTYPES.values():
+        raise StreamPruneError(f"checkpoint dtype {stored} cannot be computed in; pass --dtype float32 or bfloat16")
+    return stored
+
+
+@dataclass
+class OpenedModel:
+    model_dir: Path
+    stack: DecoderStack
+    tokenizer: object | None
+
+
+def open_model(model: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> OpenedModel:
+    """Config, family, lazy reader and block skeleton; no weights are read yet."""
+    model_dir = resolve_model_dir(str(model))
+    config = load_config(model_dir, trust_remote_code)
+    family = family_for(config.model_type)
+    reader = CheckpointReader(model_dir)
+    first_keys = reader.keys_with_prefix(family.block_prefix(0))
+    if not first_keys:
+        raise StreamPruneError(f"no tensors under {family.block_prefix(0)} in {model_dir}")
+    stack = DecoderStack(
+        config, family, reader, choose_device(device), compute_dtype(reader, first_keys[0], dtype), trust_remote_code
+    )
+    return OpenedModel(model_dir, stack, load_tokenizer(model_dir, trust_remote_code))

@@ -1,0 +1,156 @@
+"""The command line through click's test runner: results, summaries, one-line errors."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from streamprune.cli import main
+from streamprune.data import WIKITEXT_CALIBRATION
+
+WIKI = str(WIKITEXT_CALIBRATION)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_prune_writes_a_loadable_checkpoint_and_a_summary(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("prune", tiny_checkpoint("llama"), out, "--method", "en-original", "--alpha", "0.25",
+                    "--sparsity", "0.6", "--calib", WIKI, "--nsamples", "3", "--seqlen", "16", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "Pruned 3 blocks with en-original, alpha 0.25" in result.stdout
+    manifest = json.loads((out / "streamprune.json").read_text())
+    assert manifest["status"] == "complete" and manifest["config"]["sparsity"] == 0.6
+    assert set(manifest["sparsity"].values()) == {round(int(0.6 * 64) / 64, 6), round(int(0.6 * 160) / 160, 6)}
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_pattern_sets_the_sparsity(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    result = invoke("prune", tiny_checkpoint("llama"), out, "--pattern", "2:4", "--calib", WIKI, "--nsamples", "2",
+                    "--seqlen", "16", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "streamprune.json").read_text())
+    assert manifest["config"]["pattern"] == "2:4" and manifest["config"]["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--alpha", "1.5"], ["alpha must be in [0, 1]"]),
+        (["--sparsity", "1"], ["sparsity must be in [0, 1)"]),
+        (["--sparsity", "-0.1"], ["sparsity must be in [0, 1)"]),
+        (["--pattern", "4:2"], ["0 < N < M"]),
+        (["--pattern", "2-4"], ["N:M"]),
+        (["--pattern", "3:7"], ["not divisible by 7"]),
+        (["--method", "sparsegpt"], ["--method"]),
+        (["--nsamples", "0"], ["nsamples must be at least 1"]),
+        (["--calib", "no-such-corpus"], ["calibration source"]),
+        (["--device", "cuda:0"], ["CUDA is not available"]),
+    ],
+)
+def test_bad_options_give_one_line_errors(tiny_checkpoint, tmp_path, options, fragments):
+    if "cuda:0" in options:
+        pytest.importorskip("torch")
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA")
+    out = tmp_path / "out"
+    result = invoke("prune", tiny_checkpoint("llama"), out, "--calib", WIKI, "--nsamples", "2", "--seqlen", "16",
+                    "--quiet", *options)
+    assert_one_line_error(result, *fragments)
+    assert not (out / "model.safetensors.index.json").exists()
+
+
+def test_too_little_calibration_text_is_an_error_and_a_long_seqlen_a_warning(tiny_checkpoint, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Only a few words of text.")
+    result = invoke("prune", tiny_checkpoint("llama"), tmp_path / "a", "--calib", short, "--seqlen", "64", "--quiet")
+    assert_one_line_error(result, "fewer than one window", "--seqlen")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = invoke("prune", tiny_checkpoint("llama"), tmp_path / "b", "--calib", empty, "--seqlen", "8", "--quiet")
+    assert_one_line_error(result, "fewer than one window")
+    result = invoke("prune", tiny_checkpoint("llama"), tmp_path / "c", "--calib", WIKI, "--nsamples", "1",
+                    "--seqlen", "4100", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "Warning: seqlen 4100 is above the model's context of 4096 tokens" in result.stderr
+
+
+def test_bad_checkpoints_give_one_line_errors(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("llama")
+    cases = {}
+    cases["missing"] = (tmp_path / "nope", ["does not exist"])
+    no_config = tmp_path / "no-config"
+    shutil.copytree(source, no_config)
+    (no_config / "config.json").unlink()
+    cases["no-config"] = (no_config, ["no config.json"])
+    missing_shard = tmp_path / "missing-shard"
+    shutil.copytree(source, missing_shard)
+    next(missing_shard.glob("model-00002-*.safetensors")).unlink()
+    cases["missing-shard"] = (missing_shard, ["model-00002", "missing"])
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(source, corrupt)
+    shard = next(corrupt.glob("model-00003-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    cases["corrupt"] = (corrupt, ["model-00003", "safetensors"])
+    pickle_only = tmp_path / "pickle-only"
+    pickle_only.mkdir()
+    shutil.copy(source / "config.json", pickle_only)
+    (pickle_only / "pytorch_model.bin").write_bytes(b"not read")
+    cases["pickle"] = (pickle_only, ["pickle", "safetensors only"])
+    foreign = tmp_path / "foreign"
+    shutil.copytree(source, foreign)
+    config = json.loads((foreign / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (foreign / "config.json").write_text(json.dumps(config))
+    cases["architecture"] = (foreign, ["unsupported architecture 'gpt2'", "llama"])
+    wrong_shape = tmp_path / "wrong-shape"
+    shutil.copytree(source, wrong_shape)
+    config = json.loads((wrong_shape / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (wrong_shape / "config.json").write_text(json.dumps(config))
+    cases["shape"] = (wrong_shape, ["does not match the config"])
+    for name, (model, fragments) in cases.items():
+        out = tmp_path / f"out-{name}"
+        result = invoke("prune", model, out, "--calib", WIKI, "--nsamples", "2", "--seqlen", "16", "--quiet")
+        assert_one_line_error(result, *fragments)
+        assert not (out / "model.safetensors.index.json").exists(), name
+
+
+def test_output_directory_rules(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama")
+    common = ["--calib", WIKI, "--nsamples", "2", "--seqlen", "16", "--quiet"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert_one_line_error(invoke("prune", model, a_file, *common), "is a file")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert_one_line_error(invoke("prune", model, foreign, *common), "not made by streamprune", "--overwrite")
+    assert (foreign / "notes.txt").exists()
+    assert_one_line_error(invoke("prune", model, model, *common), "would hold the input")
+    done = tmp_path / "done"
+    assert invoke("prune", model, done, *common).exit_code == 0
+    assert_one_line_error(invoke("prune", model, done, *common), "earlier streamprune run")
+    assert invoke("prune", model, done, *common, "--overwrite", "--seed", "3").exit_code == 0
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = invoke("prune", tmp_path / "nope", tmp_path / "out", "--debug")
+    assert result.exit_code != 0
+    assert "does not exist" in str(result.exception)

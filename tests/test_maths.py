@@ -1,0 +1,123 @@
+"""Scores and masks on hand-computed inputs where the plausible wrong formulas disagree."""
+
+import pytest
+import torch
+from torch import nn
+
+from streamprune.config import PruneConfig
+from streamprune.engine import keep_mask
+from streamprune.masking import n_m_mask, pruned_per_row, row_mask
+from streamprune.scoring import ActivationNorms
+from streamprune.stats import input_statistics
+
+
+def mask_for(weight, inputs, **options):
+    """The keep-mask of a linear layer `weight` after the tokens `inputs` went through it (hooks and all)."""
+    weight = torch.tensor(weight, dtype=torch.float32)
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    with input_statistics(linear) as statistics:
+        linear(torch.tensor(inputs, dtype=torch.float32))
+    config = PruneConfig(calib="unused", **options)
+    return keep_mask(linear.weight, statistics[""].norms(config.stat_norm), config).int().tolist()
+
+
+def test_wanda_uses_the_unsquared_l2_norm():
+    # mean x^2 = [4, 1]: L2 = [2, 1], L2^2 = [4, 1]; with |W| = [1, 3] the two orders disagree.
+    tokens = [[2.0, 1.0], [-2.0, -1.0]]
+    weight = [[1.0, 3.0]]
+    assert mask_for(weight, tokens, method="wanda", sparsity=0.5) == [[0, 1]]  # scores 2, 3
+    assert mask_for(weight, tokens, method="en-original", alpha=0.0, sparsity=0.5) == [[1, 0]]  # scores 4, 3
+
+
+def test_ranking_is_per_output_row_not_per_layer():
+    weight = [[1.0, 2.0], [10.0, 20.0]]
+    tokens = [[1.0, 1.0]]
+    # per row: each row drops its smaller entry; a layer-wide ranking would drop all of row 0.
+    assert mask_for(weight, tokens, method="wanda", sparsity=0.5) == [[0, 1], [0, 1]]
+    weight = [[2.0, 1.0], [10.0, 20.0]]
+    assert mask_for(weight, tokens, method="magnitude", sparsity=0.5) == [[1, 0], [0, 1]]
+
+
+def test_mean_and_sum_statistics_differ_when_alpha_mixes_l1_and_l2():
+    # feature 0: [2, 2, 2, 2] -> sum|x| = 8, sum x^2 = 16, mean|x| = 2, mean x^2 = 4
+    # feature 1: [4, 0, 0, 0] -> sum|x| = 4, sum x^2 = 16, mean|x| = 1, mean x^2 = 4
+    tokens = [[2.0, 4.0], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0]]
+    weight = [[1.0, 1.4]]
+    # en-modified, a = 0.5.  mean: scales [.5*2 + .5*2, .5*1 + .5*2] = [2, 1.5] -> scores [2, 2.1]
+    assert mask_for(weight, tokens, method="en-modified", alpha=0.5, sparsity=0.5, stat_norm="mean") == [[0, 1]]
+    # sum: scales [.5*8 + .5*4, .5*4 + .5*4] = [6, 4] -> scores [6, 5.6]
+    assert mask_for(weight, tokens, method="en-modified", alpha=0.5, sparsity=0.5, stat_norm="sum") == [[1, 0]]
+    # en-original, a = 0.5, mean: scales [.5*2 + .5*4, .5*1 + .5*4] = [3, 2.5] -> scores [3, 3.5]
+    assert mask_for(weight, tokens, method="en-original", alpha=0.5, sparsity=0.5, stat_norm="mean") == [[0, 1]]
+    # en-original, sum: scales [.5*8 + .5*16, .5*4 + .5*16] = [12, 10] -> scores [12, 14]
+    assert mask_for(weight, tokens, method="en-original", alpha=0.5, sparsity=0.5, stat_norm="sum") == [[0, 1]]
+
+
+def test_alpha_one_is_the_l1_norm_in_both_geometries():
+    # f0 = [3, 0, 0], f1 = [1, 1, -1]: mean|x| = [1, 1], mean x^2 = [3, 1], L2 = [1.73, 1]
+    tokens = [[3.0, 1.0], [0.0, 1.0], [0.0, -1.0]]
+    weight = [[0.7, 1.0]]  # L1 scores [0.7, 1] -> drop f0;  L2 scores [1.21, 1] -> drop f1
+    for method in ("en-original", "en-modified"):
+        assert mask_for(weight, tokens, method=method, alpha=1.0, sparsity=0.5) == [[0, 1]]
+    assert mask_for(weight, tokens, method="wanda", sparsity=0.5) == [[1, 0]]
+
+
+def test_row_mask_prunes_floor_of_sparsity_times_inputs_with_stable_ties():
+    scores = torch.ones(3, 10)
+    keep = row_mask(scores, 0.29)  # floor(2.9) = 2, not the 28.999.. rounding trap at 100 inputs
+    assert keep.tolist() == [[False, False] + [True] * 8] * 3
+    assert pruned_per_row(100, 0.29) == 29
+    assert pruned_per_row(576, 0.5) == 288
+    assert row_mask(torch.rand(4, 7), 0.0).all()
+    keep = row_mask(torch.tensor([[5.0, 1.0, 4.0, 2.0, 3.0]]), 0.6)
+    assert keep.tolist() == [[True, False, True, False, False]]
+
+
+def test_two_four_on_weights_one_to_eight():
+    scores = torch.arange(1, 9, dtype=torch.float32).reshape(1, 8)
+    assert (scores * n_m_mask(scores, 2, 4)).tolist() == [[0, 0, 3, 4, 0, 0, 7, 8]]
+    scores = torch.tensor([[8.0, 1.0, 7.0, 2.0, 6.0, 3.0, 5.0, 4.0]])
+    assert n_m_mask(scores, 2, 4).int().tolist() == [[1, 0, 1, 0, 1, 0, 1, 0]]
+    # 4:8 keeps the 4 highest of the whole group of 8, which 2:4 cannot
+    scores = torch.arange(1, 9, dtype=torch.float32).reshape(1, 8)
+    assert n_m_mask(scores, 4, 8).int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]]
+
+
+def test_two_four_follows_activations_not_just_weights():
+    weight = [[1.0, 2.0, 3.0, 4.0]]
+    tokens = [[10.0, 10.0, 1.0, 1.0]]  # L2 = [10, 10, 1, 1] -> scores [10, 20, 3, 4]
+    assert mask_for(weight, tokens, method="wanda", pattern="2:4") == [[1, 1, 0, 0]]
+    assert mask_for(weight, tokens, method="magnitude", pattern="2:4") == [[0, 0, 1, 1]]
+
+
+def test_statistics_hooks_accumulate_over_calls_and_are_removed():
+    linear = nn.Linear(2, 1, bias=False)
+    with input_statistics(linear) as statistics:
+        linear(torch.tensor([[1.0, -2.0]]))
+        linear(torch.tensor([[[3.0, 0.0], [-1.0, 2.0]]]))  # batch x time x features
+    stat = statistics[""]
+    assert stat.tokens == 3
+    assert stat.abs_sum.tolist() == [5.0, 4.0]
+    assert stat.sq_sum.tolist() == [11.0, 8.0]
+    norms = stat.norms("mean")
+    assert norms.l1.tolist() == pytest.approx([5 / 3, 4 / 3])
+    assert not linear._forward_pre_hooks
+
+
+def test_hooks_are_removed_when_the_forward_fails():
+    linear = nn.Linear(2, 1)
+    with pytest.raises(RuntimeError):
+        with input_statistics(linear):
+            linear(torch.ones(1, 3))
+    assert not linear._forward_pre_hooks
+
+
+def test_en_modified_at_zero_is_wanda_bit_for_bit():
+    from streamprune.scoring import feature_scale
+
+    norms = ActivationNorms(l1=torch.rand(64, dtype=torch.float64), l2sq=torch.rand(64, dtype=torch.float64))
+    assert torch.equal(feature_scale("en-modified", norms, 0.0), feature_scale("wanda", norms, 0.0))
+    assert torch.equal(feature_scale("en-modified", norms, 1.0), feature_scale("en-original", norms, 1.0))
+    assert not torch.equal(feature_scale("en-original", norms, 0.0), feature_scale("wanda", norms, 0.0))

@@ -1,0 +1,86 @@
+"""The real model: SmolLM2-135M-Instruct (30 LLaMA blocks, hidden 576, GQA 9/3 heads, tied embeddings)."""
+
+import json
+
+import pytest
+import torch
+from reference_prune import agreement, pruned_masks, reference_masks
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import streamprune
+from streamprune.data import WIKITEXT_CALIBRATION, WIKITEXT_HELD_OUT
+from streamprune.evaluate.perplexity import streamed_perplexity, text_windows
+from streamprune.loading import open_model
+
+pytestmark = pytest.mark.slow
+
+
+def run(smollm2, out, **options):
+    settings = dict(calib=str(WIKITEXT_CALIBRATION), nsamples=4, seqlen=128, device="cpu", dtype="float32", progress=False)
+    settings.update(options)
+    return streamprune.prune(smollm2, out, **settings)
+
+
+def block_tensors(directory, block):
+    index = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors = {}
+    for name, file in index.items():
+        if name.startswith(f"model.layers.{block}."):
+            with safe_open(directory / file, framework="pt") as handle:
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def test_pruned_smollm2_matches_the_whole_model_reference_and_reloads(smollm2, tmp_path):
+    out = tmp_path / "en-modified"
+    manifest = run(smollm2, out, method="en-modified", alpha=0.0, sparsity=0.5)
+    assert manifest.status == "complete" and manifest.blocks_done == 30
+    with safe_open(out / "calibration_ids.safetensors", framework="pt") as handle:
+        ids = handle.get_tensor("input_ids")
+    reference = reference_masks(smollm2, ids, "en-modified", 0.0, 0.5, blocks=3)
+    share, per_tensor = agreement(reference, pruned_masks(out, reference))
+    assert share >= 0.999, per_tensor
+    assert len(manifest.sparsity) == 30 * 7
+    for name, fraction in manifest.sparsity.items():
+        assert fraction == 0.5, name
+    for tensor in block_tensors(out, 29).values():
+        if tensor.ndim == 2:
+            assert torch.all((tensor == 0).sum(dim=1) == tensor.shape[1] // 2)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 30 and model.config.tie_word_embeddings
+    with torch.no_grad():
+        logits = model(input_ids=ids[:1, :32]).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_method_identities_hold_on_the_real_model(smollm2, tmp_path):
+    options = dict(nsamples=2, seqlen=64)
+    runs = {
+        name: run(smollm2, tmp_path / name, method=method, alpha=alpha, **options)
+        for name, method, alpha in [
+            ("wanda", "wanda", 0.0),
+            ("enm0", "en-modified", 0.0),
+            ("eno0", "en-original", 0.0),
+            ("eno1", "en-original", 1.0),
+            ("enm1", "en-modified", 1.0),
+        ]
+    }
+    assert runs
+    for block in (0, 17):
+        t = {name: block_tensors(tmp_path / name, block) for name in runs}
+        assert all(torch.equal(t["wanda"][k], t["enm0"][k]) for k in t["wanda"])
+        assert all(torch.equal(t["eno1"][k], t["enm1"][k]) for k in t["eno1"])
+        assert not all(torch.equal(t["wanda"][k], t["eno0"][k]) for k in t["wanda"])
+
+
+def test_streamed_perplexity_equals_the_whole_model(smollm2):
+    opened = open_model(smollm2, device="cpu", dtype="float32")
+    windows = text_windows(opened.tokenizer, WIKITEXT_HELD_OUT.read_text(), seqlen=128, max_windows=3)
+    streamed = streamed_perplexity(opened.stack, windows, batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    with torch.no_grad():
+        loss = model(input_ids=windows, labels=windows).loss  # mean NLL over the same predicted tokens
+    assert streamed.windows == 3 and streamed.tokens == 3 * 127
+    assert streamed.value == pytest.approx(torch.exp(loss).item(), rel=1e-4)
+    assert 3 < streamed.value < 100

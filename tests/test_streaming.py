@@ -1,0 +1,131 @@
+"""Streamed pruning against an independent whole-model reference, on tiny random checkpoints."""
+
+import json
+
+import pytest
+import torch
+from reference_prune import pruned_masks, reference_masks
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+import streamprune
+from streamprune.data import WIKITEXT_CALIBRATION
+from streamprune.loading import open_model
+
+WIKI = str(WIKITEXT_CALIBRATION)
+
+
+def read_all(directory):
+    index_file = directory / "model.safetensors.index.json"
+    if index_file.exists():
+        files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        with safe_open(directory / name, framework="pt") as handle:
+            tensors.update({k: handle.get_tensor(k) for k in handle.keys()})
+    return tensors
+
+
+def calibration_ids(out):
+    with safe_open(out / json.loads((out / "streamprune.json").read_text())["calibration_ids"], framework="pt") as f:
+        return f.get_tensor("input_ids")
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_block_outputs_equal_the_whole_model_hidden_states(tiny_checkpoint, family):
+    """Blocks called one at a time see exactly what they see inside the whole model (mask, rotary, windows)."""
+    model_dir = tiny_checkpoint(family)
+    stack = open_model(model_dir, device="cpu").stack
+    ids = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(0))
+    hidden = stack.block_inputs(ids, batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hidden, expected[0], rtol=0, atol=0)
+    for index in range(stack.num_blocks):
+        stack.load_block(index)
+        stack.run_block(index, hidden, batch_size=2, write_back=True)
+        stack.free_block(index)
+        if index + 1 < stack.num_blocks:  # the last entry of hidden_states is after the final norm
+            torch.testing.assert_close(hidden, expected[index + 1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "family, method, alpha, options",
+    [
+        ("llama", "en-modified", 0.5, {}),
+        ("llama", "en-original", 0.25, {"stat_norm": "sum"}),
+        ("llama", "wanda", 0.0, {"pattern": "2:4"}),
+        ("llama", "magnitude", 0.0, {"sparsity": 0.7}),
+        ("mistral", "en-modified", 0.75, {}),
+        ("qwen2", "en-original", 0.5, {"pattern": "4:8"}),
+        ("qwen3", "wanda", 0.0, {"sparsity": 0.6}),
+    ],
+)
+def test_streamed_masks_equal_the_whole_model_reference(tiny_checkpoint, tmp_path, family, method, alpha, options):
+    model_dir = tiny_checkpoint(family)
+    out = tmp_path / "out"
+    manifest = streamprune.prune(
+        model_dir, out, method=method, alpha=alpha, calib=WIKI, nsamples=5, seqlen=32, batch_size=2,
+        device="cpu", progress=False, **options,
+    )
+    config = manifest.config
+    reference = reference_masks(
+        model_dir, calibration_ids(out), method, alpha, config["sparsity"], config["pattern"], config["stat_norm"],
+        dtype=torch.float64,
+    )
+    streamed = pruned_masks(out, reference)
+    assert len(reference) == 7 * 3
+    for name in reference:
+        assert torch.equal(streamed[name], reference[name]), name
+
+
+def test_output_reloads_and_keeps_everything_else_bit_for_bit(tiny_checkpoint, tmp_path):
+    model_dir = tiny_checkpoint("llama", dtype="bfloat16", tie_embeddings=True)
+    out = tmp_path / "out"
+    manifest = streamprune.prune(
+        model_dir, out, method="en-modified", alpha=0.5, sparsity=0.5, calib=WIKI, nsamples=4, seqlen=16,
+        device="cpu", dtype="float32", progress=False,
+    )
+    dense, pruned = read_all(model_dir), read_all(out)
+    assert dense.keys() == pruned.keys()
+    for name, tensor in dense.items():
+        assert pruned[name].dtype == torch.bfloat16
+        if name in manifest.sparsity:
+            kept = pruned[name] != 0
+            assert torch.equal(pruned[name][kept], tensor[kept]), name
+            zeros_per_row = (~kept).sum(dim=1)
+            assert torch.all(zeros_per_row == tensor.shape[1] // 2), name
+        else:
+            assert torch.equal(pruned[name], tensor), name
+    assert set(manifest.sparsity) == {k for k in dense if ".layers." in k and "proj" in k}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.bfloat16
+    logits = model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_manifest_records_the_run(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    streamprune.prune(tiny_checkpoint("llama"), out, calib=WIKI, nsamples=3, calib_mult=2, seqlen=16, seed=7, progress=False)
+    manifest = json.loads((out / "streamprune.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["blocks_done"] == manifest["blocks_total"] == 3
+    assert manifest["config"]["seed"] == 7 and manifest["config"]["method"] == "en-modified"
+    assert calibration_ids(out).shape == (6, 16)
+    assert manifest["timings"]["total_s"] > 0 and len(manifest["timings"]["blocks_s"]) == 3
+    assert manifest["peak_memory"]["host_rss_bytes"] > 0
+    assert set(manifest["versions"]) >= {"streamprune", "torch", "transformers"}
+    assert all(value == 0.5 for value in manifest["sparsity"].values())
+
+
+def test_same_seed_same_checkpoint_other_seed_other_windows(tiny_checkpoint, tmp_path):
+    model_dir = tiny_checkpoint("llama")
+    runs = {}
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        streamprune.prune(model_dir, tmp_path / name, calib=WIKI, nsamples=2, seqlen=16, seed=seed, progress=False)
+        runs[name] = read_all(tmp_path / name)
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not torch.equal(calibration_ids(tmp_path / "a"), calibration_ids(tmp_path / "c"))

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""An independent, whole-model reference for streamprune's masks, and a checker for a pruned output.
+
+The reference loads the entire model with transformers, and for block i = 0, 1, ...: puts forward
+hooks on the block's linears, runs the model (its blocks 0..i, earlier ones already pruned) on all the
+calibration windows at once, removes the hooks, and prunes the block with the formulas written out
+here again.  It shares no code with streamprune, so agreement means something.
+
+  python tools/reference_prune.py PRUNED_DIR --model DENSE_DIR [--blocks 4] [--dtype float32]
+
+reads the method, options and the exact token ids from PRUNED_DIR's manifest and prints the share of
+mask entries on which the two agree, per block and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+
+def _scale(method: str, s1, s2, tokens: int, alpha: float, stat_norm: str):
+    if stat_norm == "mean":
+        s1, s2 = s1 / tokens, s2 / tokens
+    if method == "magnitude":
+        return torch.ones_like(s1)
+    if method == "wanda":
+        return torch.sqrt(s2)
+    if method == "en-original":
+        return alpha * s1 + (1 - alpha) * s2
+    if method == "en-modified":
+        return alpha * s1 + (1 - alpha) * torch.sqrt(s2)
+    raise ValueError(method)
+
+
+def _mask(score: torch.Tensor, sparsity: float, pattern: str | None) -> torch.Tensor:
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if pattern:
+        n, m = (int(v) for v in pattern.split(":"))
+        grouped = score.reshape(score.shape[0], -1, m)
+        lowest = torch.argsort(grouped, dim=2, stable=True)[:, :, :n]
+        keep.view(score.shape[0], -1, m).scatter_(2, lowest, False)
+        return keep
+    k = math.floor(sparsity * score.shape[1] + 1e-9)
+    lowest = torch.argsort(score, dim=1, stable=True)[:, :k]
+    return keep.scatter_(1, lowest, False)
+
+
+@torch.no_grad()
+def reference_masks(model_dir, input_ids, method, alpha, sparsity, pattern=None, stat_norm="mean", dtype=torch.float32, blocks=None):
+    """{tensor name: keep-mask} for the first `blocks` blocks (all by default), pruned sequentially."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model.eval()
+    layers = model.model.layers
+    count = len(layers) if blocks is None else blocks
+    masks = {}
+    for i in range(count):
+        linears = {n: m for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)}
+        sums = {n: [0.0, 0.0, 0] for n in linears}
+
+        def hook(module, inputs, output, name):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[name][0] = sums[name][0] + x.abs().sum(0)
+            sums[name][1] = sums[name][1] + (x * x).sum(0)
+            sums[name][2] += x.shape[0]
+
+        handles = [m.register_forward_hook(lambda mod, i_, o, n=n: hook(mod, i_, o, n)) for n, m in linears.items()]
+        try:
+            model.model.layers = layers[: i + 1]
+            model.model(input_ids=input_ids, use_cache=False)
+        finally:
+            model.model.layers = layers
+            for handle in handles:
+                handle.remove()
+        for name, linear in linears.items():
+            s1, s2, tokens = sums[name]
+            score = linear.weight.abs().double() * _scale(method, s1, s2, tokens, alpha, stat_norm)
+            keep = _mask(score, sparsity, pattern)
+            linear.weight[~keep] = 0
+            masks[f"model.layers.{i}.{name}.weight"] = keep
+    return masks
+
+
+def pruned_masks(pruned_dir: Path, names) -> dict:
+    """{tensor name: weight != 0} read from a pruned checkpoint's shards."""
+    index = json.loads((pruned_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    masks = {}
+    for name in names:
+        with safe_open(pruned_dir / index[name], framework="pt") as handle:
+            masks[name] = handle.get_tensor(name) != 0
+    return masks
+
+
+def agreement(reference: dict, pruned: dict) -> tuple[float, dict]:
+    """Overall share of equal mask entries, and per tensor."""
+    per_tensor = {name: (reference[name] == pruned[name]).double().mean().item() for name in reference}
+    total = sum(reference[n].numel() for n in reference)
+    equal = sum((reference[n] == pruned[n]).sum().item() for n in reference)
+    return equal / total, per_tensor
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Compare a pruned checkpoint's masks with a whole-model reference.")
+    parser.add_argument("pruned")
+    parser.add_argument("--model", required=True, help="the dense checkpoint the pruned one was made from")
+    parser.add_argument("--blocks", type=int, help="compare only the first N blocks (the reference costs N^2/2 block passes)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    args = parser.parse_args()
+    pruned_dir = Path(args.pruned)
+    manifest = json.loads((pruned_dir / "streamprune.json").read_text())
+    options = manifest["config"]
+    with safe_open(pruned_dir / manifest["calibration_ids"], framework="pt") as handle:
+        input_ids = handle.get_tensor("input_ids")
+    reference = reference_masks(
+        args.model, input_ids, options["method"], options["alpha"], options["sparsity"], options["pattern"],
+        options["stat_norm"], getattr(torch, args.dtype), args.blocks,
+    )
+    overall, per_tensor = agreement(reference, pruned_masks(pruned_dir, reference))
+    for name, share in per_tensor.items():
+        print(f"{name:60s} {100 * share:9.4f}%")
+    print(f"agreement over {len(per_tensor)} tensors: {100 * overall:.4f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
