@@ -89,7 +89,13 @@ class DecoderStack:
         in_blocks = f"{self.family.base_prefix}{self.family.blocks}."
         return [key for key in self.reader.keys() if not key.startswith(in_blocks)]
 
+    def _read_under(self, prefix: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Tensors under a module prefix (all, or the given keys), named relative to that module."""
+        keys = self.reader.keys_with_prefix(prefix) if keys is None else keys
+        return {key[len(prefix) :]: tensor for key, tensor in self.reader.read(keys).items()}
+
     def _materialise(self, module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+        """Loads `module`'s tensors onto the device in the compute dtype; they must match its shapes."""
         tensors = {k: t.to(device=self.device, dtype=self.dtype) for k, t in tensors.items()}
         try:
             module.load_state_dict(tensors, strict=True, assign=True)
@@ -113,17 +119,12 @@ class DecoderStack:
         """The base model's own tensors (embedding, final norm) materialised, every block a recorder."""
         prefix = self.family.base_prefix
         in_blocks = f"{prefix}{self.family.blocks}."
-        keys = [k for k in self.reader.keys() if k.startswith(prefix) and not k.startswith(in_blocks)]
-        tensors = {k[len(prefix) :]: t.to(device=self.device, dtype=self.dtype) for k, t in self.reader.read(keys).items()}
+        keys = [k for k in self.reader.keys_with_prefix(prefix) if not k.startswith(in_blocks)]
         blocks = self.blocks
         record: dict = {}
         setattr(self.base, self.family.blocks, nn.ModuleList(_BlockInputRecorder(i, record) for i in range(len(blocks))))
         try:
-            try:
-                self.base.load_state_dict(tensors, strict=True, assign=True)
-            except RuntimeError as exc:
-                detail = " ".join(str(exc).split())
-                raise StreamPruneError(f"the checkpoint's embedding or final norm does not match the config: {detail[:300]}") from exc
+            self._materialise(self.base, self._read_under(prefix, keys), "embedding or final norm")
             yield record
         finally:
             setattr(self.base, self.family.blocks, blocks)
@@ -143,15 +144,11 @@ class DecoderStack:
         """The final norm and the LM head materialised; yields a function hidden states -> logits."""
         norm = getattr(self.base, self.family.final_norm)
         head = self.model.get_output_embeddings()
-        norm_prefix = f"{self._module_name(norm)}."
-        head_prefix = f"{self._module_name(head)}."
-        head_tensors = {k[len(head_prefix) :]: t for k, t in self.reader.read(self.reader.keys_with_prefix(head_prefix)).items()}
+        head_tensors = self._read_under(f"{self._module_name(head)}.")
         if not head_tensors and getattr(self.config, "tie_word_embeddings", False):
-            embedding_key = f"{self._module_name(self.model.get_input_embeddings())}.weight"
-            head_tensors = {"weight": self.reader.read([embedding_key])[embedding_key]}
-        norm_tensors = {k[len(norm_prefix) :]: t for k, t in self.reader.read(self.reader.keys_with_prefix(norm_prefix)).items()}
+            head_tensors = self._read_under(f"{self._module_name(self.model.get_input_embeddings())}.")
         try:
-            self._materialise(norm, norm_tensors, "final norm")
+            self._materialise(norm, self._read_under(f"{self._module_name(norm)}."), "final norm")
             self._materialise(head, head_tensors, "LM head")
             yield lambda hidden: head(norm(hidden))
         finally:

@@ -28,6 +28,9 @@ TEXT_SUFFIXES = (".txt", ".raw", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
 
 
+HUB_CORPORA = ("wikitext103", "c4")
+
+
 def hub_documents(name: str) -> list[str]:
     """The named corpus from the Hugging Face hub (needs the network, or the datasets cache)."""
     import datasets
@@ -45,9 +48,6 @@ def hub_documents(name: str) -> list[str]:
             f"could not load calibration corpus {name!r} from the hub ({type(exc).__name__}); "
             "offline, pass a local text or .jsonl file with --calib"
         ) from exc
-
-
-HUB_CORPORA = ("wikitext103", "c4")
 
 
 def _file_documents(path: Path) -> list[str]:

@@ -63,10 +63,12 @@ def reports_errors(command):
 
 def _quiet_libraries() -> None:
     """Our own bars and warnings only: transformers' loading bars and notices would drown them."""
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()  # its connection retries; the final error is reported as one line
     logger = logging.getLogger("streamprune")
     if not any(isinstance(h, _WarningLines) for h in logger.handlers):
         logger.addHandler(_WarningLines())

@@ -30,28 +30,29 @@ from .stats import input_statistics, linear_layers
 log = logging.getLogger("streamprune")
 
 
-def prepare_output(output: str | Path, model_dir: Path, overwrite: bool) -> Path:
-    """An empty output directory; refuses to clobber what it did not make unless overwrite."""
+def check_output(output: str | Path, model_dir: Path, overwrite: bool) -> Path:
+    """Refuses an output that is a file, holds the input, or is not empty (unless overwrite); changes nothing."""
     out = Path(output).expanduser()
     if out.exists() and not out.is_dir():
         raise StreamPruneError(f"output path {out} is a file; give a directory")
     resolved, source = out.resolve(), model_dir.resolve()
     if resolved == source or resolved in source.parents:
         raise StreamPruneError(f"output {out} would hold the input checkpoint; choose another directory")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            made_by_us = (out / MANIFEST_FILE).exists()
-            what = "holds an earlier streamprune run" if made_by_us else "is not empty and was not made by streamprune"
-            raise StreamPruneError(f"output directory {out} {what}; pass --overwrite to replace it")
-        shutil.rmtree(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        made_by_us = (out / MANIFEST_FILE).exists()
+        what = "holds an earlier streamprune run" if made_by_us else "is not empty and was not made by streamprune"
+        raise StreamPruneError(f"output directory {out} {what}; pass --overwrite to replace it")
+    return out
+
+
+def make_output(out: Path) -> None:
+    """An empty, writable output directory (whatever was there is gone: check_output allowed it)."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".streamprune-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
     except OSError as exc:
         raise StreamPruneError(f"cannot write to output directory {out}: {exc.strerror}") from exc
-    return out
 
 
 def keep_mask(weight: torch.Tensor, norms: ActivationNorms | None, config: PruneConfig) -> torch.Tensor:
@@ -113,13 +114,14 @@ def prune(
     started = time.perf_counter()
     opened = open_model(model, config.device, config.dtype, trust_remote_code)
     stack, device = opened.stack, opened.stack.device
-    out = prepare_output(output, opened.model_dir, overwrite)
+    out = check_output(output, opened.model_dir, overwrite)
     max_positions = getattr(stack.config, "max_position_embeddings", None)
     if max_positions and config.seqlen > max_positions:
         log.warning("seqlen %d is above the model's context of %d tokens", config.seqlen, max_positions)
     _check_pattern_fits(stack, config)
 
     input_ids = calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
+    make_output(out)
     write_atomic(out / CALIBRATION_IDS_FILE, lambda tmp: save_file({"input_ids": input_ids}, tmp, metadata={"format": "pt"}))
 
     manifest = RunManifest(
@@ -133,10 +135,9 @@ def prune(
     hidden = None if config.method in WEIGHT_ONLY else stack.block_inputs(input_ids, config.batch_size)
     manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
     writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
-    bar = tqdm(range(stack.num_blocks), desc="Pruning", unit="block", disable=not progress)
+    bar = tqdm(range(stack.num_blocks), desc="Pruning blocks", unit="block", disable=not progress)
     for index in bar:
         block_started = time.perf_counter()
-        bar.set_postfix_str(f"block {index + 1}/{stack.num_blocks}")
         pruned = prune_block(stack, index, hidden, config)
         writer.write_shard(index, pruned)
         stack.free_block(index)

@@ -81,6 +81,7 @@ def test_too_little_calibration_text_is_an_error_and_a_long_seqlen_a_warning(tin
     short.write_text("Only a few words of text.")
     result = invoke("prune", tiny_checkpoint("llama"), tmp_path / "a", "--calib", short, "--seqlen", "64", "--quiet")
     assert_one_line_error(result, "fewer than one window", "--seqlen")
+    assert not (tmp_path / "a").exists()  # nothing is created before the calibration data is known to be good
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     result = invoke("prune", tiny_checkpoint("llama"), tmp_path / "b", "--calib", empty, "--seqlen", "8", "--quiet")

@@ -129,3 +129,19 @@ def test_same_seed_same_checkpoint_other_seed_other_windows(tiny_checkpoint, tmp
         runs[name] = read_all(tmp_path / name)
     assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
     assert not torch.equal(calibration_ids(tmp_path / "a"), calibration_ids(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("family, tie", [("llama", False), ("qwen3", True)])
+def test_streamed_perplexity_equals_the_whole_model(tiny_checkpoint, family, tie):
+    from streamprune.evaluate.perplexity import streamed_perplexity, text_windows
+
+    model_dir = tiny_checkpoint(family, tie_embeddings=tie)
+    opened = open_model(model_dir, device="cpu")
+    windows = text_windows(opened.tokenizer, WIKITEXT_CALIBRATION.read_text(), seqlen=20, max_windows=5)
+    streamed = streamed_perplexity(opened.stack, windows, batch_size=2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    with torch.no_grad():
+        log_probs = model(input_ids=windows).logits[:, :-1].log_softmax(dim=-1)
+    nll = -log_probs.gather(-1, windows[:, 1:, None]).mean()
+    assert streamed.windows == 5 and streamed.tokens == 5 * 19
+    assert streamed.value == pytest.approx(torch.exp(nll).item(), rel=1e-10)

@@ -102,8 +102,12 @@ def agreement(reference: dict, pruned: dict) -> tuple[float, dict]:
     """Overall share of equal mask entries, and per tensor."""
     per_tensor = {name: (reference[name] == pruned[name]).double().mean().item() for name in reference}
     total = sum(reference[n].numel() for n in reference)
-    equal = sum((reference[n] == pruned[n]).sum().item() for n in reference)
-    return equal / total, per_tensor
+    return 1 - differing(reference, pruned) / total, per_tensor
+
+
+def differing(reference: dict, pruned: dict) -> int:
+    """How many mask entries differ, over all tensors."""
+    return sum((reference[n] != pruned[n]).sum().item() for n in reference)
 
 
 def main() -> int:
@@ -122,10 +126,13 @@ def main() -> int:
         args.model, input_ids, options["method"], options["alpha"], options["sparsity"], options["pattern"],
         options["stat_norm"], getattr(torch, args.dtype), args.blocks,
     )
-    overall, per_tensor = agreement(reference, pruned_masks(pruned_dir, reference))
+    pruned = pruned_masks(pruned_dir, reference)
+    overall, per_tensor = agreement(reference, pruned)
     for name, share in per_tensor.items():
         print(f"{name:60s} {100 * share:9.4f}%")
-    print(f"agreement over {len(per_tensor)} tensors: {100 * overall:.4f}%")
+    entries = sum(m.numel() for m in reference.values())
+    print(f"agreement over {len(per_tensor)} tensors: {100 * overall:.4f}% "
+          f"({differing(reference, pruned)} of {entries} mask entries differ)")
     return 0
 
 

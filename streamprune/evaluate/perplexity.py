@@ -49,7 +49,8 @@ def streamed_perplexity(stack: DecoderStack, windows: torch.Tensor, batch_size: 
     total_nll = 0.0
     with stack.output_head() as logits_of:
         for start in range(0, windows.shape[0], batch_size):
-            logits = logits_of(hidden[start : start + batch_size]).float()
+            logits = logits_of(hidden[start : start + batch_size])
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             targets = windows[start : start + batch_size, 1:].to(logits.device)
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
             total_nll += nll.item()
