@@ -62,14 +62,14 @@ def disk_throughput(directory: Path, nbytes: int) -> dict:
 def forward_floor(model_dir: Path, ids: torch.Tensor, device: str, batch_size: int) -> dict:
     """Seconds for two plain forward passes of block 0 over all calibration windows (no hooks, no I/O)."""
     stack = open_model(model_dir, device=device).stack
-    hidden = stack.block_inputs(ids, batch_size)
+    acts = stack.embed(ids, batch_size)
     stack.load_block(0)
-    stack.run_block(0, hidden[:batch_size], batch_size, write_back=False)  # warm-up
+    stack.run_block(0, type(acts)(acts.hidden[:batch_size], acts.block_kwargs), batch_size, write_back=False)  # warm-up
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(2):
-        stack.run_block(0, hidden, batch_size, write_back=False)
+        stack.run_block(0, acts, batch_size, write_back=False)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return {"two_passes_one_block_s": time.perf_counter() - started}

@@ -12,6 +12,7 @@ model would call it, with transformers' own decoder-layer class and the mask bui
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from accelerate import init_empty_weights
@@ -21,6 +22,18 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from .checkpoint import CheckpointReader
 from .errors import StreamPruneError
 from .families import Family
+
+
+@dataclass
+class Activations:
+    """Hidden states of rows of equal length, and the keyword arguments each block is called with on them.
+
+    The arguments (mask, rotary position embeddings, position ids) come from a call on one row; they
+    broadcast over any batch of rows of that length.
+    """
+
+    hidden: torch.Tensor  # (rows, seqlen, hidden_size), on the stack's device
+    block_kwargs: dict[int, dict]
 
 
 class _BlockInputRecorder(nn.Module):
@@ -76,7 +89,6 @@ class DecoderStack:
         self.blocks: nn.ModuleList = getattr(self.base, family.blocks)
         if len(self.blocks) != config.num_hidden_layers:
             raise StreamPruneError(f"model has {len(self.blocks)} blocks, config says {config.num_hidden_layers}")
-        self.block_kwargs: dict[int, dict] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -155,30 +167,37 @@ class DecoderStack:
             _release(norm)
             _release(head)
 
-    @torch.inference_mode()
-    def block_inputs(self, input_ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Inputs of block 0 for every window, shape (windows, seqlen, hidden), on the device.
-
-        Also records, in self.block_kwargs, the keyword arguments every block is called with (taken
-        from a call on one window; its mask and position tensors broadcast over any batch).
-        """
-        windows = input_ids.shape[0]
-        hidden = None
+    @contextmanager
+    def embedder(self):
+        """Yields embed(input_ids, batch_size) -> Activations, with the embedding resident meanwhile."""
         with self._base_without_blocks() as record:
-            self.base(input_ids=input_ids[:1].to(self.device), use_cache=False)
-            self.block_kwargs = record["kwargs"]
-            for start in range(0, windows, batch_size):
-                self.base(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
-                batch = record["hidden_states"]
-                if hidden is None:
-                    hidden = torch.empty((windows, *batch.shape[1:]), dtype=batch.dtype, device=self.device)
-                hidden[start : start + batch.shape[0]] = batch
-        return hidden
 
-    def run_block(self, index: int, hidden: torch.Tensor, batch_size: int, write_back: bool) -> None:
-        """Calls block `index` on every window in batches; with write_back its outputs replace its inputs."""
+            @torch.inference_mode()
+            def embed(input_ids: torch.Tensor, batch_size: int) -> Activations:
+                rows = input_ids.shape[0]
+                self.base(input_ids=input_ids[:1].to(self.device), use_cache=False)
+                block_kwargs = dict(record["kwargs"])  # later calls record into the same dict
+                hidden = None
+                for start in range(0, rows, batch_size):
+                    self.base(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
+                    batch = record["hidden_states"]
+                    if hidden is None:
+                        hidden = torch.empty((rows, *batch.shape[1:]), dtype=batch.dtype, device=self.device)
+                    hidden[start : start + batch.shape[0]] = batch
+                return Activations(hidden, block_kwargs)
+
+            yield embed
+
+    def embed(self, input_ids: torch.Tensor, batch_size: int) -> Activations:
+        """Inputs of block 0 for rows of equal length, and how every block is to be called on them."""
+        with self.embedder() as embed:
+            return embed(input_ids, batch_size)
+
+    def run_block(self, index: int, acts: Activations, batch_size: int, write_back: bool) -> None:
+        """Calls block `index` on every row in batches; with write_back its outputs replace its inputs."""
         block = self.blocks[index]
-        kwargs = self.block_kwargs[index]
+        kwargs = acts.block_kwargs[index]
+        hidden = acts.hidden
         with torch.inference_mode():
             for start in range(0, hidden.shape[0], batch_size):
                 out = block(hidden[start : start + batch_size], **kwargs)

@@ -136,6 +136,48 @@ def prune(model, output, overwrite, trust_remote_code, quiet, **options):
     click.echo(f"Output: {output}  (loads with AutoModelForCausalLM.from_pretrained; manifest in streamprune.json)")
 
 
+def _task_list(ctx, param, value) -> tuple[str, ...]:
+    return tuple(name.strip() for name in value.split(",") if name.strip()) if value else ()
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--ppl", default=None, help="Perplexity text: wikitext103, wikitext2, c4 (validation, from the hub) or a text file.")
+@click.option("--ppl-slices", type=int, default=None, help="Also report perplexity on this many evenly spaced slices (the paper: 7).")
+@click.option("--tasks", default="", callback=_task_list, help="Comma-separated zero-shot tasks: boolq,hellaswag,phishing.")
+@click.option("--seqlen", type=int, default=2048, show_default=True, help="Perplexity window length.")
+@click.option("--max-windows", type=int, default=None, help="Perplexity on the first N windows only.")
+@click.option("--limit", type=int, default=None, help="A fixed, seeded subset of N examples per task.")
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Offline task data (boolq/val.jsonl, hellaswag/hellaswag_val_full.txt, phishing/*.csv); default: the hub.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Rows per forward pass.")
+@click.option("--max-resident-tokens", type=int, default=2**18, show_default=True,
+              help="Padded tokens whose hidden states are kept at once; more are streamed in several rounds.")
+@click.option("--baseline", default=None, help="Also evaluate this (dense) model and print both with the difference.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results here.")
+@click.option("--load-in-8bit", is_flag=True, help="Whole model through transformers + bitsandbytes (CUDA).")
+@click.option("--load-in-4bit", is_flag=True, help="Whole model through transformers + bitsandbytes (CUDA).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@reports_errors
+def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_dir, **options):
+    """Perplexity and zero-shot accuracy of MODEL, one block resident at a time."""
+    from .checkpoint import write_json
+    from .evaluate.runner import EvalConfig, evaluate, format_table
+
+    config = EvalConfig(data_dir=str(data_dir) if data_dir else None, **options)
+    results = evaluate(model, config, trust_remote_code=trust_remote_code, progress=not quiet)
+    reference = evaluate(baseline, config, trust_remote_code=trust_remote_code, progress=not quiet) if baseline else None
+    click.echo(format_table(results, reference))
+    if json_path:
+        payload = {**results, "baseline": reference} if reference else results
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_path, payload)
+        click.echo(f"Results: {json_path}")
+
+
 @main.command()
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)

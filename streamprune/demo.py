@@ -87,8 +87,7 @@ def run_demo(
     from .config import PruneConfig
     from .data import WIKITEXT_CALIBRATION, WIKITEXT_HELD_OUT
     from .engine import prune
-    from .evaluate.perplexity import streamed_perplexity, text_windows
-    from .loading import open_model
+    from .evaluate.runner import evaluate
 
     cache = Path(cache) if cache else cache_dir()
     if not (cache / FIXTURE_NAME / "model.safetensors.index.json").is_file():
@@ -105,16 +104,17 @@ def run_demo(
         checkpoints[label] = cache / f"demo-{method}-50"
         prune(dense, checkpoints[label], config, overwrite=True, progress=progress)
 
-    text = WIKITEXT_HELD_OUT.read_text(encoding="utf-8")
-    results = {}
-    for label, path in checkpoints.items():
-        opened = open_model(path, device, dtype)
-        windows = text_windows(opened.tokenizer, text, seqlen, eval_windows)
-        results[label] = streamed_perplexity(opened.stack, windows, batch_size=4, progress=progress, desc=f"Perplexity {label}")
-    held_out = next(iter(results.values()))
-    echo(f"\nPerplexity on {held_out.windows} x {seqlen} held-apart tokens of WikiText-2 validation:")
+    results = {
+        label: evaluate(
+            path, ppl=str(WIKITEXT_HELD_OUT), seqlen=seqlen, max_windows=eval_windows, device=device, dtype=dtype,
+            progress=progress,
+        )["ppl"]
+        for label, path in checkpoints.items()
+    }
+    windows = results["dense"]["windows"]
+    echo(f"\nPerplexity on {windows} x {seqlen} held-apart tokens of WikiText-2 validation:")
     echo(f"  {'model':<22}{'sparsity':>9}{'perplexity':>12}")
     for label, ppl in results.items():
-        echo(f"  {label:<22}{'0%' if label == 'dense' else '50%':>9}{ppl.value:>12.2f}")
+        echo(f"  {label:<22}{'0%' if label == 'dense' else '50%':>9}{ppl['value']:>12.2f}")
     echo(f"Pruned checkpoints: {', '.join(str(p) for label, p in checkpoints.items() if label != 'dense')}")
-    return {label: ppl.value for label, ppl in results.items()}
+    return {label: ppl["value"] for label, ppl in results.items()}

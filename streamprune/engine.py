@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .blocks import DecoderStack
+from .blocks import Activations, DecoderStack
 from .calibration import calibration_windows
 from .checkpoint import CheckpointWriter, write_atomic
 from .config import PruneConfig, parse_pattern
@@ -63,16 +63,16 @@ def keep_mask(weight: torch.Tensor, norms: ActivationNorms | None, config: Prune
     return row_mask(layer_scores, config.sparsity)
 
 
-def prune_block(stack: DecoderStack, index: int, hidden: torch.Tensor | None, config: PruneConfig) -> dict[str, torch.Tensor]:
-    """Prunes block `index` in place and advances `hidden` through it; returns its pruned tensors as stored.
+def prune_block(stack: DecoderStack, index: int, acts: Activations | None, config: PruneConfig) -> dict[str, torch.Tensor]:
+    """Prunes block `index` in place and advances `acts` through it; returns its pruned tensors as stored.
 
-    `hidden` is None for weight-only methods, which need no forward passes.
+    `acts` is None for weight-only methods, which need no forward passes.
     """
     block, stored = stack.load_block(index)
     statistics = {}
-    if hidden is not None:
+    if acts is not None:
         with input_statistics(block) as statistics:
-            stack.run_block(index, hidden, config.batch_size, write_back=False)
+            stack.run_block(index, acts, config.batch_size, write_back=False)
     prefix = stack.family.block_prefix(index)
     with torch.no_grad():
         for name, linear in linear_layers(block).items():
@@ -80,8 +80,8 @@ def prune_block(stack: DecoderStack, index: int, hidden: torch.Tensor | None, co
             keep = keep_mask(linear.weight, norms, config)
             linear.weight.masked_fill_(~keep, 0)
             stored[f"{prefix}{name}.weight"].masked_fill_(~keep.cpu(), 0)
-    if hidden is not None:
-        stack.run_block(index, hidden, config.batch_size, write_back=True)
+    if acts is not None:
+        stack.run_block(index, acts, config.batch_size, write_back=True)
     return stored
 
 
@@ -132,13 +132,13 @@ def prune(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    hidden = None if config.method in WEIGHT_ONLY else stack.block_inputs(input_ids, config.batch_size)
+    acts = None if config.method in WEIGHT_ONLY else stack.embed(input_ids, config.batch_size)
     manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
     writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
     bar = tqdm(range(stack.num_blocks), desc="Pruning blocks", unit="block", disable=not progress)
     for index in bar:
         block_started = time.perf_counter()
-        pruned = prune_block(stack, index, hidden, config)
+        pruned = prune_block(stack, index, acts, config)
         writer.write_shard(index, pruned)
         stack.free_block(index)
         for key, tensor in pruned.items():
@@ -149,7 +149,7 @@ def prune(
         manifest.peak_memory = peak_memory(device)
         manifest.save(out)
     bar.close()
-    del hidden
+    del acts
 
     writer.write_shard(stack.num_blocks, stack.reader.read(stack.non_block_keys()))
     writer.copy_metadata(opened.model_dir)

@@ -9,9 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import streamprune
-from streamprune.data import WIKITEXT_CALIBRATION, WIKITEXT_HELD_OUT
-from streamprune.evaluate.perplexity import streamed_perplexity, text_windows
-from streamprune.loading import open_model
+from streamprune.data import WIKITEXT_CALIBRATION
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +72,57 @@ def test_method_identities_hold_on_the_real_model(smollm2, tmp_path):
         assert not all(torch.equal(t["wanda"][k], t["eno0"][k]) for k in t["wanda"])
 
 
-def test_streamed_perplexity_equals_the_whole_model(smollm2):
+
+
+def test_streamed_perplexity_equals_the_whole_model_dense_and_pruned(smollm2, tmp_path):
+    from streamprune.data import WIKITEXT_HELD_OUT
+    from streamprune.evaluate.perplexity import text_windows
+    from streamprune.evaluate.runner import evaluate
+
+    pruned = tmp_path / "pruned"
+    run(smollm2, pruned, method="en-modified", alpha=0.5, sparsity=0.5)
+    values = {}
+    for name, model_dir in (("dense", smollm2), ("pruned", pruned)):
+        streamed = evaluate(model_dir, ppl=str(WIKITEXT_HELD_OUT), seqlen=128, max_windows=3, device="cpu",
+                            dtype="float32", batch_size=2, progress=False)["ppl"]
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        from transformers import AutoTokenizer
+
+        windows = text_windows(AutoTokenizer.from_pretrained(model_dir), WIKITEXT_HELD_OUT.read_text(), 128, 3)
+        with torch.no_grad():
+            loss = model(input_ids=windows, labels=windows).loss  # mean NLL over the same predicted tokens
+        assert streamed["windows"] == 3 and streamed["tokens"] == 3 * 127
+        assert streamed["value"] == pytest.approx(torch.exp(loss).item(), rel=1e-4)
+        values[name] = streamed["value"]
+    assert 5 < values["dense"] < values["pruned"] < 10 * values["dense"]
+
+
+def test_fifty_examples_per_task_beat_chance_where_the_model_can(smollm2):
+    from pathlib import Path
+
+    from streamprune.evaluate.runner import evaluate
+
+    data = Path(__file__).parent / "data"
+    tasks = evaluate(smollm2, tasks=("boolq", "hellaswag", "phishing"), limit=50, data_dir=str(data), device="cpu",
+                     dtype="float32", batch_size=8, progress=False)["tasks"]
+    assert [tasks[name]["n"] for name in ("boolq", "hellaswag", "phishing")] == [50, 50, 50]
+    assert tasks["hellaswag"]["acc_norm"] > 0.3  # 4 choices: chance is 0.25
+    assert tasks["phishing"]["share_phishing"] == pytest.approx(0.56)
+
+
+def test_task_scores_do_not_depend_on_the_batch_size(smollm2):
+    from pathlib import Path
+
+    from streamprune.evaluate.tasks import get_task, requests_for, subset
+    from streamprune.loading import open_model
+    from streamprune.evaluate.loglikelihood import streamed_logprobs
+
     opened = open_model(smollm2, device="cpu", dtype="float32")
-    windows = text_windows(opened.tokenizer, WIKITEXT_HELD_OUT.read_text(), seqlen=128, max_windows=3)
-    streamed = streamed_perplexity(opened.stack, windows, batch_size=2)
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
-    with torch.no_grad():
-        loss = model(input_ids=windows, labels=windows).loss  # mean NLL over the same predicted tokens
-    assert streamed.windows == 3 and streamed.tokens == 3 * 127
-    assert streamed.value == pytest.approx(torch.exp(loss).item(), rel=1e-4)
-    assert 3 < streamed.value < 100
+    requests = []
+    for name in ("boolq", "hellaswag", "phishing"):
+        examples = subset(get_task(name).load(Path(__file__).parent / "data"), 6)
+        requests += requests_for(examples, opened.tokenizer, 8192)
+    small = streamed_logprobs(opened.stack, requests, batch_size=1)
+    large = streamed_logprobs(opened.stack, requests, batch_size=7, max_resident_tokens=2000)
+    for a, b in zip(small, large):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

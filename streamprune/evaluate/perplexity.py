@@ -1,30 +1,59 @@
-"""Perplexity with one block resident at a time.
+"""Perplexity, as Wanda and SparseGPT report it, with one block resident at a time.
 
-Protocol (as Wanda and SparseGPT report it): tokenize the whole text once with the tokenizer's
-defaults, cut it into non-overlapping windows of `seqlen` tokens, drop the incomplete tail, optionally
-keep the first `max_windows`; perplexity = exp(mean negative log-likelihood of every token of a window
-given the tokens before it in that window).
+Protocol: tokenize the whole text once with the tokenizer's defaults, cut it into non-overlapping
+windows of `seqlen` tokens, drop the incomplete tail; perplexity = exp(mean negative log-likelihood of
+every token of a window given the tokens before it in that window).  `max_windows` keeps the first N.
+
+Slices (`slices=S`, our reading of the paper's "seven fixed slices"): S runs of k consecutive windows,
+evenly spaced over the whole stream (the first starts at window 0, the last ends at the last window),
+with k = max_windows // S, or n // S without max_windows (then the slices partition the stream).
+Perplexity is reported per slice, as their mean, and over all the windows of all slices (`value`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from ..blocks import DecoderStack
 from ..errors import StreamPruneError
+from .loglikelihood import Request
+
+HUB_TEXTS = ("wikitext103", "wikitext2", "c4")
 
 
 @dataclass(frozen=True)
 class Perplexity:
     value: float
     windows: int
-    tokens: int  # tokens predicted (seqlen - 1 per window)
+    tokens: int  # tokens predicted: seqlen - 1 per window
+    slices: list[float] = field(default_factory=list)
+    slices_mean: float | None = None
+
+
+def load_text(source: str) -> str:
+    """A local text file, or a named validation text from the hub (rows joined with blank lines)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    if source not in HUB_TEXTS:
+        raise StreamPruneError(f"perplexity text {source!r} is neither a file nor one of {', '.join(HUB_TEXTS)}")
+    import datasets
+
+    try:
+        if source == "c4":  # Wanda's protocol: the first 1100 documents of the first validation shard
+            rows = datasets.load_dataset(
+                "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
+            )
+            return " ".join(rows[:1100]["text"])
+        name = "wikitext-103-raw-v1" if source == "wikitext103" else "wikitext-2-raw-v1"
+        return "\n\n".join(datasets.load_dataset("Salesforce/wikitext", name, split="validation")["text"])
+    except Exception as exc:
+        raise StreamPruneError(
+            f"could not load {source} from the hub ({type(exc).__name__}); offline, pass a local text file"
+        ) from exc
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -38,28 +67,49 @@ def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
     return ids[: count * seqlen].view(count, seqlen)
 
 
-@torch.inference_mode()
-def streamed_perplexity(stack: DecoderStack, windows: torch.Tensor, batch_size: int, progress: bool = False, desc: str = "Perplexity") -> Perplexity:
-    """Every window through every block (one block resident), then the final norm and LM head."""
-    hidden = stack.block_inputs(windows, batch_size)
-    for index in tqdm(range(stack.num_blocks), desc=desc, unit="block", disable=not progress, leave=False):
-        stack.load_block(index)
-        stack.run_block(index, hidden, batch_size, write_back=True)
-        stack.free_block(index)
-    total_nll = 0.0
-    with stack.output_head() as logits_of:
-        for start in range(0, windows.shape[0], batch_size):
-            logits = logits_of(hidden[start : start + batch_size])
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            targets = windows[start : start + batch_size, 1:].to(logits.device)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            total_nll += nll.item()
-    tokens = windows.shape[0] * (windows.shape[1] - 1)
-    return Perplexity(value=math.exp(total_nll / tokens), windows=windows.shape[0], tokens=tokens)
+def slice_ranges(total_windows: int, slices: int, max_windows: int | None) -> list[range]:
+    """S runs of k consecutive window indices, evenly spaced from the first window to the last."""
+    per_slice = (max_windows if max_windows is not None else total_windows) // slices
+    per_slice = min(per_slice, total_windows // slices)
+    if per_slice == 0:
+        raise StreamPruneError(f"{total_windows} windows cannot make {slices} slices; use a smaller --seqlen")
+    last_start = total_windows - per_slice
+    starts = [round(i * last_start / (slices - 1)) if slices > 1 else 0 for i in range(slices)]
+    return [range(start, start + per_slice) for start in starts]
 
 
-def read_text(path: str | Path) -> str:
-    path = Path(path)
-    if not path.is_file():
-        raise StreamPruneError(f"evaluation text {path} does not exist")
-    return path.read_text(encoding="utf-8")
+def perplexity_requests(tokenizer, text: str, seqlen: int, max_windows: int | None = None, slices: int | None = None):
+    """The windows as requests (every token from the second scored), and the slices' window ranges."""
+    if slices:
+        every = text_windows(tokenizer, text, seqlen)
+        ranges = slice_ranges(every.shape[0], slices, max_windows)
+        windows = torch.cat([every[r.start : r.stop] for r in ranges])
+    else:
+        windows = text_windows(tokenizer, text, seqlen, max_windows)
+        ranges = []
+    return [Request(tuple(row.tolist()), start=1) for row in windows], ranges
+
+
+def perplexity_from(logprobs: list[torch.Tensor], ranges: list[range]) -> Perplexity:
+    """Perplexity over all windows, and per slice (the slices' windows come in order, one run after another)."""
+
+    def ppl(rows) -> float:
+        return math.exp(-torch.cat([logprobs[i] for i in rows]).mean().item())
+
+    per_slice, offset = [], 0
+    for r in ranges:
+        per_slice.append(ppl(range(offset, offset + len(r))))
+        offset += len(r)
+    return Perplexity(
+        value=ppl(range(len(logprobs))),
+        windows=len(logprobs),
+        tokens=sum(len(lp) for lp in logprobs),
+        slices=per_slice,
+        slices_mean=sum(per_slice) / len(per_slice) if per_slice else None,
+    )
+
+
+def perplexity(score, tokenizer, text: str, seqlen: int, max_windows: int | None = None, slices: int | None = None) -> Perplexity:
+    """`score(requests) -> per-request log-probabilities` is streamed or whole-model scoring."""
+    requests, ranges = perplexity_requests(tokenizer, text, seqlen, max_windows, slices)
+    return perplexity_from(score(requests), ranges)

@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""Peak host memory of streamed evaluation against the whole-model way, on LLaMA-2-7B-shaped blocks.
+
+For random-weight checkpoints with LLaMA-2-7B's block shape (hidden 4096, MLP 11008, 32 heads, vocab
+32000, bfloat16) and 2 and 4 blocks, each in a fresh child process so peaks do not mix:
+  streamed  `streamprune eval CKPT --ppl TEXT` (one block resident; hidden states of all windows)
+  whole     transformers' AutoModelForCausalLM loaded whole, the same windows, the model's own loss
+It prints peak RSS, wall time and perplexity of each, the sizes they should be compared with (one
+block, the embedding, the hidden states), and writes JSON.
+
+  python benchmarks/eval_memory.py --workdir /tmp/evalmem --json benchmarks/results/eval_memory_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+GIB = 2**30
+
+WHOLE_MODEL = r"""
+import json, math, resource, sys, time
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model_dir, text_file, seqlen, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+started = time.perf_counter()
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+ids = tokenizer(open(text_file, encoding="utf-8").read(), return_tensors="pt").input_ids[0]
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+losses = []
+with torch.no_grad():
+    for i in range(windows):
+        window = ids[i * seqlen:(i + 1) * seqlen][None]
+        losses.append(model(input_ids=window, labels=window).loss.double().item())
+print(json.dumps({"ppl": math.exp(sum(losses) / len(losses)), "wall_s": time.perf_counter() - started,
+                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def run_streamed(model_dir: Path, text: Path, seqlen: int, windows: int, out: Path) -> dict:
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "streamprune.cli", "eval", str(model_dir), "--ppl", str(text), "--seqlen", str(seqlen),
+         "--max-windows", str(windows), "--device", "cpu", "--dtype", "bfloat16", "--batch-size", "4",
+         "--json", str(out), "--quiet"],
+        check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+    )
+    results = json.loads(out.read_text())
+    return {"ppl": results["ppl"]["value"], "wall_s": time.perf_counter() - started,
+            "peak_rss_bytes": results["peak_memory"]["host_rss_bytes"]}
+
+
+def run_whole(model_dir: Path, text: Path, seqlen: int, windows: int) -> dict:
+    done = subprocess.run([sys.executable, "-c", WHOLE_MODEL, str(model_dir), str(text), str(seqlen), str(windows)],
+                          check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    from make_checkpoint import PRESETS, make_random_checkpoint
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--layers", default="2,4")
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--windows", type=int, default=8)
+    args = parser.parse_args()
+    text = ROOT / "streamprune" / "data" / "wikitext2_valid_slice.raw"
+    shape = PRESETS["llama2-7b"]
+    rows = []
+    for layers in (int(n) for n in args.layers.split(",")):
+        model_dir = args.workdir / f"llama7b-shape-{layers}"
+        if not (model_dir / "config.json").exists():
+            make_random_checkpoint(model_dir, layers=layers, dtype="bfloat16", max_shard_bytes=2 * GIB, **shape)
+        streamed = run_streamed(model_dir, text, args.seqlen, args.windows, args.workdir / f"eval-{layers}.json")
+        whole = run_whole(model_dir, text, args.seqlen, args.windows)
+        rows.append({"layers": layers, "streamed": streamed, "whole": whole,
+                     "checkpoint_bytes": sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))})
+    hidden = shape["hidden"]
+    sizes = {
+        "block_bytes": 2 * (4 * hidden * hidden + 3 * hidden * shape["intermediate"]),
+        "embedding_bytes": 2 * shape["vocab"] * hidden,
+        "hidden_states_bytes": 2 * args.windows * args.seqlen * hidden,
+    }
+    results = {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "protocol": {"seqlen": args.seqlen, "windows": args.windows, "dtype": "bfloat16", "device": "cpu"},
+        "sizes": sizes,
+        "rows": rows,
+    }
+    print(f"one block {sizes['block_bytes'] / GIB:.2f} GiB, embedding {sizes['embedding_bytes'] / GIB:.2f} GiB, "
+          f"hidden states {sizes['hidden_states_bytes'] / GIB:.3f} GiB ({args.windows} x {args.seqlen}, bf16)")
+    print(f"{'blocks':>6} {'checkpoint':>11} {'streamed RSS':>13} {'whole RSS':>10} {'ratio':>6} "
+          f"{'streamed s':>11} {'whole s':>8} {'ppl streamed':>13} {'ppl whole':>10}")
+    for row in rows:
+        s, w = row["streamed"], row["whole"]
+        print(f"{row['layers']:>6} {row['checkpoint_bytes'] / GIB:>9.2f}Gi {s['peak_rss_bytes'] / GIB:>11.2f}Gi "
+              f"{w['peak_rss_bytes'] / GIB:>8.2f}Gi {s['peak_rss_bytes'] / w['peak_rss_bytes']:>6.2f} "
+              f"{s['wall_s']:>11.1f} {w['wall_s']:>8.1f} {s['ppl']:>13.4f} {w['ppl']:>10.4f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""`streamprune eval`: perplexity and zero-shot accuracy of a checkpoint, streamed block by block."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..errors import StreamPruneError
+from ..loading import choose_device, load_tokenizer, open_model
+from ..checkpoint import resolve_model_dir
+from ..manifest import peak_memory, versions
+from .loglikelihood import streamed_logprobs, whole_model_logprobs
+from .perplexity import load_text, perplexity_from, perplexity_requests
+from .tasks import accuracy, get_task, requests_for, subset
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ppl: str | None = None  # wikitext103, wikitext2, c4 or a text file
+    ppl_slices: int | None = None
+    tasks: tuple[str, ...] = ()
+    seqlen: int = 2048
+    max_windows: int | None = None
+    limit: int | None = None
+    data_dir: str | None = None  # offline task data (the layout of the shared data folder)
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 4
+    max_resident_tokens: int = 2**18
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+
+    def __post_init__(self):
+        for task in self.tasks:
+            get_task(task)
+        if not self.ppl and not self.tasks:
+            raise StreamPruneError("nothing to evaluate: give --ppl and/or --tasks")
+        for name in ("seqlen", "batch_size", "max_resident_tokens"):
+            if getattr(self, name) < 1:
+                raise StreamPruneError(f"{name.replace('_', '-')} must be at least 1")
+        for name in ("max_windows", "limit", "ppl_slices"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise StreamPruneError(f"{name.replace('_', '-')} must be at least 1")
+        if self.load_in_8bit and self.load_in_4bit:
+            raise StreamPruneError("choose one of --load-in-8bit and --load-in-4bit")
+
+
+@dataclass
+class Scorer:
+    """Scores requests with one block resident (streamed) or with a whole bitsandbytes-quantized model."""
+
+    score: object
+    tokenizer: object
+    max_length: int
+    device: torch.device
+
+
+def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, progress: bool) -> Scorer:
+    opened = open_model(model, config.device, config.dtype, trust_remote_code)
+    if opened.tokenizer is None:
+        raise StreamPruneError(f"{opened.model_dir} has no tokenizer files; evaluation needs one")
+    score = partial(
+        streamed_logprobs, opened.stack, batch_size=config.batch_size,
+        max_resident_tokens=config.max_resident_tokens, progress=progress,
+    )
+    max_length = getattr(opened.stack.config, "max_position_embeddings", None) or 2048
+    return Scorer(score, opened.tokenizer, max_length, opened.stack.device)
+
+
+def _quantized_scorer(model: str, config: EvalConfig, trust_remote_code: bool) -> Scorer:
+    """The ordinary transformers loading path with bitsandbytes (CUDA only), for users who prefer it."""
+    if not torch.cuda.is_available():
+        raise StreamPruneError("--load-in-8bit/--load-in-4bit need CUDA (bitsandbytes); evaluate streamed instead")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise StreamPruneError("--load-in-8bit/--load-in-4bit need bitsandbytes: pip install 'streamprune[bnb]'") from exc
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model_dir = resolve_model_dir(model)
+    quantization = BitsAndBytesConfig(load_in_8bit=config.load_in_8bit, load_in_4bit=config.load_in_4bit)
+    whole = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization, device_map="auto", trust_remote_code=trust_remote_code
+    )
+    whole.eval()
+    score = partial(whole_model_logprobs, whole, batch_size=config.batch_size)
+    max_length = getattr(whole.config, "max_position_embeddings", None) or 2048
+    return Scorer(score, load_tokenizer(model_dir, trust_remote_code), max_length, choose_device("cuda"))
+
+
+def _perplexity_result(config: EvalConfig, ranges: list[range], logprobs: list[torch.Tensor]) -> dict:
+    return {"dataset": config.ppl, "seqlen": config.seqlen, **dataclasses.asdict(perplexity_from(logprobs, ranges))}
+
+
+def _task_result(task, examples, logprobs: list[torch.Tensor]) -> dict:
+    return {**accuracy(examples, logprobs), "primary": task.primary, **task.describe(examples)}
+
+
+def evaluate(
+    model: str | Path,
+    config: EvalConfig | None = None,
+    *,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Perplexity and/or zero-shot accuracy of `model`; returns the results as a JSON-ready dict."""
+    config = config or EvalConfig(**options)
+    started = time.perf_counter()
+    quantized = config.load_in_8bit or config.load_in_4bit
+    scorer = (
+        _quantized_scorer(str(model), config, trust_remote_code)
+        if quantized
+        else _streamed_scorer(str(model), config, trust_remote_code, progress)
+    )
+    results: dict = {"model": str(model), "options": dataclasses.asdict(config), "timings": {}}
+    # Every request of every job is scored in one streaming pass: the weights are read once.
+    jobs = []  # (where the result goes, requests, requests -> result)
+    if config.ppl:
+        requests, ranges = perplexity_requests(
+            scorer.tokenizer, load_text(config.ppl), config.seqlen, config.max_windows, config.ppl_slices
+        )
+        jobs.append(("ppl", requests, partial(_perplexity_result, config, ranges)))
+    data_dir = Path(config.data_dir) if config.data_dir else None
+    for name in config.tasks:
+        task = get_task(name)
+        examples = subset(task.load(data_dir), config.limit)
+        requests = requests_for(examples, scorer.tokenizer, scorer.max_length)
+        jobs.append((name, requests, partial(_task_result, task, examples)))
+    results["timings"]["prepare_s"] = round(time.perf_counter() - started, 3)
+    step = time.perf_counter()
+    logprobs = scorer.score([request for _, requests, _ in jobs for request in requests])
+    results["timings"]["scoring_s"] = round(time.perf_counter() - step, 3)
+    offset = 0
+    for name, requests, finish in jobs:
+        result = finish(logprobs[offset : offset + len(requests)])
+        offset += len(requests)
+        if name == "ppl":
+            results["ppl"] = result
+        else:
+            results.setdefault("tasks", {})[name] = result
+    if "tasks" in results:
+        primaries = [r[r["primary"]] for r in results["tasks"].values()]
+        results["tasks"]["macro_mean"] = sum(primaries) / len(primaries)
+    results["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    results["peak_memory"] = peak_memory(scorer.device)
+    results["versions"] = versions()
+    return results
+
+
+def metric_rows(results: dict) -> list[tuple[str, float]]:
+    """(name, value) for the table: perplexity (and slices), then each task's metrics and the macro mean."""
+    rows = []
+    if "ppl" in results:
+        ppl = results["ppl"]
+        rows.append((f"ppl {Path(ppl['dataset']).name} ({ppl['windows']} x {ppl['seqlen']})", ppl["value"]))
+        for number, value in enumerate(ppl["slices"], 1):
+            rows.append((f"  slice {number}", value))
+        if ppl["slices_mean"] is not None:
+            rows.append(("  mean of slices", ppl["slices_mean"]))
+    for name, metrics in results.get("tasks", {}).items():
+        if name == "macro_mean":
+            continue
+        for metric in ("acc", "acc_norm") if name == "hellaswag" else ("acc",):
+            rows.append((f"{name} {metric} (n={metrics['n']})", metrics[metric]))
+    if "tasks" in results:
+        rows.append(("macro mean accuracy", results["tasks"]["macro_mean"]))
+    return rows
+
+
+def format_table(results: dict, baseline: dict | None = None) -> str:
+    """The metrics as an aligned text table; with a baseline: baseline, this model and the difference."""
+    rows = metric_rows(results)
+    width = max(len(name) for name, _ in rows) + 2
+    if baseline is None:
+        return "\n".join(f"{name:<{width}}{value:>12.4f}" for name, value in rows)
+    base = dict(metric_rows(baseline))
+    lines = [f"{'':<{width}}{'baseline':>12}{'model':>12}{'difference':>12}"]
+    for name, value in rows:
+        reference = base.get(name)
+        if reference is None:
+            lines.append(f"{name:<{width}}{'':>12}{value:>12.4f}")
+        else:
+            lines.append(f"{name:<{width}}{reference:>12.4f}{value:>12.4f}{value - reference:>+12.4f}")
+    return "\n".join(lines)

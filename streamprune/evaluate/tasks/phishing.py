@@ -1,0 +1,49 @@
+"""Phishing detection on URLs (Hannousse & Yahiouche 2021, "Web page phishing detection dataset").
+
+Prompt (ours; the paper does not publish one):
+
+    URL: {url}
+    Is this URL legitimate or phishing?
+    Answer:
+
+answered " legitimate" or " phishing".  Offline: the url/status CSV of the shared data folder;
+online: the same dataset on the hub (pirocheto/phishing-url).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from ...errors import StreamPruneError
+from . import Example, Task, from_hub
+
+ANSWERS = ("legitimate", "phishing")
+CSV_FILE = "dataset_phishing_url_status.csv"
+
+
+def example(url: str, status: str) -> Example:
+    return Example(prompt=f"URL: {url}\nIs this URL legitimate or phishing?\nAnswer:", choices=ANSWERS, gold=ANSWERS.index(status))
+
+
+def load(data_dir: Path | None) -> list[Example]:
+    if data_dir is None:
+        def hub():
+            import datasets
+
+            rows = datasets.load_dataset("pirocheto/phishing-url", split="train+test")
+            return [example(r["url"], r["status"]) for r in rows]
+
+        return from_hub(hub, "phishing")
+    path = Path(data_dir) / "phishing" / CSV_FILE
+    if not path.is_file():
+        raise StreamPruneError(f"phishing data {path} is missing; check --data-dir")
+    with path.open(encoding="utf-8", newline="") as handle:
+        return [example(row["url"], row["status"]) for row in csv.DictReader(handle)]
+
+
+def describe(examples: list[Example]) -> dict:
+    return {"share_phishing": sum(e.gold for e in examples) / len(examples)}
+
+
+TASK = Task(name="phishing", load=load, primary="acc", describe=describe)

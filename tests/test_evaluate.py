@@ -1,0 +1,154 @@
+"""Evaluation: streamed scoring against the whole model, the perplexity protocol, task prompts and metrics."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from make_checkpoint import byte_level_tokenizer
+from transformers import AutoModelForCausalLM
+
+from streamprune.cli import main
+from streamprune.data import WIKITEXT_HELD_OUT
+from streamprune.evaluate.loglikelihood import Request, streamed_logprobs, whole_model_logprobs
+from streamprune.evaluate.perplexity import perplexity, slice_ranges
+from streamprune.evaluate.tasks import Example, accuracy, encode_pair, get_task, requests_for, subset
+from streamprune.loading import open_model
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_streamed_scores_equal_the_whole_model_with_padding_sharing_and_chunks(tiny_checkpoint):
+    model_dir = tiny_checkpoint("qwen3", tie_embeddings=True)  # sliding-window layers too
+    generator = torch.Generator().manual_seed(0)
+    requests = []
+    for length in (5, 9, 9, 17, 30, 41):
+        tokens = tuple(torch.randint(0, 256, (length,), generator=generator).tolist())
+        requests.append(Request(tokens, start=length - 3))
+        requests.append(Request(tokens[:-1] + (7,), start=length - 1))  # same input as the next line
+        requests.append(Request(tokens[:-1] + (8,), start=length - 1))
+    requests.append(Request(tuple(range(1, 40)), start=1))
+    stack = open_model(model_dir, device="cpu").stack
+    streamed = streamed_logprobs(stack, requests, batch_size=2, max_resident_tokens=64)
+    whole = whole_model_logprobs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64), requests, batch_size=1)
+    for request, a, b in zip(requests, streamed, whole):
+        assert a.shape == (len(request.tokens) - request.start,)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert not torch.equal(streamed[1], streamed[2])  # same row, different targets
+
+
+def test_perplexity_protocol_equals_a_hand_computation(tiny_checkpoint):
+    model_dir = tiny_checkpoint("llama")
+    opened = open_model(model_dir, device="cpu")
+    text = WIKITEXT_HELD_OUT.read_text()
+
+    def score(requests):
+        return streamed_logprobs(opened.stack, requests, batch_size=3)
+
+    result = perplexity(score, opened.tokenizer, text, seqlen=32, max_windows=5)
+    ids = torch.tensor(opened.tokenizer(text)["input_ids"][: 5 * 32]).view(5, 32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    with torch.no_grad():
+        log_probs = model(input_ids=ids).logits[:, :-1].log_softmax(dim=-1)
+    nll = -log_probs.gather(-1, ids[:, 1:, None]).mean().item()
+    assert result.windows == 5 and result.tokens == 5 * 31
+    assert result.value == pytest.approx(math.exp(nll), rel=1e-10)
+    sliced = perplexity(score, opened.tokenizer, text, seqlen=32, max_windows=6, slices=3)
+    assert len(sliced.slices) == 3 and sliced.windows == 6
+    assert sliced.slices_mean == pytest.approx(sum(sliced.slices) / 3)
+
+
+def test_slices_are_evenly_spaced_runs_of_windows():
+    assert slice_ranges(10, 3, None) == [range(0, 3), range(4, 7), range(7, 10)]
+    assert slice_ranges(10, 3, 6) == [range(0, 2), range(4, 6), range(8, 10)]
+    assert slice_ranges(70, 7, None) == [range(10 * i, 10 * i + 10) for i in range(7)]
+
+
+def test_encode_pair_follows_the_harness():
+    tokenizer = byte_level_tokenizer()
+    context, answer = encode_pair(tokenizer, "Question?\nAnswer:", " yes")
+    assert tokenizer.decode(context) == "Question?\nAnswer:" and tokenizer.decode(answer) == " yes"
+    context, answer = encode_pair(tokenizer, "Answer: ", "no")  # the trailing space moves to the answer
+    assert tokenizer.decode(context) == "Answer:" and tokenizer.decode(answer) == " no"
+    (request,) = requests_for([Example("x" * 50, ("ab",), 0)], tokenizer, max_length=10)
+    assert len(request.tokens) == 11 and request.start == 8  # cut from the left: 8 of the 50 x, " ab"
+
+
+def test_acc_and_acc_norm_on_hand_made_scores():
+    examples = [
+        Example("q1", ("a", "bbbb"), gold=1),  # sums -2, -3: acc picks a; per byte -2, -0.75: norm picks bbbb
+        Example("q2", ("yes", "no"), gold=0),  # sums -1, -2: both pick yes
+    ]
+    logprobs = [torch.tensor([-2.0]), torch.tensor([-1.0, -2.0]), torch.tensor([-0.5, -0.5]), torch.tensor([-2.0])]
+    assert accuracy(examples, logprobs) == {"acc": 0.5, "acc_norm": 1.0, "n": 2}
+
+
+def test_task_loaders_read_the_shared_formats():
+    boolq = get_task("boolq").load(DATA)
+    assert len(boolq) == 60
+    assert boolq[0].prompt.endswith("\nQuestion: does ethanol take more energy make that produces?\nAnswer:")
+    assert boolq[0].prompt.startswith("Ethanol fuel -- All biomass")
+    assert boolq[0].choices == ("no", "yes") and boolq[0].gold == 0
+    hellaswag = get_task("hellaswag").load(DATA)
+    assert len(hellaswag) == 60
+    assert hellaswag[0].prompt == "Roof shingle removal: A man is sitting on a roof. He"
+    assert hellaswag[0].choices[3] == "starts pulling up roofing on a roof." and hellaswag[0].gold == 3
+    phishing = get_task("phishing").load(DATA)
+    assert phishing[0].prompt == "URL: http://www.crestonwood.com/router.php\nIs this URL legitimate or phishing?\nAnswer:"
+    assert phishing[0].choices == ("legitimate", "phishing") and phishing[0].gold == 0
+    assert get_task("phishing").describe(phishing) == {"share_phishing": 0.5}
+
+
+def test_limit_takes_a_fixed_seeded_subset_in_order():
+    examples = [Example(str(i), ("a", "b"), 0) for i in range(100)]
+    first, second = subset(examples, 10), subset(examples, 10)
+    assert first == second and len(first) == 10
+    assert [int(e.prompt) for e in first] == sorted(int(e.prompt) for e in first)
+    assert subset(examples, None) == examples
+
+
+def test_eval_command_with_baseline_and_json(tiny_checkpoint, tmp_path):
+    dense = tiny_checkpoint("llama")
+    pruned = tmp_path / "pruned"
+    runner = CliRunner()
+    result = runner.invoke(main, ["prune", str(dense), str(pruned), "--calib", str(WIKITEXT_HELD_OUT), "--nsamples", "2",
+                                  "--seqlen", "16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "results.json"
+    result = runner.invoke(main, [
+        "eval", str(pruned), "--ppl", str(WIKITEXT_HELD_OUT), "--seqlen", "32", "--max-windows", "3",
+        "--tasks", "boolq,hellaswag,phishing", "--limit", "5", "--data-dir", str(DATA), "--baseline", str(dense),
+        "--json", str(out), "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "baseline" in result.stdout and "difference" in result.stdout and "macro mean accuracy" in result.stdout
+    results = json.loads(out.read_text())
+    assert results["ppl"]["windows"] == 3 and results["ppl"]["value"] > 1
+    assert {"boolq", "hellaswag", "phishing", "macro_mean"} <= set(results["tasks"])
+    assert results["tasks"]["boolq"]["n"] == 5 and 0 <= results["tasks"]["hellaswag"]["acc_norm"] <= 1
+    primaries = [results["tasks"]["boolq"]["acc"], results["tasks"]["hellaswag"]["acc_norm"], results["tasks"]["phishing"]["acc"]]
+    assert results["tasks"]["macro_mean"] == pytest.approx(sum(primaries) / 3)
+    assert results["baseline"]["model"] == str(dense)
+    assert results["timings"]["total_s"] > 0 and results["options"]["limit"] == 5
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (["--tasks", "winogrande"], "unknown task 'winogrande'"),
+        ([], "nothing to evaluate"),
+        (["--ppl", "no-such-text"], "neither a file nor one of"),
+        (["--tasks", "boolq", "--data-dir", "/nonexistent"], "missing; check --data-dir"),
+        (["--ppl", "wikitext103", "--load-in-8bit", "--load-in-4bit"], "choose one of"),
+        (["--ppl", str(WIKITEXT_HELD_OUT), "--load-in-4bit"], "need CUDA"),
+    ],
+)
+def test_eval_errors_are_one_line(tiny_checkpoint, options, fragment):
+    if "--load-in-4bit" in options and len(options) == 3 and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama")), "--quiet", *options])
+    assert result.exit_code != 0
+    assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("Error: ")
+    assert fragment in result.stderr
