@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 GIB = 2**30
 
 WHOLE_MODEL = r"""
-import json, math, resource, sys, time
+import json, math, sys, time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model_dir, text_file, seqlen, windows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
@@ -41,8 +41,9 @@ with torch.no_grad():
     for i in range(windows):
         window = ids[i * seqlen:(i + 1) * seqlen][None]
         losses.append(model(input_ids=window, labels=window).loss.double().item())
+from streamprune.manifest import peak_rss_bytes
 print(json.dumps({"ppl": math.exp(sum(losses) / len(losses)), "wall_s": time.perf_counter() - started,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 
@@ -61,7 +62,7 @@ def run_streamed(model_dir: Path, text: Path, seqlen: int, windows: int, out: Pa
 
 def run_whole(model_dir: Path, text: Path, seqlen: int, windows: int) -> dict:
     done = subprocess.run([sys.executable, "-c", WHOLE_MODEL, str(model_dir), str(text), str(seqlen), str(windows)],
-                          check=True, capture_output=True, text=True)
+                          check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -32,10 +32,26 @@ def versions() -> dict:
     }
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    Linux's VmHWM belongs to the running program; getrusage's ru_maxrss survives exec, so a child
+    started by a large parent would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def peak_memory(device: torch.device) -> dict:
     """Peak resident memory of this process so far, and of the GPU allocator when on CUDA."""
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = {"host_rss_bytes": rss_kib * (1 if sys.platform == "darwin" else 1024)}
+    peak = {"host_rss_bytes": peak_rss_bytes()}
     if device.type == "cuda":
         peak["gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
         peak["gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(device)

@@ -97,14 +97,19 @@ def test_streamed_perplexity_equals_the_whole_model_dense_and_pruned(smollm2, tm
     assert 5 < values["dense"] < values["pruned"] < 10 * values["dense"]
 
 
-def test_fifty_examples_per_task_beat_chance_where_the_model_can(smollm2):
+def test_fifty_examples_per_task_beat_chance_where_the_model_can_at_any_batch_size(smollm2):
     from pathlib import Path
 
     from streamprune.evaluate.runner import evaluate
 
     data = Path(__file__).parent / "data"
-    tasks = evaluate(smollm2, tasks=("boolq", "hellaswag", "phishing"), limit=50, data_dir=str(data), device="cpu",
-                     dtype="float32", batch_size=8, progress=False)["tasks"]
+    runs = [
+        evaluate(smollm2, tasks=("boolq", "hellaswag", "phishing"), limit=50, data_dir=str(data), device="cpu",
+                 dtype="float32", batch_size=batch_size, progress=False)["tasks"]
+        for batch_size in (8, 3)
+    ]
+    assert runs[0] == runs[1]
+    tasks = runs[0]
     assert [tasks[name]["n"] for name in ("boolq", "hellaswag", "phishing")] == [50, 50, 50]
     assert tasks["hellaswag"]["acc_norm"] > 0.3  # 4 choices: chance is 0.25
     assert tasks["phishing"]["share_phishing"] == pytest.approx(0.56)
