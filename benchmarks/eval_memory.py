@@ -41,7 +41,7 @@ with torch.no_grad():
     for i in range(windows):
         window = ids[i * seqlen:(i + 1) * seqlen][None]
         losses.append(model(input_ids=window, labels=window).loss.double().item())
-from streamprune.manifest import peak_rss_bytes
+from streamprune.state import peak_rss_bytes
 print(json.dumps({"ppl": math.exp(sum(losses) / len(losses)), "wall_s": time.perf_counter() - started,
                   "peak_rss_bytes": peak_rss_bytes()}))
 """

@@ -61,6 +61,33 @@ def _release(module: nn.Module) -> None:
                 submodule._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
+def shape_problems(expected: dict[str, tuple[int, ...]], present: dict[str, tuple[int, ...]]) -> list[str]:
+    """Expected tensors that are missing or stored in another shape, in words."""
+    problems = []
+    for name, shape in expected.items():
+        if name not in present:
+            problems.append(f"tensor {name} is missing from the checkpoint")
+        elif present[name] != shape:
+            problems.append(f"tensor {name} has shape {list(present[name])} in the checkpoint; the config implies {list(shape)}")
+    return problems
+
+
+def empty_model(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model for `config` with its parameters on the meta device (no memory) and its buffers real."""
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def expected_shapes(model: nn.Module, config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint for `model` must hold, by name (a tied LM head is stored once, as the embedding)."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        head = model.get_output_embeddings()
+        shapes.pop(next(f"{n}.weight" for n, m in model.named_modules() if m is head), None)
+    return shapes
+
+
 class DecoderStack:
     """The model skeleton plus a reader: load block i, call it, free it."""
 
@@ -78,9 +105,7 @@ class DecoderStack:
         self.reader = reader
         self.device = device
         self.dtype = dtype
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-        self.model.eval()
+        self.model = empty_model(config, dtype, trust_remote_code)
         for module in self.model.modules():
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.device.type != "meta":
@@ -89,6 +114,10 @@ class DecoderStack:
         self.blocks: nn.ModuleList = getattr(self.base, family.blocks)
         if len(self.blocks) != config.num_hidden_layers:
             raise StreamPruneError(f"model has {len(self.blocks)} blocks, config says {config.num_hidden_layers}")
+
+    def checkpoint_problems(self) -> list[str]:
+        """Tensors the config implies that the checkpoint lacks or stores in another shape."""
+        return shape_problems(expected_shapes(self.model, self.config), self.reader.shapes)
 
     @property
     def num_blocks(self) -> int:
@@ -108,17 +137,22 @@ class DecoderStack:
 
     def _materialise(self, module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
         """Loads `module`'s tensors onto the device in the compute dtype; they must match its shapes."""
-        tensors = {k: t.to(device=self.device, dtype=self.dtype) for k, t in tensors.items()}
+        expected = module.state_dict().keys()  # checkpoints may carry stale extras such as rotary inv_freq
+        tensors = {k: t.to(device=self.device, dtype=self.dtype) for k, t in tensors.items() if k in expected}
         try:
             module.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())
             raise StreamPruneError(f"the checkpoint's {what} does not match the config: {detail[:300]}") from exc
 
-    def load_block(self, index: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-        """Block `index` on the device in the compute dtype, and its tensors as stored (CPU, checkpoint dtype)."""
+    def load_block(self, index: int, reader: CheckpointReader | None = None) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """Block `index` on the device in the compute dtype, and its tensors as stored (CPU, checkpoint dtype).
+
+        `reader` reads them from elsewhere than the model (a pruned block already written, on resume).
+        """
         prefix = self.family.block_prefix(index)
-        stored = self.reader.read(self.block_keys(index))
+        reader = reader or self.reader
+        stored = reader.read(reader.keys_with_prefix(prefix))
         block = self.blocks[index]
         self._materialise(block, {k[len(prefix) :]: t for k, t in stored.items()}, f"block {index}")
         return block, stored

@@ -9,6 +9,7 @@ its index is never mistaken for a finished checkpoint.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -78,10 +79,18 @@ def resolve_model_dir(model: str) -> Path:
 class CheckpointReader:
     """Lazy access to the tensors of a safetensors checkpoint (single file or sharded with an index)."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, files: list[str] | None = None):
+        """Reads the index or model.safetensors of model_dir; or, given `files`, exactly those shards."""
         self.model_dir = Path(model_dir)
-        self.weight_map = self._weight_map()
+        self.weight_map = self._weight_map() if files is None else self._files_map(files)
         self._check_headers()
+
+    def _files_map(self, files: list[str]) -> dict[str, str]:
+        weight_map = {}
+        for filename in files:
+            with self._open(filename) as handle:
+                weight_map.update({key: filename for key in handle.keys()})
+        return weight_map
 
     def _weight_map(self) -> dict[str, str]:
         index = self.model_dir / INDEX_FILE
@@ -165,9 +174,24 @@ _FILE_MODE = 0o666 & ~_umask()  # safetensors creates 0600 files; outputs should
 def write_atomic(path: Path, write) -> None:
     """write(tmp_path), then rename into place: a reader sees the old file, or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.chmod(tmp, _FILE_MODE)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:  # safetensors reports its own I/O errors as SafetensorError
+        tmp.unlink(missing_ok=True)
+        disk_full = getattr(exc, "errno", None) == errno.ENOSPC or "StorageFull" in str(exc) or "code: 28" in str(exc)
+        if disk_full:
+            raise StreamPruneError(
+                f"no space left on the device while writing {path}; free some space and rerun the same command"
+            ) from exc
+        raise StreamPruneError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def remove_partial_files(directory: Path) -> None:
+    """Temporary files a killed run left behind (never renamed into place, so never part of the output)."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -51,7 +51,9 @@ def reports_errors(command):
         except StreamPruneError as exc:
             if debug:
                 raise
-            raise click.ClickException(_one_line(exc)) from None
+            error = click.ClickException(_one_line(exc))
+            error.exit_code = getattr(exc, "exit_code", 1)
+            raise error from None
         except Exception as exc:  # a bug or an environment problem: still one line, unless --debug
             if debug:
                 raise
@@ -116,15 +118,22 @@ def main():
               help="Compute dtype; auto = the checkpoint's. The output keeps the checkpoint's dtype.")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Windows per calibration forward pass.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--no-resume", is_flag=True, help="Start an unfinished run in OUTPUT over instead of resuming it.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @reports_errors
-def prune(model, output, overwrite, trust_remote_code, quiet, **options):
-    """Prune MODEL (a local directory or a hub id) into the directory OUTPUT."""
+def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, **options):
+    """Prune MODEL (a local directory or a hub id) into the directory OUTPUT.
+
+    Rerunning the same command on an unfinished OUTPUT (crash, kill, Ctrl-C, full disk) resumes it.
+    """
     from .engine import prune as run_prune
 
     config = PruneConfig(**options)
-    manifest = run_prune(model, output, config, overwrite=overwrite, trust_remote_code=trust_remote_code, progress=not quiet)
+    manifest = run_prune(
+        model, output, config, overwrite=overwrite, resume=not no_resume, trust_remote_code=trust_remote_code,
+        progress=not quiet,
+    )
     zeros = sum(manifest.sparsity.values()) / max(len(manifest.sparsity), 1)
     mix = f", alpha {config.alpha:g}" if config.method.startswith("en-") else ""
     shape = config.pattern or f"{config.sparsity:.0%} per row"
@@ -176,6 +185,28 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, payload)
         click.echo(f"Results: {json_path}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report (with per-tensor sparsity) here.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
+@reports_errors
+def inspect(directory, json_path, trust_remote_code):
+    """Sparsity per block, blocks done, and a check that every tensor is present with the right shape.
+
+    Exits with status 1 when a tensor is missing, unreadable or of the wrong shape.
+    """
+    from .checkpoint import write_json
+    from .inspect import format_report, inspect_checkpoint
+
+    report = inspect_checkpoint(directory, trust_remote_code)
+    click.echo(format_report(report))
+    if json_path:
+        write_json(json_path, report)
+    if report["problems"]:
+        raise click.exceptions.Exit(1)
 
 
 @main.command()

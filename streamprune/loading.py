@@ -34,7 +34,7 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
         raise StreamPruneError(f"no config.json in {model_dir}; is it a Hugging Face model directory?")
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         if "trust_remote_code" in str(exc):
             raise StreamPruneError(f"{model_dir} needs custom code to load; pass --trust-remote-code if you trust it") from exc
         raise StreamPruneError(f"cannot read {model_dir / 'config.json'}: {' '.join(str(exc).split())}") from exc
@@ -76,4 +76,8 @@ def open_model(model: str | Path, device: str = "auto", dtype: str = "auto", tru
     stack = DecoderStack(
         config, family, reader, choose_device(device), compute_dtype(reader, first_keys[0], dtype), trust_remote_code
     )
+    problems = stack.checkpoint_problems()
+    if problems:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise StreamPruneError(f"{model_dir} does not match its config.json: {problems[0]}{more}")
     return OpenedModel(model_dir, stack, load_tokenizer(model_dir, trust_remote_code))

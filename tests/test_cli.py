@@ -125,7 +125,7 @@ def test_bad_checkpoints_give_one_line_errors(tiny_checkpoint, tmp_path):
     config = json.loads((wrong_shape / "config.json").read_text())
     config["intermediate_size"] = 96
     (wrong_shape / "config.json").write_text(json.dumps(config))
-    cases["shape"] = (wrong_shape, ["does not match the config"])
+    cases["shape"] = (wrong_shape, ["does not match its config.json", "the config implies [96, 64]"])
     for name, (model, fragments) in cases.items():
         out = tmp_path / f"out-{name}"
         result = invoke("prune", model, out, "--calib", WIKI, "--nsamples", "2", "--seqlen", "16", "--quiet")
@@ -147,8 +147,29 @@ def test_output_directory_rules(tiny_checkpoint, tmp_path):
     assert_one_line_error(invoke("prune", model, model, *common), "would hold the input")
     done = tmp_path / "done"
     assert invoke("prune", model, done, *common).exit_code == 0
-    assert_one_line_error(invoke("prune", model, done, *common), "earlier streamprune run")
+    assert_one_line_error(invoke("prune", model, done, *common), "already holds a complete run", "--overwrite")
     assert invoke("prune", model, done, *common, "--overwrite", "--seed", "3").exit_code == 0
+
+
+def test_more_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama")
+    common = ["--calib", WIKI, "--nsamples", "2", "--seqlen", "16", "--quiet"]
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert_one_line_error(invoke("prune", model, a_file / "sub", *common), "is a file")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    (remote / "config.json").write_text(json.dumps({
+        "model_type": "custom_thing", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"},
+    }))
+    assert_one_line_error(invoke("prune", remote, tmp_path / "o1", *common), "--trust-remote-code")
+    # evaluation holds to the same standard
+    assert_one_line_error(invoke("eval", tmp_path / "nope", "--ppl", WIKI), "does not exist")
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    next(broken.glob("model-00002-*.safetensors")).unlink()
+    assert_one_line_error(invoke("eval", broken, "--ppl", WIKI, "--quiet"), "model-00002", "missing")
+    assert_one_line_error(invoke("eval", remote, "--ppl", WIKI), "--trust-remote-code")
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -131,3 +131,35 @@ def test_task_scores_do_not_depend_on_the_batch_size(smollm2):
     large = streamed_logprobs(opened.stack, requests, batch_size=7, max_resident_tokens=2000)
     for a, b in zip(small, large):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_killed_after_a_third_of_the_blocks_resumes_bitwise_identical(smollm2, tmp_path):
+    import hashlib
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    def args(out):
+        return ["prune", str(smollm2), str(out), "--method", "en-original", "--alpha", "0.25", "--sparsity", "0.6",
+                "--calib", str(WIKITEXT_CALIBRATION), "--nsamples", "4", "--seqlen", "64", "--device", "cpu",
+                "--dtype", "float32", "--quiet"]
+
+    def hashes(directory):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
+                if p.is_file() and p.name != "streamprune.json"}
+
+    assert CliRunner().invoke(main, args(tmp_path / "uninterrupted")).exit_code == 0
+    out = tmp_path / "resumed"
+    kill_at = Path(__file__).parent / "kill_at.py"
+    killed = subprocess.run([sys.executable, str(kill_at), "after_block", "10", *args(out)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert json.loads((out / "streamprune.json").read_text())["blocks_done"] == 10
+    result = CliRunner().invoke(main, args(out))
+    assert result.exit_code == 0 and "after block 10 of 30" in result.stderr
+    assert hashes(out) == hashes(tmp_path / "uninterrupted")
+    assert len([name for name in hashes(out) if name.startswith("model-")]) == 31

@@ -13,7 +13,7 @@ import torch
 from ..errors import StreamPruneError
 from ..loading import choose_device, load_tokenizer, open_model
 from ..checkpoint import resolve_model_dir
-from ..manifest import peak_memory, versions
+from ..state import peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
 from .perplexity import load_text, perplexity_from, perplexity_requests
 from .tasks import accuracy, get_task, requests_for, subset

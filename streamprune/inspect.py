@@ -1,0 +1,121 @@
+"""`streamprune inspect DIR`: what a (pruned) checkpoint holds, how sparse it is, and whether it is whole.
+
+Works on any safetensors checkpoint of a supported family, finished or not: with an index it checks
+that every tensor the index names is in its file with the shape the config implies and that none the
+config implies is missing; without one (a run still going, or interrupted) it checks the shards that
+are there and the blocks the run's manifest says are done.  Tensors are read one at a time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .blocks import empty_model, expected_shapes, shape_problems
+from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
+from .errors import StreamPruneError
+from .families import family_for
+from .loading import load_config
+from .state import RunManifest
+
+
+def _weight_map(directory: Path, problems: list[str]) -> dict[str, str]:
+    """name -> file from the index (checking its files), else from the shards present."""
+    if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
+        try:
+            return CheckpointReader(directory).weight_map
+        except StreamPruneError as exc:
+            problems.append(str(exc))
+            return {}
+    weight_map = {}
+    for shard in sorted(directory.glob("model-*-of-*.safetensors")):
+        try:
+            with safe_open(shard, framework="pt") as handle:
+                weight_map.update({key: shard.name for key in handle.keys()})
+        except (SafetensorError, OSError) as exc:
+            problems.append(f"{shard.name} is not a readable safetensors file ({exc})")
+    return weight_map
+
+
+def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise StreamPruneError(f"{directory} is not a directory")
+    manifest = RunManifest.load(directory)
+    config_dir = directory
+    if not (directory / "config.json").is_file() and manifest and Path(manifest.model).is_dir():
+        config_dir = Path(manifest.model)  # an unfinished run: its config comes with the last files
+    config = load_config(config_dir, trust_remote_code)
+    family = family_for(config.model_type)
+    problems: list[str] = []
+    weight_map = _weight_map(directory, problems)
+    expected = expected_shapes(empty_model(config, torch.float32, trust_remote_code), config)
+    complete = (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file()
+
+    shapes, sparsity, dtypes = {}, {}, set()
+    for filename in sorted(set(weight_map.values())):
+        with safe_open(directory / filename, framework="pt") as handle:
+            for key in (k for k, f in weight_map.items() if f == filename):
+                tensor = handle.get_tensor(key)
+                shapes[key] = tuple(tensor.shape)
+                dtypes.add(str(tensor.dtype).removeprefix("torch."))
+                if tensor.ndim == 2 and key.startswith(f"{family.base_prefix}{family.blocks}."):
+                    sparsity[key] = (tensor == 0).sum().item() / tensor.numel()
+
+    blocks_total = config.num_hidden_layers
+    blocks_done = [
+        i for i in range(blocks_total)
+        if all(k in shapes for k in expected if k.startswith(family.block_prefix(i)))
+    ]
+    if complete:
+        wanted = expected
+    else:  # only what the run says it has written
+        written = manifest.blocks_done if manifest else len(blocks_done)
+        prefixes = tuple(family.block_prefix(i) for i in range(written))
+        wanted = {k: v for k, v in expected.items() if k.startswith(prefixes)}
+    problems += shape_problems(wanted, shapes)
+    problems += [f"tensor {k} has shape {list(v)}; the config implies {list(expected[k])}"
+                 for k, v in shapes.items() if k in expected and k not in wanted and v != expected[k]]
+
+    per_block = {}
+    for i in blocks_done:
+        values = [v for k, v in sparsity.items() if k.startswith(family.block_prefix(i))]
+        if values:
+            per_block[i] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "tensors": len(values)}
+    zeros = sum(sparsity[k] * torch.Size(shapes[k]).numel() for k in sparsity)
+    weights = sum(torch.Size(shapes[k]).numel() for k in sparsity)
+    return {
+        "directory": str(directory),
+        "model_type": config.model_type,
+        "dtypes": sorted(dtypes),
+        "complete": complete and not problems,
+        "run_status": manifest.status if manifest else None,
+        "blocks_total": blocks_total,
+        "blocks_done": len(blocks_done),
+        "sparsity": sparsity,
+        "per_block": per_block,
+        "overall_sparsity": zeros / weights if weights else 0.0,
+        "block_linear_weights": weights,
+        "problems": problems,
+    }
+
+
+def format_report(report: dict) -> str:
+    run = f"; streamprune run {report['run_status']}" if report["run_status"] else ""
+    lines = [
+        f"{report['directory']}: {report['model_type']}, {report['blocks_total']} blocks, "
+        f"{'/'.join(report['dtypes']) or 'no tensors'}{run}; {report['blocks_done']} of {report['blocks_total']} blocks present",
+        f"{'block':>5}  {'tensors':>7}  {'sparsity':>8}  {'min':>7}  {'max':>7}",
+    ]
+    for block, row in report["per_block"].items():
+        lines.append(f"{block:>5}  {row['tensors']:>7}  {row['mean']:>8.2%}  {row['min']:>7.2%}  {row['max']:>7.2%}")
+    lines.append(f"overall: {report['overall_sparsity']:.2%} of {report['block_linear_weights']:,} block linear weights are zero")
+    if report["problems"]:
+        lines += [f"problem: {p}" for p in report["problems"]]
+    elif report["complete"]:
+        lines.append("OK: every tensor is present with the shape the config implies")
+    else:
+        lines.append("OK so far: the blocks written are whole; the checkpoint is not finished (no index yet)")
+    return "\n".join(lines)

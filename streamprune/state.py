@@ -1,0 +1,198 @@
+"""The run manifest `streamprune.json` (what was asked, what is done, what it cost) and resuming.
+
+A run whose manifest is not `complete` is resumed by the same command: the options, the resolved
+device and dtype and a fingerprint of the input must all be the same, the calibration token ids are
+read back from the output, and pruning continues after the last block whose shard is in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import INDEX_FILE, remove_partial_files, shard_name, write_json
+from .errors import StreamPruneError
+
+MANIFEST_FILE = "streamprune.json"
+CALIBRATION_IDS_FILE = "calibration_ids.safetensors"
+
+
+def versions() -> dict:
+    import safetensors
+    import transformers
+
+    from . import __version__
+
+    return {
+        "streamprune": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory.
+
+    Linux's VmHWM belongs to the running program; getrusage's ru_maxrss survives exec, so a child
+    started by a large parent would report the parent's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak resident memory of this process so far, and of the GPU allocator when on CUDA."""
+    peak = {"host_rss_bytes": peak_rss_bytes()}
+    if device.type == "cuda":
+        peak["gpu_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+        peak["gpu_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+    return peak
+
+
+@dataclass
+class RunManifest:
+    model: str
+    config: dict
+    blocks_total: int
+    status: str = "running"
+    blocks_done: int = 0
+    device: str = "cpu"
+    dtype: str = ""
+    calibration_ids: str = CALIBRATION_IDS_FILE
+    sparsity: dict = field(default_factory=dict)  # tensor name -> fraction of zeros as written
+    timings: dict = field(default_factory=lambda: {"calibration_s": 0.0, "blocks_s": [], "total_s": 0.0})
+    peak_memory: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=versions)
+    input_fingerprint: str = ""
+    resumed: int = 0  # how many times an unfinished run was continued
+    started_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    finished_at: str | None = None
+
+    def save(self, out_dir: Path) -> None:
+        write_json(Path(out_dir) / MANIFEST_FILE, asdict(self))
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "RunManifest | None":
+        path = Path(out_dir) / MANIFEST_FILE
+        if not path.is_file():
+            return None
+        try:
+            values = json.loads(path.read_text())
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in values.items() if k in names})
+        except (ValueError, TypeError) as exc:
+            raise StreamPruneError(f"{path} is unreadable ({exc}); pass --overwrite to start over") from exc
+
+
+def input_fingerprint(model_dir: Path) -> str:
+    """sha256 of config.json, the index and every weight file's name and size: changes when the model does."""
+    digest = hashlib.sha256()
+    model_dir = Path(model_dir)
+    for name in ("config.json", INDEX_FILE):
+        if (model_dir / name).is_file():
+            digest.update((model_dir / name).read_bytes())
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        digest.update(f"{weights.name}:{weights.stat().st_size};".encode())
+    return digest.hexdigest()
+
+
+def _flag(option: str) -> str:
+    return "--" + option.replace("_", "-")
+
+
+def first_difference(earlier: RunManifest, current: RunManifest) -> str | None:
+    """What makes `current` another run than the unfinished `earlier` one, in words; None if nothing."""
+    if earlier.input_fingerprint != current.input_fingerprint:
+        return f"the model differs (the unfinished run pruned {earlier.model}, whose files were different)"
+    for option, value in current.config.items():
+        if earlier.config.get(option) != value:
+            return f"{_flag(option)} was {earlier.config.get(option)!r} and is now {value!r}"
+    for option in ("device", "dtype"):
+        if getattr(earlier, option) != getattr(current, option):
+            return f"the {option} was {getattr(earlier, option)} and is now {getattr(current, option)}"
+    return None
+
+
+def blocks_in_place(out_dir: Path, manifest: RunManifest) -> int:
+    """How many leading blocks have their shard written and readable (at most what the manifest says)."""
+    from safetensors import SafetensorError, safe_open
+
+    total = manifest.blocks_total + 1
+    for index in range(manifest.blocks_done):
+        try:
+            with safe_open(Path(out_dir) / shard_name(index, total), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return index
+    return manifest.blocks_done
+
+
+@dataclass
+class Plan:
+    """Where a run starts: afresh (the output is emptied), or resumed after `start_block` blocks."""
+
+    manifest: RunManifest
+    start_block: int = 0
+    resumed: bool = False
+
+
+def plan_run(out: Path, model_dir: Path, current: RunManifest, overwrite: bool, resume: bool) -> Plan:
+    """Decides between a fresh run and resuming; refuses what would clobber or mix runs. Changes nothing."""
+    if out.exists() and not out.is_dir():
+        raise StreamPruneError(f"output path {out} is a file; give a directory")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise StreamPruneError(f"cannot create output directory {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise StreamPruneError(f"cannot write to output directory {out}: {existing} is not writable")
+    resolved, source = out.resolve(), Path(model_dir).resolve()
+    if resolved == source or resolved in source.parents:
+        raise StreamPruneError(f"output {out} would hold the input checkpoint; choose another directory")
+    if not out.exists() or not any(out.iterdir()) or overwrite:
+        return Plan(current)
+    earlier = RunManifest.load(out)
+    if earlier is None:
+        raise StreamPruneError(f"output directory {out} is not empty and was not made by streamprune; pass --overwrite to replace it")
+    if earlier.status == "complete":
+        raise StreamPruneError(f"output directory {out} already holds a complete run; pass --overwrite to redo it")
+    if not resume:
+        return Plan(current)
+    difference = first_difference(earlier, current)
+    if difference:
+        raise StreamPruneError(
+            f"output directory {out} holds an unfinished run with other options: {difference}; "
+            "rerun with the same options to resume it, or pass --overwrite to start over"
+        )
+    earlier.resumed += 1
+    return Plan(earlier, start_block=blocks_in_place(out, earlier), resumed=True)
+
+
+def make_output(out: Path) -> None:
+    """An empty output directory (whatever was there is gone: plan_run allowed it)."""
+    try:
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+    except OSError as exc:
+        raise StreamPruneError(f"cannot write to output directory {out}: {exc.strerror}") from exc
+
