@@ -142,20 +142,24 @@ class CheckpointReader:
         assert prefix.endswith(".")
         return [key for key in self.weight_map if key.startswith(prefix)]
 
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors on the CPU, in the checkpoint's dtype; opens each file once."""
-        by_file: dict[str, list[str]] = {}
+    def iter_tensors(self, keys: list[str]):
+        """(name, tensor) one at a time, on the CPU in the checkpoint's dtype.
+
+        The file is opened for each tensor: pages of a memory map stay resident while it is open, so a
+        handle kept across a block would hold the whole block in memory a second time.
+        """
         for key in keys:
-            by_file.setdefault(self.weight_map[key], []).append(key)
-        tensors = {}
-        for filename, file_keys in by_file.items():
+            filename = self.weight_map[key]
             try:
                 with self._open(filename) as handle:
-                    for key in file_keys:
-                        tensors[key] = handle.get_tensor(key)
+                    tensor = handle.get_tensor(key)
             except SafetensorError as exc:
                 raise StreamPruneError(f"{self.model_dir / filename} is truncated or corrupt ({exc})") from exc
-        return tensors
+            yield key, tensor
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors on the CPU, in the checkpoint's dtype."""
+        return dict(self.iter_tensors(keys))
 
 
 def shard_name(index: int, total: int) -> str:

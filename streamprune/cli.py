@@ -12,6 +12,7 @@ import click
 
 from .config import DTYPES, STAT_NORMS, PruneConfig
 from .errors import StreamPruneError
+from .placement import PLACEMENTS, Budget, parse_size
 from .scoring import METHODS
 
 
@@ -91,6 +92,25 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def memory_options(command):
+    """--offload, --max-gpu-memory, --max-cpu-memory, --offload-dir: where hidden states may live."""
+    for option in reversed([
+        click.option("--offload", type=click.Choice(PLACEMENTS), default="auto", show_default=True,
+                     help="Where the hidden states live: on the device, in host memory (streamed to the GPU), "
+                          "or on disk; auto picks the first that fits the limits."),
+        click.option("--max-gpu-memory", default=None, help="GPU memory the hidden states may use, e.g. 3GiB (default: 90% of free)."),
+        click.option("--max-cpu-memory", default=None, help="Host memory the hidden states may use, e.g. 8GiB (default: 80% of available)."),
+        click.option("--offload-dir", type=click.Path(file_okay=False), default=None,
+                     help="Folder for --offload disk (default: the output directory; for eval the system's temporary folder)."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir) -> Budget:
+    return Budget(offload, parse_size(max_gpu_memory), parse_size(max_cpu_memory), offload_dir)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streamprune")
 def main():
@@ -121,8 +141,12 @@ def main():
 @click.option("--no-resume", is_flag=True, help="Start an unfinished run in OUTPUT over instead of resuming it.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--overlap/--no-overlap", default=None,
+              help="Read the next block and write the last one in the background (default: on CUDA only).")
+@memory_options
 @reports_errors
-def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, **options):
+def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, overlap, offload, max_gpu_memory,
+          max_cpu_memory, offload_dir, **options):
     """Prune MODEL (a local directory or a hub id) into the directory OUTPUT.
 
     Rerunning the same command on an unfinished OUTPUT (crash, kill, Ctrl-C, full disk) resumes it.
@@ -132,7 +156,7 @@ def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, **optio
     config = PruneConfig(**options)
     manifest = run_prune(
         model, output, config, overwrite=overwrite, resume=not no_resume, trust_remote_code=trust_remote_code,
-        progress=not quiet,
+        progress=not quiet, budget=_budget(offload, max_gpu_memory, max_cpu_memory, offload_dir), overlap=overlap,
     )
     zeros = sum(manifest.sparsity.values()) / max(len(manifest.sparsity), 1)
     mix = f", alpha {config.alpha:g}" if config.method.startswith("en-") else ""
@@ -170,15 +194,20 @@ def _task_list(ctx, param, value) -> tuple[str, ...]:
 @click.option("--load-in-4bit", is_flag=True, help="Whole model through transformers + bitsandbytes (CUDA).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@memory_options
 @reports_errors
-def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_dir, **options):
+def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_dir, offload, max_gpu_memory,
+                     max_cpu_memory, offload_dir, **options):
     """Perplexity and zero-shot accuracy of MODEL, one block resident at a time."""
     from .checkpoint import write_json
     from .evaluate.runner import EvalConfig, evaluate, format_table
 
     config = EvalConfig(data_dir=str(data_dir) if data_dir else None, **options)
-    results = evaluate(model, config, trust_remote_code=trust_remote_code, progress=not quiet)
-    reference = evaluate(baseline, config, trust_remote_code=trust_remote_code, progress=not quiet) if baseline else None
+    budget = _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir)
+    results = evaluate(model, config, trust_remote_code=trust_remote_code, progress=not quiet, budget=budget)
+    reference = (
+        evaluate(baseline, config, trust_remote_code=trust_remote_code, progress=not quiet, budget=budget) if baseline else None
+    )
     click.echo(format_table(results, reference))
     if json_path:
         payload = {**results, "baseline": reference} if reference else results

@@ -12,10 +12,12 @@ one forward pass per finished block, against two passes, statistics and a write 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,41 +33,62 @@ from .config import PruneConfig, parse_pattern
 from .errors import Interrupted, StreamPruneError
 from .loading import open_model
 from .masking import n_m_mask, row_mask
+from .placement import Budget
 from .scoring import WEIGHT_ONLY, ActivationNorms, feature_scale, scores
 from .state import CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, make_output, peak_memory, plan_run
 from .stats import input_statistics, linear_layers
 
 log = logging.getLogger("streamprune")
 
+ROW_CHUNK = 256  # rows scored and masked at once: bounds the memory of scores and selections
+
 
 def keep_mask(weight: torch.Tensor, norms: ActivationNorms | None, config: PruneConfig) -> torch.Tensor:
     """The keep-mask of one linear layer's weight under the configured method and pattern."""
-    layer_scores = scores(weight, feature_scale(config.method, norms, config.alpha))
-    if config.pattern:
-        return n_m_mask(layer_scores, *parse_pattern(config.pattern))
-    return row_mask(layer_scores, config.sparsity)
+    scale = feature_scale(config.method, norms, config.alpha)
+    keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+    for start in range(0, weight.shape[0], ROW_CHUNK):
+        chunk_scores = scores(weight[start : start + ROW_CHUNK], scale)
+        if config.pattern:
+            keep[start : start + ROW_CHUNK] = n_m_mask(chunk_scores, *parse_pattern(config.pattern))
+        else:
+            keep[start : start + ROW_CHUNK] = row_mask(chunk_scores, config.sparsity)
+    return keep
 
 
-def prune_block(stack: DecoderStack, index: int, acts: Activations | None, config: PruneConfig) -> dict[str, torch.Tensor]:
-    """Prunes block `index` in place and advances `acts` through it; returns its pruned tensors as stored.
+def prune_block(
+    stack: DecoderStack, index: int, acts: Activations | None, config: PruneConfig, stored: dict | None = None
+) -> dict[str, torch.Tensor]:
+    """Prunes block `index`, advances `acts` through it and frees it; returns its tensors as they are stored.
 
-    `acts` is None for weight-only methods, which need no forward passes.
+    `acts` is None for weight-only methods, which need no forward passes; `stored` is the block already
+    read (by the background reader).  The returned tensors are in the checkpoint's dtype: cast back from
+    the compute dtype where that is exact (float16 or bfloat16 computed in float32, or no conversion),
+    else read again and masked, so kept weights never change.
     """
-    block, stored = stack.load_block(index)
+    block = stack.load_block(index, stored=stored)
     statistics = {}
     if acts is not None:
         with input_statistics(block) as statistics:
             stack.run_block(index, acts, config.batch_size, write_back=False)
     prefix = stack.family.block_prefix(index)
+    inexact_masks = {}
     with torch.no_grad():
         for name, linear in linear_layers(block).items():
             norms = statistics[name].norms(config.stat_norm) if statistics else None
             keep = keep_mask(linear.weight, norms, config)
             linear.weight.masked_fill_(~keep, 0)
-            stored[f"{prefix}{name}.weight"].masked_fill_(~keep.cpu(), 0)
+            if not stack.holds_exactly(f"{prefix}{name}.weight"):
+                inexact_masks[f"{prefix}{name}.weight"] = keep.cpu()
     if acts is not None:
         stack.run_block(index, acts, config.batch_size, write_back=True)
-    return stored
+    pruned = stack.unload_block(index)
+    for key in [k for k in pruned if not stack.holds_exactly(k)]:
+        original = stack.reader.read([key])[key]
+        if key in inexact_masks:
+            original.masked_fill_(~inexact_masks[key], 0)
+        pruned[key] = original
+    return pruned
 
 
 def replay_block(stack: DecoderStack, index: int, acts: Activations, writer: CheckpointWriter, batch_size: int) -> None:
@@ -108,6 +131,86 @@ def stop_requests():
             signal.signal(sig, handler)
 
 
+class _Background:
+    """One background thread for I/O when overlapping pays (CUDA); otherwise jobs run at once, inline."""
+
+    def __init__(self, enabled: bool):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamprune-io") if enabled else None
+
+    def submit(self, job, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(job, *args)
+        future: Future = Future()
+        try:
+            future.set_result(job(*args))
+        except BaseException as exc:  # handed to whoever waits on the future, as the pool would
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, progress, overlap) -> None:
+    """Replays the blocks an earlier session wrote, then prunes and writes the rest, one at a time.
+
+    With overlap, block i+1 is read from disk while block i computes, and block i is written while
+    block i+1 computes; a block counts as done (in the manifest) only once its shard is in place.
+    """
+    reads, writes = _Background(overlap), _Background(overlap)
+    read_ahead: dict[int, Future] = {}
+
+    def read_soon(index: int) -> None:
+        if overlap and index < stack.num_blocks:
+            read_ahead[index] = reads.submit(stack.read_block, index)
+
+    def finish(index: int, written: Future, pruned: dict, block_seconds: float) -> None:
+        written.result()  # raises what the write raised (a full disk)
+        for key, tensor in pruned.items():
+            if tensor.ndim == 2 and key.endswith(".weight"):
+                manifest.sparsity[key] = round((tensor == 0).sum().item() / tensor.numel(), 6)
+        manifest.timings["blocks_s"].append(round(block_seconds, 3))
+        record(blocks_done=index + 1)
+        bar.update()
+        if stop_asked() and index + 1 < stack.num_blocks:
+            record(status="interrupted")
+            raise Interrupted(
+                f"stopped after block {index + 1} of {stack.num_blocks}; rerun the same command to resume where it stopped"
+            )
+
+    with stop_requests() as stop_asked, tqdm(total=stack.num_blocks, desc="Pruning blocks", unit="block", disable=not progress) as bar:
+        if acts is not None:
+            bar.set_description_str("Replaying written blocks")
+            for index in range(start_block):
+                replay_block(stack, index, acts, writer, config.batch_size)
+                bar.update()
+        else:
+            bar.update(start_block)
+        bar.set_description_str("Pruning blocks")
+        pending = None
+        read_soon(start_block)
+        try:
+            for index in range(start_block, stack.num_blocks):
+                block_started = time.perf_counter()
+                read_soon(index + 1)
+                stored = read_ahead.pop(index).result() if index in read_ahead else None
+                pruned = prune_block(stack, index, acts, config, stored)
+                del stored
+                if pending is not None:
+                    finish(*pending)
+                pending = (index, writes.submit(writer.write_shard, index, pruned), pruned, time.perf_counter() - block_started)
+                del pruned  # held by `pending` until written, and no longer: a block must not linger
+                if not overlap:
+                    finish(*pending)
+                    pending = None
+            if pending is not None:
+                finish(*pending)
+        finally:
+            reads.shutdown()
+            writes.shutdown()
+
+
 def prune(
     model: str | Path,
     output: str | Path,
@@ -117,24 +220,31 @@ def prune(
     resume: bool = True,
     trust_remote_code: bool = False,
     progress: bool = True,
+    budget: Budget | None = None,
+    overlap: bool | None = None,
     **options,
 ) -> RunManifest:
     """Prunes the checkpoint `model` (directory or hub id) into the directory `output`.
 
     Options are PruneConfig's fields (method, alpha, sparsity, pattern, calib, nsamples, seqlen, ...),
     given either as a PruneConfig or as keyword arguments.  An unfinished run in `output` with the same
-    options is resumed (resume=False starts it over).  Returns the final run manifest.
+    options is resumed (resume=False starts it over).  `budget` says where the calibration hidden states
+    may live (placement.py); `overlap` reads and writes blocks in the background (default: on CUDA).
+    Neither changes the result.  Returns the final run manifest.
     """
     config = config or PruneConfig(**options)
     started = time.perf_counter()
-    opened = open_model(model, config.device, config.dtype, trust_remote_code)
+    out = Path(output).expanduser()
+    budget = budget or Budget()
+    if budget.offload_dir is None:
+        budget = dataclasses.replace(budget, offload_dir=str(out))
+    opened = open_model(model, config.device, config.dtype, trust_remote_code, budget)
     stack, device = opened.stack, opened.stack.device
     max_positions = getattr(stack.config, "max_position_embeddings", None)
     if max_positions and config.seqlen > max_positions:
         log.warning("seqlen %d is above the model's context of %d tokens", config.seqlen, max_positions)
     _check_pattern_fits(stack, config)
 
-    out = Path(output).expanduser()
     current = RunManifest(
         model=str(model), config=config.to_dict(), blocks_total=stack.num_blocks, device=str(device),
         dtype=str(stack.dtype).removeprefix("torch."), input_fingerprint=input_fingerprint(opened.model_dir),
@@ -164,38 +274,16 @@ def prune(
         manifest.save(out)
 
     acts = None if config.method in WEIGHT_ONLY else stack.embed(input_ids, config.batch_size)
+    manifest.placement = acts.placement if acts else None
     if not plan.resumed:
         manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
     writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
-    with stop_requests() as stop_asked:
-        bar = tqdm(total=stack.num_blocks, desc="Pruning blocks", unit="block", disable=not progress)
+    try:
+        overlap = device.type == "cuda" if overlap is None else overlap
+        _prune_blocks(stack, acts, config, plan.start_block, writer, manifest, record, progress, overlap)
+    finally:
         if acts is not None:
-            for index in range(plan.start_block):
-                bar.set_description_str("Replaying written blocks")
-                replay_block(stack, index, acts, writer, config.batch_size)
-                bar.update()
-        else:
-            bar.update(plan.start_block)
-        bar.set_description_str("Pruning blocks")
-        for index in range(plan.start_block, stack.num_blocks):
-            block_started = time.perf_counter()
-            pruned = prune_block(stack, index, acts, config)
-            writer.write_shard(index, pruned)
-            stack.free_block(index)
-            for key, tensor in pruned.items():
-                if tensor.ndim == 2 and key.endswith(".weight"):
-                    manifest.sparsity[key] = round((tensor == 0).sum().item() / tensor.numel(), 6)
-            manifest.timings["blocks_s"].append(round(time.perf_counter() - block_started, 3))
-            record(blocks_done=index + 1)
-            bar.update()
-            if stop_asked() and index + 1 < stack.num_blocks:
-                record(status="interrupted")
-                raise Interrupted(
-                    f"stopped after block {index + 1} of {stack.num_blocks}; "
-                    "rerun the same command to resume where it stopped"
-                )
-        bar.close()
-    del acts
+            acts.close()
 
     writer.write_shard(stack.num_blocks, stack.reader.read(stack.non_block_keys()))
     writer.copy_metadata(opened.model_dir)

@@ -79,6 +79,7 @@ class RunManifest:
     device: str = "cpu"
     dtype: str = ""
     calibration_ids: str = CALIBRATION_IDS_FILE
+    placement: str | None = None  # where the calibration hidden states lived: device, cpu or disk
     sparsity: dict = field(default_factory=dict)  # tensor name -> fraction of zeros as written
     timings: dict = field(default_factory=lambda: {"calibration_s": 0.0, "blocks_s": [], "total_s": 0.0})
     peak_memory: dict = field(default_factory=dict)

@@ -10,6 +10,9 @@ from torch import nn
 from .scoring import ActivationNorms
 
 
+TOKEN_CHUNK = 2048  # tokens converted to float32 at once (11008 features: 90 MB per temporary)
+
+
 class InputStatistics:
     """Running sums over all tokens seen by one linear layer: sum |x_j| and sum x_j^2, in float64."""
 
@@ -19,9 +22,12 @@ class InputStatistics:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.abs_sum += x.abs().sum(dim=0, dtype=torch.float64)
-        self.sq_sum += x.square().sum(dim=0, dtype=torch.float64)
+        """Adds every token (row) of x; in chunks, so the float32 temporaries stay small on any batch."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        for rows in x.split(TOKEN_CHUNK):
+            rows = rows.float()
+            self.abs_sum += rows.abs().sum(dim=0, dtype=torch.float64)
+            self.sq_sum += rows.square().sum(dim=0, dtype=torch.float64)
         self.tokens += x.shape[0]
 
     def norms(self, stat_norm: str) -> ActivationNorms:
@@ -36,21 +42,49 @@ def linear_layers(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: module for name, module in block.named_modules() if isinstance(module, nn.Linear)}
 
 
+def _zeros_like_output(linear: nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], linear.out_features)
+
+    return forward
+
+
 @contextmanager
 def input_statistics(block: nn.Module):
-    """Yields {linear name: InputStatistics}, filled by every forward of the block; hooks always removed."""
+    """Yields {linear name: InputStatistics}, filled by every forward of the block; hooks always removed.
+
+    A pass that only gathers statistics needs the inputs of the linears, not the block's output: from
+    the second forward on, the linear called last (down_proj in LLaMA blocks, whose output feeds no other
+    linear) returns zeros instead of multiplying, which saves about a sixth of the pass.
+    """
     layers = linear_layers(block)
     statistics = {}
+    call_order: list[str] = []
     handles = []
+
+    def record(name: str, stat: InputStatistics, args) -> None:
+        stat.add(args[0])
+        if name not in call_order:
+            call_order.append(name)
+
+    def skip_last_after_first_forward(_module, _args, _output) -> None:
+        last = layers[call_order[-1]]
+        if "forward" not in last.__dict__:
+            last.forward = _zeros_like_output(last)
+
     try:
         for name, linear in layers.items():
             stat = InputStatistics(linear.in_features, linear.weight.device)
             statistics[name] = stat
-            handles.append(linear.register_forward_pre_hook(lambda _m, args, stat=stat: stat.add(args[0])))
+            handles.append(linear.register_forward_pre_hook(lambda _m, args, name=name, stat=stat: record(name, stat, args)))
+        if layers:
+            handles.append(block.register_forward_hook(skip_last_after_first_forward))
         yield statistics
     finally:
         for handle in handles:
             handle.remove()
+        for linear in layers.values():
+            linear.__dict__.pop("forward", None)
     unseen = [name for name, stat in statistics.items() if stat.tokens == 0]
     if unseen:
         raise RuntimeError(f"no calibration input reached {', '.join(unseen)}")

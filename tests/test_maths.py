@@ -75,6 +75,20 @@ def test_row_mask_prunes_floor_of_sparsity_times_inputs_with_stable_ties():
     assert keep.tolist() == [[True, False, True, False, False]]
 
 
+def test_row_mask_is_exactly_a_stable_sort_even_with_many_ties():
+    def by_stable_sort(scores, sparsity):
+        k = pruned_per_row(scores.shape[1], sparsity)
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        return keep.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], False)
+
+    generator = torch.Generator().manual_seed(0)
+    for levels, sparsity in [(3, 0.5), (5, 0.6), (1000, 0.5), (2, 0.29)]:
+        scores = torch.randint(0, levels, (64, 100), generator=generator).float()  # quantized: ties everywhere
+        assert torch.equal(row_mask(scores, sparsity), by_stable_sort(scores, sparsity))
+    scores = torch.rand(8, 4096, generator=generator)
+    assert torch.equal(row_mask(scores, 0.5), by_stable_sort(scores, 0.5))
+
+
 def test_two_four_on_weights_one_to_eight():
     scores = torch.arange(1, 9, dtype=torch.float32).reshape(1, 8)
     assert (scores * n_m_mask(scores, 2, 4)).tolist() == [[0, 0, 3, 4, 0, 0, 7, 8]]
@@ -103,7 +117,9 @@ def test_statistics_hooks_accumulate_over_calls_and_are_removed():
     assert stat.sq_sum.tolist() == [11.0, 8.0]
     norms = stat.norms("mean")
     assert norms.l1.tolist() == pytest.approx([5 / 3, 4 / 3])
-    assert not linear._forward_pre_hooks
+    assert not linear._forward_pre_hooks and not linear._forward_hooks
+    assert "forward" not in linear.__dict__  # the statistics pass's shortcut is undone
+    assert linear(torch.ones(1, 2)).abs().sum() > 0
 
 
 def test_hooks_are_removed_when_the_forward_fails():

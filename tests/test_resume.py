@@ -52,13 +52,22 @@ def model_and_reference(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "point, n",
-    [("before_first_block", 1), ("run_block", 3), ("write_shard", 2), ("after_block", 2), ("before_index", 1)],
+    "point, n, overlap",
+    [
+        ("before_first_block", 1, []),
+        ("run_block", 3, []),
+        ("write_shard", 2, []),
+        ("after_block", 2, []),
+        ("before_index", 1, []),
+        ("write_shard", 3, ["--overlap"]),  # the background writer dies with the process
+        ("run_block", 5, ["--overlap"]),
+    ],
 )
-def test_sigkill_then_the_same_command_gives_a_bitwise_identical_checkpoint(model_and_reference, tmp_path, point, n):
+def test_sigkill_then_the_same_command_gives_a_bitwise_identical_checkpoint(model_and_reference, tmp_path, point, n, overlap):
     model, reference = model_and_reference
     out = tmp_path / "out"
-    killed = subprocess.run([sys.executable, str(KILL_AT), point, str(n), *prune_args(model, out)], capture_output=True)
+    killed = subprocess.run([sys.executable, str(KILL_AT), point, str(n), *prune_args(model, out, *overlap)],
+                            capture_output=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert not looks_complete(out)
     result = run_cli(prune_args(model, out))

@@ -124,8 +124,10 @@ def streamed_logprobs(
                 bar.update()
             with stack.output_head() as logits_of:
                 for batch, acts in zip(chunk, activations):
+                    hidden = acts.hidden.read(0, len(batch))
                     for i, row in enumerate(batch):
-                        _score_row(acts.hidden[i], row, requests, logits_of, results)
+                        _score_row(hidden[i], row, requests, logits_of, results)
+                    acts.close()
             bar.update()
     return results
 

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import StreamPruneError
 from ..loading import choose_device, load_tokenizer, open_model
+from ..placement import Budget
 from ..checkpoint import resolve_model_dir
 from ..state import peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
@@ -60,8 +61,8 @@ class Scorer:
     device: torch.device
 
 
-def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, progress: bool) -> Scorer:
-    opened = open_model(model, config.device, config.dtype, trust_remote_code)
+def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, progress: bool, budget: Budget | None) -> Scorer:
+    opened = open_model(model, config.device, config.dtype, trust_remote_code, budget)
     if opened.tokenizer is None:
         raise StreamPruneError(f"{opened.model_dir} has no tokenizer files; evaluation needs one")
     score = partial(
@@ -107,16 +108,20 @@ def evaluate(
     *,
     trust_remote_code: bool = False,
     progress: bool = True,
+    budget: Budget | None = None,
     **options,
 ) -> dict:
-    """Perplexity and/or zero-shot accuracy of `model`; returns the results as a JSON-ready dict."""
+    """Perplexity and/or zero-shot accuracy of `model`; returns the results as a JSON-ready dict.
+
+    `budget` says where the hidden states of the requests may live (placement.py).
+    """
     config = config or EvalConfig(**options)
     started = time.perf_counter()
     quantized = config.load_in_8bit or config.load_in_4bit
     scorer = (
         _quantized_scorer(str(model), config, trust_remote_code)
         if quantized
-        else _streamed_scorer(str(model), config, trust_remote_code, progress)
+        else _streamed_scorer(str(model), config, trust_remote_code, progress, budget)
     )
     results: dict = {"model": str(model), "options": dataclasses.asdict(config), "timings": {}}
     # Every request of every job is scored in one streaming pass: the weights are read once.

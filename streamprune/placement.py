@@ -1,0 +1,147 @@
+"""Where the hidden states of the calibration windows live between blocks.
+
+  device  a tensor on the device the blocks run on (fastest; GPU memory holds them all)
+  cpu     host memory (pinned when the blocks run on CUDA), one batch at a time copied to the device
+  disk    a file, read and written one batch at a time with plain file I/O (no memory map: resident
+          memory stays one batch, whatever the size of the file)
+
+`auto` takes the first that fits: the device if the states plus a reserve for the block and its
+activations fit in --max-gpu-memory (default: 90% of the free GPU memory), else host memory if they
+fit in --max-cpu-memory (default: 80% of the available host memory), else disk.  On a CPU the device
+is host memory, so the choice is between it and disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import StreamPruneError
+
+PLACEMENTS = ("auto", "device", "cpu", "disk")
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'3GiB', '800MB', '1.5G', 1000 -> bytes; None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise StreamPruneError(f"cannot read the size {text!r}; write it like 3GiB, 800MB or 1.5G")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the user allows: a placement (or auto) and memory limits in bytes (None: what is free)."""
+
+    offload: str = "auto"
+    max_gpu_bytes: int | None = None
+    max_cpu_bytes: int | None = None
+    offload_dir: str | None = None  # where `disk` puts its file (default: the system's temporary folder)
+
+    def __post_init__(self):
+        if self.offload not in PLACEMENTS:
+            raise StreamPruneError(f"--offload must be one of {', '.join(PLACEMENTS)}, got {self.offload!r}")
+
+
+def choose_placement(nbytes: int, reserve_bytes: int, device: torch.device, budget: Budget) -> str:
+    """The placement for `nbytes` of hidden states, leaving `reserve_bytes` for a block at work."""
+    if budget.offload != "auto":
+        if budget.offload == "cpu" and device.type == "cpu":
+            return "device"
+        return budget.offload
+    host = budget.max_cpu_bytes if budget.max_cpu_bytes is not None else int(0.8 * available_host_bytes())
+    if device.type == "cuda":
+        gpu = budget.max_gpu_bytes
+        if gpu is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            gpu = int(0.9 * free)
+        if nbytes + reserve_bytes <= gpu:
+            return "device"
+        return "cpu" if nbytes <= host else "disk"
+    return "device" if nbytes + reserve_bytes <= host else "disk"
+
+
+class TensorStates:
+    """Hidden states in one tensor on the device or in (pinned) host memory."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, storage: torch.device, compute: torch.device):
+        pin = storage.type == "cpu" and compute.type == "cuda"
+        self.tensor = torch.empty(shape, dtype=dtype, device=storage, pin_memory=pin)
+        self.compute = compute
+        self.shape = shape
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[start:stop].to(self.compute, non_blocking=True)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        self.tensor[start : start + values.shape[0]].copy_(values)
+
+    def close(self) -> None:
+        self.tensor = None
+
+
+class FileStates:
+    """Hidden states in a file, rows read and written with pread/pwrite-style I/O, one batch at a time."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, directory: Path, compute: torch.device):
+        self.shape, self.dtype, self.compute = shape, dtype, compute
+        self.row_bytes = dtype.itemsize
+        for size in shape[1:]:
+            self.row_bytes *= size
+        handle, name = tempfile.mkstemp(prefix=".hidden-states-", suffix=".tmp", dir=directory)
+        os.close(handle)
+        self.path = Path(name)
+        try:
+            os.truncate(self.path, self.row_bytes * shape[0])
+        except OSError as exc:
+            self.path.unlink(missing_ok=True)
+            raise StreamPruneError(f"cannot make the hidden-state file in {directory}: {exc.strerror}") from exc
+        self.file = open(self.path, "r+b", buffering=0)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        buffer = bytearray(self.row_bytes * (stop - start))
+        self.file.seek(start * self.row_bytes)
+        self.file.readinto(buffer)
+        rows = torch.frombuffer(buffer, dtype=self.dtype).view(stop - start, *self.shape[1:])
+        return rows.to(self.compute)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        data = values.detach().to("cpu").contiguous().view(torch.uint8)
+        self.file.seek(start * self.row_bytes)
+        try:
+            self.file.write(memoryview(data.numpy()))
+        except OSError as exc:
+            raise StreamPruneError(f"cannot write the hidden states to {self.path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
+def make_states(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, placement: str, directory: str | Path | None
+) -> TensorStates | FileStates:
+    if placement == "disk":
+        return FileStates(shape, dtype, Path(directory or tempfile.gettempdir()), device)
+    storage = device if placement == "device" else torch.device("cpu")
+    return TensorStates(shape, dtype, storage, device)

@@ -1,0 +1,79 @@
+"""Where hidden states live never changes a result: device, host memory and disk give the same bits."""
+
+import hashlib
+
+import pytest
+import torch
+
+import streamprune
+from streamprune.data import WIKITEXT_CALIBRATION
+from streamprune.errors import StreamPruneError
+from streamprune.evaluate.loglikelihood import Request, streamed_logprobs
+from streamprune.loading import open_model
+from streamprune.placement import Budget, FileStates, choose_placement, parse_size
+
+
+def test_sizes_read_like_people_write_them():
+    assert parse_size("3GiB") == 3 * 2**30
+    assert parse_size("800MB") == 800 * 10**6
+    assert parse_size("1.5G") == 1_500_000_000
+    assert parse_size("4096") == 4096 and parse_size(None) is None
+    with pytest.raises(StreamPruneError, match="3GiB"):
+        parse_size("lots")
+
+
+def test_auto_placement_follows_the_budget():
+    cpu = torch.device("cpu")
+    assert choose_placement(100, 50, cpu, Budget(max_cpu_bytes=200)) == "device"
+    assert choose_placement(180, 50, cpu, Budget(max_cpu_bytes=200)) == "disk"
+    assert choose_placement(10, 0, cpu, Budget(offload="disk")) == "disk"
+    assert choose_placement(10**15, 0, cpu, Budget(offload="cpu")) == "device"  # on a CPU, host memory is the device
+    with pytest.raises(StreamPruneError, match="--offload"):
+        Budget(offload="ssd")
+
+
+def test_file_states_round_trip_any_dtype(tmp_path):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        states = FileStates((5, 3, 4), dtype, tmp_path, torch.device("cpu"))
+        values = torch.randn(5, 3, 4).to(dtype)
+        states.write(0, values[:2])
+        states.write(2, values[2:])
+        assert torch.equal(states.read(1, 4), values[1:4])
+        path = states.path
+        states.close()
+        assert not path.exists()
+
+
+def hashes(directory):
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())
+            if p.is_file() and p.name != "streamprune.json"}
+
+
+def test_pruning_gives_the_same_bits_with_hidden_states_on_disk(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("mistral", dtype="float32")
+    options = dict(calib=str(WIKITEXT_CALIBRATION), nsamples=5, seqlen=24, batch_size=2, progress=False)
+    in_memory = streamprune.prune(model, tmp_path / "memory", **options)
+    on_disk = streamprune.prune(model, tmp_path / "disk", budget=Budget(offload="disk"), **options)
+    assert in_memory.placement == "device" and on_disk.placement == "disk"
+    assert hashes(tmp_path / "memory") == hashes(tmp_path / "disk")
+    assert not list((tmp_path / "disk").glob(".hidden-states-*"))
+    squeezed = streamprune.prune(model, tmp_path / "auto", budget=Budget(max_cpu_bytes=1000), **options)
+    assert squeezed.placement == "disk" and hashes(tmp_path / "auto") == hashes(tmp_path / "memory")
+
+
+def test_background_reads_and_writes_give_the_same_bits(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("qwen3", dtype="bfloat16")
+    options = dict(calib=str(WIKITEXT_CALIBRATION), nsamples=4, seqlen=16, batch_size=3, progress=False)
+    streamprune.prune(model, tmp_path / "inline", overlap=False, **options)
+    streamprune.prune(model, tmp_path / "overlap", overlap=True, **options)
+    assert hashes(tmp_path / "inline") == hashes(tmp_path / "overlap")
+
+
+def test_scoring_gives_the_same_numbers_with_hidden_states_on_disk(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama")
+    requests = [Request(tuple(range(1, n)), start=n // 2) for n in (9, 17, 30)]
+    in_memory = streamed_logprobs(open_model(model, device="cpu").stack, requests, batch_size=2)
+    disk_stack = open_model(model, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
+    on_disk = streamed_logprobs(disk_stack, requests, batch_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(in_memory, on_disk))
+    assert not list(tmp_path.iterdir())
