@@ -23,6 +23,7 @@ import torch
 
 from .checkpoint import INDEX_FILE, remove_partial_files, shard_name, write_json
 from .errors import StreamPruneError
+from .placement import proc_bytes
 
 MANIFEST_FILE = "streamprune.json"
 CALIBRATION_IDS_FILE = "calibration_ids.safetensors"
@@ -49,13 +50,9 @@ def peak_rss_bytes() -> int:
     Linux's VmHWM belongs to the running program; getrusage's ru_maxrss survives exec, so a child
     started by a large parent would report the parent's size.
     """
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 
