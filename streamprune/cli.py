@@ -173,6 +173,19 @@ def _task_list(ctx, param, value) -> tuple[str, ...]:
     return tuple(name.strip() for name in value.split(",") if name.strip()) if value else ()
 
 
+def _names(ctx, param, value) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _numbers(ctx, param, value) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers") from exc
+
+
 @main.command(name="eval")
 @click.argument("model")
 @click.option("--ppl", default=None, help="Perplexity text: wikitext103, wikitext2, c4 (validation, from the hub) or a text file.")
@@ -236,6 +249,50 @@ def inspect(directory, json_path, trust_remote_code):
         write_json(json_path, report)
     if report["problems"]:
         raise click.exceptions.Exit(1)
+
+
+@main.command()
+@click.argument("model")
+@click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--spec", "spec_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A JSON or YAML file with any of the sweep's settings; options given here win.")
+@click.option("--alphas", callback=_numbers, help="Comma-separated alphas (default 0,0.25,0.5,0.75,1).")
+@click.option("--geometries", callback=_names, help="original,modified (EN-Original, EN-Modified).")
+@click.option("--sparsities", callback=_numbers, help="Comma-separated sparsities (default 0.5).")
+@click.option("--patterns", callback=_names, help="unstructured and/or N:M patterns, e.g. unstructured,2:4.")
+@click.option("--tasks", callback=_names, help="Zero-shot tasks to evaluate: boolq,hellaswag,phishing.")
+@click.option("--ppl", default=None, help="Perplexity text (default wikitext103).")
+@click.option("--ppl-slices", type=int, default=None)
+@click.option("--seqlen", type=int, default=None, help="Perplexity window (default 2048).")
+@click.option("--max-windows", type=int, default=None)
+@click.option("--limit", type=int, default=None, help="Examples per task (a fixed seeded subset).")
+@click.option("--data-dir", default=None, help="Offline task data (the shared data layout).")
+@click.option("--calib", default=None, help="Calibration source (default wikitext103); drawn once for the sweep.")
+@click.option("--nsamples", type=int, default=None)
+@click.option("--calib-seqlen", type=int, default=None, help="Tokens per calibration window (default 2048).")
+@click.option("--seed", type=int, default=None)
+@click.option("--stat-norm", type=click.Choice(STAT_NORMS), default=None)
+@click.option("--device", default=None)
+@click.option("--dtype", type=click.Choice(DTYPES), default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--keep/--no-keep", default=None, help="Keep the pruned checkpoints (default: delete each once evaluated).")
+@click.option("--overwrite", is_flag=True, help="Replace an OUTDIR that holds another sweep or something else.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@memory_options
+@reports_errors
+def sweep(model, outdir, spec_file, overwrite, quiet, offload, max_gpu_memory, max_cpu_memory, offload_dir, **options):
+    """Prune and evaluate MODEL over alpha x geometry x sparsity into OUTDIR; rerun to continue.
+
+    Writes results.json, results.csv, results.md (the paper's table) and plots/*.png.
+    """
+    from .sweep import SweepSpec, run_sweep
+
+    given = {name: value for name, value in options.items() if value is not None}
+    spec = SweepSpec.from_file(spec_file, **given) if spec_file else SweepSpec(**given)
+    rows = run_sweep(model, outdir, spec, overwrite=overwrite, progress=not quiet,
+                     budget=_budget(offload, max_gpu_memory, max_cpu_memory, offload_dir), echo=click.echo)
+    click.echo(f"{len(rows) - 1} configurations and the dense model: {outdir / 'results.md'}, results.csv, "
+               f"results.json, plots/")
 
 
 @main.command()

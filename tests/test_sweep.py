@@ -1,0 +1,108 @@
+"""The paper's grid as one command: rows, dedupe, resuming without redoing, tables and plots."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import streamprune.sweep
+from streamprune.cli import main
+from streamprune.data import WIKITEXT_CALIBRATION, WIKITEXT_HELD_OUT
+from streamprune.errors import StreamPruneError
+from streamprune.sweep import SweepSpec, run_sweep
+
+DATA = Path(__file__).parent / "data"
+
+
+def spec(**changes):
+    settings = dict(
+        alphas=(0.0, 1.0), geometries=("original", "modified"), sparsities=(0.5,), calib=str(WIKITEXT_CALIBRATION),
+        nsamples=3, calib_seqlen=16, ppl=str(WIKITEXT_HELD_OUT), seqlen=32, max_windows=2, tasks=("boolq",), limit=4,
+        data_dir=str(DATA), device="cpu",
+    )
+    settings.update(changes)
+    return SweepSpec(**settings)
+
+
+@pytest.fixture
+def counted_prunes(monkeypatch):
+    calls = []
+    real = streamprune.sweep.prune
+
+    def counting(model, out, config, **kwargs):
+        calls.append((config.method, config.alpha, config.sparsity, config.pattern))
+        return real(model, out, config, **kwargs)
+
+    monkeypatch.setattr(streamprune.sweep, "prune", counting)
+    return calls
+
+
+def test_a_tiny_sweep_gives_every_row_and_prunes_coinciding_configurations_once(tiny_checkpoint, tmp_path, counted_prunes):
+    rows = run_sweep(str(tiny_checkpoint("llama")), tmp_path / "sweep", spec(), progress=False, echo=lambda *_: None)
+    assert [r["label"] for r in rows] == [
+        "dense", "EN-Original a=0 50%", "EN-Original a=1 50%", "EN-Modified a=0 50%", "EN-Modified a=1 50%",
+    ]
+    assert len(counted_prunes) == 3  # at alpha = 1 the geometries coincide: one pruning serves both
+    by_label = {r["label"]: r for r in rows}
+    assert by_label["EN-Original a=1 50%"]["ppl"] == by_label["EN-Modified a=1 50%"]["ppl"]
+    assert by_label["EN-Original a=0 50%"]["ppl"] != by_label["EN-Modified a=0 50%"]["ppl"]
+    assert all(r["ppl"] > 1 and 0 <= r["boolq_acc"] <= 1 and r["macro_mean"] == r["boolq_acc"] for r in rows)
+    out = tmp_path / "sweep"
+    with (out / "results.csv").open() as handle:
+        assert [r["label"] for r in csv.DictReader(handle)] == [r["label"] for r in rows]
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    table = (out / "results.md").read_text()
+    assert "| alpha | EN-Original ppl | EN-Original macro acc | EN-Modified ppl | EN-Modified macro acc |" in table
+    assert "*dense (0%)*" in table and "Best pruned: **" in table
+    for plot in ("ppl_vs_alpha_s0.5.png", "macro_mean_vs_alpha_s0.5.png", "ppl_vs_sparsity.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())  # deleted unless --keep
+
+
+def test_an_interrupted_sweep_continues_without_redoing_finished_configurations(tiny_checkpoint, tmp_path, monkeypatch, counted_prunes):
+    model = str(tiny_checkpoint("llama"))
+    out = tmp_path / "sweep"
+    real_evaluate = streamprune.sweep.evaluate
+    evaluations = []
+
+    def failing_third(path, *args, **kwargs):
+        evaluations.append(path)
+        if len(evaluations) == 3:
+            raise KeyboardInterrupt
+        return real_evaluate(path, *args, **kwargs)
+
+    monkeypatch.setattr(streamprune.sweep, "evaluate", failing_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(model, out, spec(keep=True), progress=False, echo=lambda *_: None)
+    assert len(counted_prunes) == 2 and len(list((out / "results").glob("*.json"))) == 2  # dense + one
+    monkeypatch.setattr(streamprune.sweep, "evaluate", real_evaluate)
+    rows = run_sweep(model, out, spec(keep=True, alphas=(0.0, 0.5, 1.0)), progress=False, echo=lambda *_: None)
+    # 5 distinct prunings; the one pruned but not evaluated before the interruption is not pruned again
+    assert len(counted_prunes) == 5 and counted_prunes.count(("en-modified", 1.0, 0.5, None)) == 1
+    assert len(rows) == 1 + 6
+    assert (out / "checkpoints" / "original-a0.5-s0.5" / "model.safetensors.index.json").exists()
+    with pytest.raises(StreamPruneError, match="--nsamples differs"):
+        run_sweep(model, out, spec(nsamples=4), progress=False, echo=lambda *_: None)
+
+
+def test_sweep_command_and_spec_file(tiny_checkpoint, tmp_path):
+    spec_file = tmp_path / "grid.yaml"
+    spec_file.write_text(
+        "alphas: [0.5]\ngeometries: [modified]\npatterns: [unstructured, '2:4']\nsparsities: [0.5, 0.6]\n"
+        f"calib: {WIKITEXT_CALIBRATION}\nnsamples: 2\ncalib_seqlen: 16\nppl: {WIKITEXT_HELD_OUT}\nseqlen: 32\n"
+        "max_windows: 2\ndevice: cpu\n"
+    )
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", str(tiny_checkpoint("llama")), str(out), "--spec", str(spec_file),
+                                       "--alphas", "0,0.5", "--quiet"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows[1:]] == [
+        "EN-Modified a=0 50%", "EN-Modified a=0.5 50%", "EN-Modified a=0 60%", "EN-Modified a=0.5 60%",
+        "EN-Modified a=0 2:4", "EN-Modified a=0.5 2:4",
+    ]
+    assert "macro_mean" not in rows[0] and (out / "plots" / "ppl_vs_alpha_2of4.png").exists()
+    bad = CliRunner().invoke(main, ["sweep", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--geometries", "squared"])
+    assert bad.exit_code == 1 and bad.stderr.startswith("Error: unknown geometry 'squared'")
