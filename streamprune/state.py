@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_FILE, remove_partial_files, shard_name, write_json
+from .checkpoint import INDEX_FILE, shard_name, write_json
 from .errors import StreamPruneError
 from .placement import proc_bytes
 

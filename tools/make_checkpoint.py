@@ -99,7 +99,6 @@ def make_random_checkpoint(
     generator = torch.Generator(device=device).manual_seed(seed)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
-    files: list[str] = []
     weight_map: dict[str, int] = {}
     shard_bytes, total_bytes = 0, 0
     tmp_names: list[Path] = []
