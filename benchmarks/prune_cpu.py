@@ -13,8 +13,11 @@ Jobs (EN-Modified, a = 0.5, 50%), each pruned twice in fresh child processes:
             per block forward hooks collect float32 statistics over one sequence at a time, the block
             is pruned and run again on each sequence (as the Wanda and SparseGPT reference code do),
             and save_pretrained writes the result.
+  floor     the compute floor of Wanda's protocol, in the streamed dtype: the whole model in memory and
+            only the two passes of every block over all tokens (dense, then pruned), batched; no hooks,
+            statistics, scoring, reading or writing.  No pruner that follows the protocol does less work.
 Both compute in float32 unless said (float16 products on a CPU are about 100x slower). Printed: wall time,
-peak RSS (each child's own VmHWM), seconds per block, their ratios, and how many mask entries differ.
+the floor, peak RSS (each child's own VmHWM), seconds per block, their ratios, and how many mask entries differ.
 
   python benchmarks/prune_cpu.py --workdir /tmp/prunebench --json benchmarks/results/prune_cpu.json
 """
@@ -86,15 +89,51 @@ print(json.dumps({"wall_s": time.perf_counter() - started, "peak_rss_bytes": pea
 '''
 
 
-def run_whole(model_dir: Path, ids_file: Path, out_dir: Path) -> dict:
+# The compute floor of any pruner that follows Wanda's protocol: the two passes of every block over all
+# calibration tokens (dense, then pruned), batched, with no statistics, scoring, reading or writing.
+COMPUTE_FLOOR = r'''
+import json, sys, time
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+from streamprune.blocks import reuse_freed_memory
+
+reuse_freed_memory()  # the same allocator setting as streamprune's
+model_dir, ids_file, dtype, batch_size = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4])
+with safe_open(ids_file, framework="pt") as handle:
+    ids = handle.get_tensor("input_ids")
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+base = model.model
+with torch.inference_mode():
+    hidden = [base.embed_tokens(ids[j : j + batch_size]) for j in range(0, ids.shape[0], batch_size)]
+    position_ids = torch.arange(ids.shape[1])[None]
+    call = dict(attention_mask=None, position_ids=position_ids, position_embeddings=base.rotary_emb(hidden[0], position_ids))
+    started = time.perf_counter()
+    for layer in base.layers:
+        for x in hidden:
+            layer(x, **call)
+        hidden = [layer(x, **call) for x in hidden]
+print(json.dumps({"wall_s": time.perf_counter() - started}))
+'''
+
+
+def _child_json(script: str, *args) -> dict:
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", WHOLE_MODEL, str(model_dir), str(ids_file), str(out_dir), "0.5", "0.5"],
+        [sys.executable, "-c", script, *map(str, args)],
         check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - started
     return result
+
+
+def run_whole(model_dir: Path, ids_file: Path, out_dir: Path) -> dict:
+    return _child_json(WHOLE_MODEL, model_dir, ids_file, out_dir, 0.5, 0.5)
+
+
+def run_floor(model_dir: Path, ids_file: Path, dtype: str, batch_size: int) -> dict:
+    return _child_json(COMPUTE_FLOOR, model_dir, ids_file, dtype, batch_size)
 
 
 def run_streamed(model_dir: Path, ids_file: Path, out_dir: Path, nsamples: int, seqlen: int, batch_size: int,
@@ -164,6 +203,7 @@ def main() -> int:
         if base_job not in whole_runs:
             whole_runs[base_job] = run_whole(model_dir, ids_file, whole_dir)
         whole = whole_runs[base_job]
+        floor = run_floor(model_dir, ids_file, dtype, args.batch_size)
         differ, entries = differing_mask_entries(streamed_dir, whole_dir)
         jobs[job] = {
             "checkpoint_bytes": sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors")),
@@ -171,26 +211,30 @@ def main() -> int:
             "streamed_dtype": dtype,
             "streamed": streamed,
             "whole": whole,
+            "compute_floor": floor,
             "wall_ratio": streamed["wall_s"] / whole["wall_s"],
+            "floor_ratio": floor["wall_s"] / whole["wall_s"],
             "rss_ratio": streamed["peak_rss_bytes"] / whole["peak_rss_bytes"],
             "mask_entries_differing": differ,
             "mask_entries": entries,
         }
         print(f"{job}: streamed {streamed['wall_s']:.1f} s {streamed['peak_rss_bytes'] / GIB:.2f} GiB; "
-              f"whole {whole['wall_s']:.1f} s {whole['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
+              f"whole {whole['wall_s']:.1f} s {whole['peak_rss_bytes'] / GIB:.2f} GiB; floor {floor['wall_s']:.1f} s", flush=True)
 
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"batch size {args.batch_size}; whole-model runs in float32")
-    header = f"{'job':<13}{'tokens':>10}{'ckpt GiB':>9}{'wall s':>16}{'ratio':>7}{'peak RSS GiB':>18}{'ratio':>7}" \
-             f"{'s/block':>16}{'masks differ':>14}"
+    header = f"{'job':<13}{'tokens':>10}{'ckpt GiB':>9}{'wall s':>16}{'ratio':>7}{'floor s':>8}{'ratio':>7}" \
+             f"{'peak RSS GiB':>18}{'ratio':>7}{'s/block':>16}{'masks differ':>14}"
     print(header)
-    print(f"{'':<13}{'':>10}{'':>9}{'stream / whole':>16}{'':>7}{'stream / whole':>18}{'':>7}{'stream / whole':>16}")
+    print(f"{'':<13}{'':>10}{'':>9}{'stream / whole':>16}{'':>7}{'':>8}{'':>7}{'stream / whole':>18}{'':>7}"
+          f"{'stream / whole':>16}")
     for job, row in jobs.items():
         s, w = row["streamed"], row["whole"]
         per_block = (sum(s["blocks_s"]) / len(s["blocks_s"]), sum(w["blocks_s"]) / len(w["blocks_s"]))
         tokens = f"{row['calibration'][0]}x{row['calibration'][1]}"
         print(f"{job:<13}{tokens:>10}{row['checkpoint_bytes'] / GIB:>9.2f}{s['wall_s']:>8.1f}/{w['wall_s']:<7.1f}"
-              f"{row['wall_ratio']:>7.2f}{s['peak_rss_bytes'] / GIB:>9.2f}/{w['peak_rss_bytes'] / GIB:<8.2f}"
+              f"{row['wall_ratio']:>7.2f}{row['compute_floor']['wall_s']:>8.1f}{row['floor_ratio']:>7.2f}"
+              f"{s['peak_rss_bytes'] / GIB:>9.2f}/{w['peak_rss_bytes'] / GIB:<8.2f}"
               f"{row['rss_ratio']:>7.2f}{per_block[0]:>8.2f}/{per_block[1]:<7.2f}"
               f"{row['mask_entries_differing']:>8}/{row['mask_entries']:.1e}")
     if args.json:

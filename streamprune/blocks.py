@@ -68,14 +68,18 @@ def _release(module: nn.Module) -> None:
                 submodule._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
-def _malloc_trim():
+def _glibc():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt"):
+            return libc
+        return None
+    except OSError:  # no C library to load: nothing to do
         return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_GLIBC = _glibc()
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 
 
 def return_freed_memory() -> None:
@@ -84,8 +88,21 @@ def return_freed_memory() -> None:
     glibc keeps freed chunks of a few MB in its heap, and blocks of mixed tensor sizes fragment it: on
     SmolLM2, resident memory grew by 25 MB per block (to 1.5 GB over 30 blocks of 18 MB) without this.
     """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)
+
+
+def reuse_freed_memory() -> None:
+    """Lets glibc keep activation buffers (up to 32 MiB each) it frees within a block, for the next batch.
+
+    By default it maps buffers of a few MB afresh and unmaps them when freed, so every forward pass pays
+    page faults on memory the previous batch just gave up: 15% of a bfloat16 SmolLM2 run on a CPU.  What
+    the heap keeps is handed back after each block (return_freed_memory), so memory does not grow with
+    the layers.  The setting is process-wide, as glibc's are.
+    """
+    if _GLIBC is not None:
+        _GLIBC.mallopt(_M_MMAP_THRESHOLD, 32 * 2**20)
+        _GLIBC.mallopt(_M_TRIM_THRESHOLD, 2**30)
 
 
 def shape_problems(expected: dict[str, tuple[int, ...]], present: dict[str, tuple[int, ...]]) -> list[str]:
@@ -128,6 +145,7 @@ class DecoderStack:
         trust_remote_code: bool = False,
         budget: Budget | None = None,
     ):
+        reuse_freed_memory()
         self.budget = budget or Budget()
         self.config = config
         self.family = family
@@ -301,6 +319,7 @@ class DecoderStack:
         block = self.blocks[index]
         kwargs = acts.block_kwargs[index]
         rows = acts.hidden.shape[0]
+        out = None
         with torch.inference_mode():
             for start in range(0, rows, batch_size):
                 out = block(acts.hidden.read(start, min(start + batch_size, rows)), **kwargs)
@@ -308,3 +327,5 @@ class DecoderStack:
                     out = out[0]
                 if write_back:
                     acts.hidden.write(start, out)
+        del out
+        return_freed_memory()  # the activations' buffers, kept for reuse from batch to batch

@@ -2,7 +2,8 @@
 
 For each decoder block: load it, run the calibration hidden states through it with statistics hooks,
 prune every linear from those dense statistics, run the pruned block again so the next block sees
-pruned outputs (as the reference Wanda code does), write the pruned tensors, free the block.
+pruned outputs (as the reference Wanda code does; not after the last block), write the pruned tensors,
+free the block.
 
 Resuming (after a crash, SIGKILL, Ctrl-C or a full disk) replays the blocks already written: each is
 read back from the output and run once over the calibration hidden states, which gives bitwise the
@@ -80,7 +81,7 @@ def prune_block(
             linear.weight.masked_fill_(~keep, 0)
             if not stack.holds_exactly(f"{prefix}{name}.weight"):
                 inexact_masks[f"{prefix}{name}.weight"] = keep.cpu()
-    if acts is not None:
+    if acts is not None and index + 1 < stack.num_blocks:  # the last block's outputs feed nothing
         stack.run_block(index, acts, config.batch_size, write_back=True)
     pruned = stack.unload_block(index)
     for key in [k for k in pruned if not stack.holds_exactly(k)]:
@@ -180,7 +181,7 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, pr
             )
 
     with stop_requests() as stop_asked, tqdm(total=stack.num_blocks, desc="Pruning blocks", unit="block", disable=not progress) as bar:
-        if acts is not None:
+        if acts is not None and start_block < stack.num_blocks:  # with every block written, nothing to replay
             bar.set_description_str("Replaying written blocks")
             for index in range(start_block):
                 replay_block(stack, index, acts, writer, config.batch_size)

@@ -122,6 +122,46 @@ def test_statistics_hooks_accumulate_over_calls_and_are_removed():
     assert linear(torch.ones(1, 2)).abs().sum() > 0
 
 
+def test_column_sums_add_chunks_in_float64_and_leave_the_input_alone(monkeypatch):
+    from streamprune import stats
+
+    monkeypatch.setattr(stats, "TOKEN_CHUNK", 2)  # three chunks of 2, 2 and 1 tokens
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.5], [-1.0, 2.0], [0.25, -4.0], [2.0, 1.0]], dtype=torch.bfloat16)
+    before = x.clone()
+    abs_sum, sq_sum = stats.column_sums(x.reshape(1, 5, 2))
+    assert abs_sum.dtype == sq_sum.dtype == torch.float64
+    assert abs_sum.tolist() == [7.25, 9.5]
+    assert sq_sum.tolist() == [1 + 9 + 1 + 0.0625 + 4, 4 + 0.25 + 4 + 16 + 1]
+    assert torch.equal(x, before)
+    single = x.float()  # float32 input: summed in float32, and not changed in place either
+    assert [t.tolist() for t in stats.column_sums(single)] == [abs_sum.tolist(), sq_sum.tolist()]
+    assert torch.equal(single, before.float())
+
+
+class _TwoLinearsOneInput(nn.Module):
+    """Feeds one tensor to two linears, like q/k/v or gate/up; optionally changes it in place between."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(2, 1, bias=False), nn.Linear(2, 1, bias=False)
+
+    def forward(self, x, change_between=False):
+        out = self.first(x)
+        if change_between:
+            x.mul_(2)
+        return out + self.second(x)
+
+
+def test_linears_fed_one_tensor_share_its_sums_unless_it_changed_in_between():
+    module = _TwoLinearsOneInput()
+    with torch.no_grad(), input_statistics(module) as statistics:
+        module(torch.tensor([[1.0, -2.0]]))
+        module(torch.tensor([[3.0, 1.0]]), change_between=True)
+    assert statistics["first"].abs_sum.tolist() == [4.0, 3.0]
+    assert statistics["second"].abs_sum.tolist() == [7.0, 4.0]
+    assert statistics["second"].sq_sum.tolist() == [37.0, 8.0]
+
+
 def test_hooks_are_removed_when_the_forward_fails():
     linear = nn.Linear(2, 1)
     with pytest.raises(RuntimeError):
