@@ -181,7 +181,7 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, pr
             )
 
     with stop_requests() as stop_asked, tqdm(total=stack.num_blocks, desc="Pruning blocks", unit="block", disable=not progress) as bar:
-        if acts is not None and start_block < stack.num_blocks:  # with every block written, nothing to replay
+        if acts is not None and 0 < start_block < stack.num_blocks:  # with every block written, nothing to replay
             bar.set_description_str("Replaying written blocks")
             for index in range(start_block):
                 replay_block(stack, index, acts, writer, config.batch_size)
