@@ -105,6 +105,16 @@ def reuse_freed_memory() -> None:
         _GLIBC.mallopt(_M_TRIM_THRESHOLD, 2**30)
 
 
+def blocks_beyond_config(keys, family: Family, num_blocks: int) -> list[str]:
+    """A problem when tensors belong to blocks past the config's num_hidden_layers (none otherwise)."""
+    in_blocks = f"{family.base_prefix}{family.blocks}."
+    indices = {key[len(in_blocks) :].split(".", 1)[0] for key in keys if key.startswith(in_blocks)}
+    extra = sorted(int(i) for i in indices if i.isdigit() and int(i) >= num_blocks)
+    if not extra:
+        return []
+    return [f"the checkpoint has blocks up to {extra[-1]} but the config says num_hidden_layers = {num_blocks}"]
+
+
 def shape_problems(expected: dict[str, tuple[int, ...]], present: dict[str, tuple[int, ...]]) -> list[str]:
     """Expected tensors that are missing or stored in another shape, in words."""
     problems = []
@@ -163,8 +173,11 @@ class DecoderStack:
             raise StreamPruneError(f"model has {len(self.blocks)} blocks, config says {config.num_hidden_layers}")
 
     def checkpoint_problems(self) -> list[str]:
-        """Tensors the config implies that the checkpoint lacks or stores in another shape."""
-        return shape_problems(expected_shapes(self.model, self.config), self.reader.shapes)
+        """Tensors the config implies that the checkpoint lacks or stores in another shape, and blocks
+        beyond the config's layer count (they would be left out of any output)."""
+        return shape_problems(expected_shapes(self.model, self.config), self.reader.shapes) + blocks_beyond_config(
+            self.reader.keys(), self.family, self.num_blocks
+        )
 
     @property
     def num_blocks(self) -> int:

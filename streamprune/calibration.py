@@ -50,7 +50,8 @@ def hub_documents(name: str) -> list[str]:
         ) from exc
 
 
-def _file_documents(path: Path) -> list[str]:
+def file_documents(path: Path) -> list[str]:
+    """The documents of one local file: each line's `text` of a .jsonl/.json file, else the whole file."""
     if path.suffix in JSONL_SUFFIXES:
         documents = []
         with path.open(encoding="utf-8") as lines:
@@ -70,8 +71,8 @@ def local_documents(path: Path) -> list[str]:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
         if not files:
             raise StreamPruneError(f"calibration folder {path} has no .txt, .raw or .jsonl files")
-        return [doc for file in files for doc in _file_documents(file)]
-    return _file_documents(path)
+        return [doc for file in files for doc in file_documents(file)]
+    return file_documents(path)
 
 
 def split_pieces(documents: list[str], piece_chars: int = PIECE_CHARS) -> list[str]:

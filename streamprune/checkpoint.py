@@ -184,7 +184,9 @@ def write_atomic(path: Path, write) -> None:
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:  # safetensors reports its own I/O errors as SafetensorError
         tmp.unlink(missing_ok=True)
-        disk_full = getattr(exc, "errno", None) == errno.ENOSPC or "StorageFull" in str(exc) or "code: 28" in str(exc)
+        disk_full = getattr(exc, "errno", None) == errno.ENOSPC or any(
+            sign in str(exc) for sign in ("StorageFull", "code: 28", "os error 28", "No space left")
+        )
         if disk_full:
             raise StreamPruneError(
                 f"no space left on the device while writing {path}; free some space and rerun the same command"

@@ -47,7 +47,7 @@ def reports_errors(command):
         _quiet_libraries()
         try:
             return command(*args, **kwargs)
-        except (click.ClickException, click.Abort, KeyboardInterrupt):
+        except (click.ClickException, click.Abort, click.exceptions.Exit, KeyboardInterrupt):
             raise
         except StreamPruneError as exc:
             if debug:
@@ -62,6 +62,17 @@ def reports_errors(command):
             raise click.ClickException(message) from None
 
     return wrapper
+
+
+def _check_can_write_file(path: Path, option: str) -> None:
+    """Fails early, before hours of work, where a results file could not be written."""
+    if path.is_dir():
+        raise StreamPruneError(f"{option} {path} is a directory; give a file name")
+    existing = next(p for p in (path.parent, *path.absolute().parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise StreamPruneError(f"cannot write {option} {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise StreamPruneError(f"cannot write {option} {path}: {existing} is not writable")
 
 
 def _quiet_libraries() -> None:
@@ -188,7 +199,7 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--ppl", default=None, help="Perplexity text: wikitext103, wikitext2, c4 (validation, from the hub) or a text file.")
+@click.option("--ppl", default=None, help="Perplexity text: wikitext103 (validation), wikitext2 (test), c4 (validation; all from the hub), or a local text or .jsonl file.")
 @click.option("--ppl-slices", type=int, default=None, help="Also report perplexity on this many evenly spaced slices (the paper: 7).")
 @click.option("--tasks", default="", callback=_task_list, help="Comma-separated zero-shot tasks: boolq,hellaswag,phishing.")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Perplexity window length.")
@@ -212,11 +223,15 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
 def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_dir, offload, max_gpu_memory,
                      max_cpu_memory, offload_dir, **options):
     """Perplexity and zero-shot accuracy of MODEL, one block resident at a time."""
-    from .checkpoint import write_json
+    from .checkpoint import resolve_model_dir, write_json
     from .evaluate.runner import EvalConfig, evaluate, format_table
 
     config = EvalConfig(data_dir=str(data_dir) if data_dir else None, **options)
     budget = _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir)
+    if baseline:
+        baseline = str(resolve_model_dir(baseline))  # a wrong path fails now, not after MODEL's evaluation
+    if json_path:
+        _check_can_write_file(json_path, "--json")
     results = evaluate(model, config, trust_remote_code=trust_remote_code, progress=not quiet, budget=budget)
     reference = (
         evaluate(baseline, config, trust_remote_code=trust_remote_code, progress=not quiet, budget=budget) if baseline else None

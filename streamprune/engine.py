@@ -36,7 +36,9 @@ from .loading import open_model
 from .masking import n_m_mask, row_mask
 from .placement import Budget
 from .scoring import WEIGHT_ONLY, ActivationNorms, feature_scale, scores
-from .state import CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, make_output, peak_memory, plan_run
+from .state import (
+    CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, make_output, peak_memory, plan_run, reset_peak_memory,
+)
 from .stats import input_statistics, linear_layers
 
 log = logging.getLogger("streamprune")
@@ -264,14 +266,15 @@ def prune(
     earlier_seconds = manifest.timings["total_s"]
     manifest.status = "running"
     manifest.save(out)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    earlier_peaks = dict(manifest.peak_memory or {})  # of the sessions before a resume
+    reset_peak_memory(device)
 
     def record(**changes) -> None:
         for name, value in changes.items():
             setattr(manifest, name, value)
         manifest.timings["total_s"] = round(earlier_seconds + time.perf_counter() - started, 3)
-        manifest.peak_memory = peak_memory(device)
+        peaks = peak_memory(device)
+        manifest.peak_memory = {k: max(v, earlier_peaks.get(k, 0)) for k, v in peaks.items()}
         manifest.save(out)
 
     acts = None if config.method in WEIGHT_ONLY else stack.embed(input_ids, config.batch_size)

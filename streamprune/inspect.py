@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .blocks import empty_model, expected_shapes, shape_problems
+from .blocks import blocks_beyond_config, empty_model, expected_shapes, shape_problems
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from .errors import StreamPruneError
 from .families import family_for
@@ -75,7 +75,7 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
         written = manifest.blocks_done if manifest else len(blocks_done)
         prefixes = tuple(family.block_prefix(i) for i in range(written))
         wanted = {k: v for k, v in expected.items() if k.startswith(prefixes)}
-    problems += shape_problems(wanted, shapes)
+    problems += shape_problems(wanted, shapes) + blocks_beyond_config(shapes, family, blocks_total)
     problems += [f"tensor {k} has shape {list(v)}; the config implies {list(expected[k])}"
                  for k, v in shapes.items() if k in expected and k not in wanted and v != expected[k]]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +31,21 @@ def choose_device(name: str) -> torch.device:
     return device
 
 
+def _declared_config(config_file: Path) -> dict:
+    """config.json as written, or {} when it cannot be read (AutoConfig then says why)."""
+    try:
+        declared = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return declared if isinstance(declared, dict) else {}
+
+
 def load_config(model_dir: Path, trust_remote_code: bool = False):
     if not (model_dir / "config.json").is_file():
         raise StreamPruneError(f"no config.json in {model_dir}; is it a Hugging Face model directory?")
+    declared = _declared_config(model_dir / "config.json")
+    if isinstance(declared.get("model_type"), str) and "auto_map" not in declared:
+        family_for(declared["model_type"])  # before transformers, which would not list what we support
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as exc:

@@ -57,6 +57,20 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts this process's peak figures afresh (VmHWM and the CUDA allocator's), so that each run a
+    process makes (a sweep's prunings and evaluations) reports its own peak, not the largest so far."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM := current RSS
+    except OSError:  # not Linux, or not allowed: the peak stays the process's
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif torch.cuda.is_initialized():  # an earlier run of this process used the GPU
+        for index in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(index)
+
+
 def peak_memory(device: torch.device) -> dict:
     """Peak resident memory of this process so far, and of the GPU allocator when on CUDA."""
     peak = {"host_rss_bytes": peak_rss_bytes()}
@@ -166,8 +180,8 @@ def plan_run(out: Path, model_dir: Path, current: RunManifest, overwrite: bool, 
     resolved, source = out.resolve(), Path(model_dir).resolve()
     if resolved == source or resolved in source.parents:
         raise StreamPruneError(f"output {out} would hold the input checkpoint; choose another directory")
-    if not out.exists() or not any(out.iterdir()) or overwrite:
-        return Plan(current)
+    if not out.exists() or overwrite or all(_written_before_the_manifest(p.name) for p in out.iterdir()):
+        return Plan(current)  # empty, or a run killed before its first manifest: nothing to keep
     earlier = RunManifest.load(out)
     if earlier is None:
         raise StreamPruneError(f"output directory {out} is not empty and was not made by streamprune; pass --overwrite to replace it")
@@ -183,6 +197,11 @@ def plan_run(out: Path, model_dir: Path, current: RunManifest, overwrite: bool, 
         )
     earlier.resumed += 1
     return Plan(earlier, start_block=blocks_in_place(out, earlier), resumed=True)
+
+
+def _written_before_the_manifest(name: str) -> bool:
+    """What a run writes before its first manifest: the calibration ids, or a temporary file."""
+    return name == CALIBRATION_IDS_FILE or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def make_output(out: Path) -> None:

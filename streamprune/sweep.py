@@ -201,8 +201,10 @@ def _row(label: str, point: GridPoint | None, result: dict) -> dict:
         row["macro_mean"] = evaluation["tasks"]["macro_mean"]
     row["prune_s"] = result.get("prune_s", 0.0)
     row["eval_s"] = evaluation["timings"]["total_s"]
-    row["peak_host_rss_bytes"] = max(result.get("prune_peak", {}).get("host_rss_bytes", 0),
-                                     evaluation["peak_memory"]["host_rss_bytes"])
+    peaks = [result.get("prune_peak", {}), evaluation["peak_memory"]]  # each its own run's peak
+    row["peak_host_rss_bytes"] = max(peak.get("host_rss_bytes", 0) for peak in peaks)
+    if any("gpu_allocated_bytes" in peak for peak in peaks):
+        row["peak_gpu_allocated_bytes"] = max(peak.get("gpu_allocated_bytes", 0) for peak in peaks)
     return row
 
 
@@ -277,6 +279,9 @@ def markdown_tables(rows: list[dict], spec: SweepSpec) -> str:
     dense, pruned = rows[0], rows[1:]
     has_ppl, has_acc = "ppl" in dense, "macro_mean" in dense
     lines = ["# Sweep results", ""]
+    if has_ppl and dense.get("ppl_slices"):
+        lines += [f"ppl: over all the windows of the {len(dense['ppl_slices'])} slices, pooled (exp of the mean token "
+                  "NLL); each slice's perplexity and their mean are in results.csv.", ""]
     for shape in dict.fromkeys((r["pattern"], r["sparsity"]) for r in pruned):
         group = [r for r in pruned if (r["pattern"], r["sparsity"]) == shape]
         title = f"{shape[1]:.0%} unstructured" if shape[0] == "unstructured" else f"{shape[0]} semi-structured"

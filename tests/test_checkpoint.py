@@ -46,3 +46,19 @@ def test_pruning_never_writes_to_the_input(tiny_checkpoint, tmp_path):
     streamprune.prune(model, tmp_path / "out", calib=str(WIKITEXT_CALIBRATION), nsamples=2, seqlen=16, progress=False)
     after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model.iterdir()}
     assert before == after
+
+
+def test_a_full_disk_as_safetensors_reports_it_says_free_space_and_rerun(tmp_path):
+    import pytest
+    from safetensors import SafetensorError
+
+    from streamprune.checkpoint import write_atomic
+    from streamprune.errors import StreamPruneError
+
+    def full_disk(tmp):
+        tmp.write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(StreamPruneError, match="no space left.*rerun the same command"):
+        write_atomic(tmp_path / "shard.safetensors", full_disk)
+    assert list(tmp_path.iterdir()) == []

@@ -120,6 +120,15 @@ def test_bad_checkpoints_give_one_line_errors(tiny_checkpoint, tmp_path):
     config["model_type"] = "gpt2"
     (foreign / "config.json").write_text(json.dumps(config))
     cases["architecture"] = (foreign, ["unsupported architecture 'gpt2'", "llama"])
+    unknown = tmp_path / "unknown"  # a model type transformers itself does not know
+    shutil.copytree(foreign, unknown)
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "no_such_arch"}))
+    cases["unknown"] = (unknown, ["unsupported architecture 'no_such_arch'", "llama"])
+    more_blocks = tmp_path / "more-blocks"  # 3 blocks stored, 2 declared: block 2 would vanish
+    shutil.copytree(source, more_blocks)
+    config = json.loads((more_blocks / "config.json").read_text())
+    (more_blocks / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))
+    cases["more-blocks"] = (more_blocks, ["blocks up to 2", "num_hidden_layers = 2"])
     wrong_shape = tmp_path / "wrong-shape"
     shutil.copytree(source, wrong_shape)
     config = json.loads((wrong_shape / "config.json").read_text())
@@ -170,6 +179,39 @@ def test_more_bad_inputs_give_one_line_errors(tiny_checkpoint, tmp_path):
     next(broken.glob("model-00002-*.safetensors")).unlink()
     assert_one_line_error(invoke("eval", broken, "--ppl", WIKI, "--quiet"), "model-00002", "missing")
     assert_one_line_error(invoke("eval", remote, "--ppl", WIKI), "--trust-remote-code")
+    assert_one_line_error(invoke("eval", model, "--ppl", WIKI, "--json", a_file / "r.json"), "--json", "is a file")
+    assert_one_line_error(invoke("eval", model, "--ppl", WIKI, "--baseline", tmp_path / "nope"), "does not exist")
+    assert_one_line_error(invoke("eval", model, "--tasks", "boolq", "--ppl-slices", "7"), "--ppl-slices needs --ppl")
+    bad_data = tmp_path / "data"
+    (bad_data / "boolq").mkdir(parents=True)
+    (bad_data / "boolq" / "val.jsonl").write_text('{"passage": "p", "question": "q", "label": "maybe"}\n')
+    assert_one_line_error(invoke("eval", model, "--tasks", "boolq", "--data-dir", bad_data, "--quiet"), "line 1", "maybe")
+    (bad_data / "boolq" / "val.jsonl").write_text("")
+    assert_one_line_error(invoke("eval", model, "--tasks", "boolq", "--data-dir", bad_data, "--quiet"), "no examples")
+    (bad_data / "phishing").mkdir()
+    (bad_data / "phishing" / "dataset_phishing_url_status.csv").write_text("url,status\nhttp://a.example,spam\n")
+    assert_one_line_error(invoke("eval", model, "--tasks", "phishing", "--data-dir", bad_data, "--quiet"), "line 2", "spam")
+
+
+def test_a_run_killed_before_its_first_manifest_starts_again(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "calibration_ids.safetensors").write_bytes(b"half")  # all a run leaves before its manifest
+    (out / ".model-00001-of-00004.safetensors.tmp").write_bytes(b"")
+    result = invoke("prune", model, out, "--calib", WIKI, "--nsamples", "2", "--seqlen", "16", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "streamprune.json").read_text())["status"] == "complete"
+
+
+def test_inspect_reports_damage_on_stdout_and_exits_one_without_an_error_line(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("prune", tiny_checkpoint("llama"), out, "--calib", WIKI, "--nsamples", "2", "--seqlen", "16",
+                  "--quiet").exit_code == 0
+    next(out.glob("model-00002-*.safetensors")).unlink()
+    result = invoke("inspect", out)
+    assert result.exit_code == 1
+    assert "missing" in result.stdout and result.stderr == ""
 
 
 def test_debug_shows_the_traceback(tmp_path):

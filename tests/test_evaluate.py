@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from streamprune.cli import main
 from streamprune.data import WIKITEXT_HELD_OUT
 from streamprune.evaluate.loglikelihood import Request, streamed_logprobs, whole_model_logprobs
-from streamprune.evaluate.perplexity import perplexity, slice_ranges
+from streamprune.evaluate.perplexity import load_text, perplexity, slice_ranges
 from streamprune.evaluate.tasks import Example, accuracy, encode_pair, get_task, requests_for, subset
 from streamprune.loading import open_model
 
@@ -152,3 +152,12 @@ def test_eval_errors_are_one_line(tiny_checkpoint, options, fragment):
     assert result.exit_code != 0
     assert result.stderr.strip().count("\n") == 0 and result.stderr.startswith("Error: ")
     assert fragment in result.stderr
+
+
+def test_perplexity_text_from_jsonl_is_its_documents_not_the_json(tmp_path):
+    corpus = tmp_path / "c4.jsonl"
+    corpus.write_text('{"text": "First document."}\n\n{"text": "Second one", "url": "x"}\n', encoding="utf-8")
+    assert load_text(str(corpus)) == "First document. Second one"
+    plain = tmp_path / "plain.txt"
+    plain.write_text('{"text": "kept as it is"}\n', encoding="utf-8")
+    assert load_text(str(plain)) == '{"text": "kept as it is"}\n'

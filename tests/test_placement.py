@@ -1,6 +1,7 @@
 """Where hidden states live never changes a result: device, host memory and disk give the same bits."""
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,14 @@ def test_scoring_gives_the_same_numbers_with_hidden_states_on_disk(tiny_checkpoi
     on_disk = streamed_logprobs(disk_stack, requests, batch_size=2)
     assert all(torch.equal(a, b) for a, b in zip(in_memory, on_disk))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resetting the peak needs Linux")
+def test_each_run_reports_its_own_peak_not_the_process_largest():
+    from streamprune.state import peak_rss_bytes, reset_peak_memory
+
+    big = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    high = peak_rss_bytes()
+    del big
+    reset_peak_memory(torch.device("cpu"))
+    assert peak_rss_bytes() < high - 128 * 2**20

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..calibration import JSONL_SUFFIXES, file_documents
 from ..errors import StreamPruneError
 from .loglikelihood import Request
 
@@ -34,9 +35,16 @@ class Perplexity:
 
 
 def load_text(source: str) -> str:
-    """A local text file, or a named validation text from the hub (rows joined with blank lines)."""
+    """A local file, or a named evaluation text from the hub.
+
+    Local: a text file as it is, or a .jsonl file's `text` fields joined with spaces (as Wanda joins C4
+    documents).  Hub: WikiText-103's validation split (the paper's) and WikiText-2's test split (what Wanda
+    and SparseGPT report), rows joined with blank lines; C4 as Wanda takes it.
+    """
     path = Path(source).expanduser()
     if path.is_file():
+        if path.suffix in JSONL_SUFFIXES:
+            return " ".join(file_documents(path))
         return path.read_text(encoding="utf-8")
     if source not in HUB_TEXTS:
         raise StreamPruneError(f"perplexity text {source!r} is neither a file nor one of {', '.join(HUB_TEXTS)}")
@@ -48,8 +56,8 @@ def load_text(source: str) -> str:
                 "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
             )
             return " ".join(rows[:1100]["text"])
-        name = "wikitext-103-raw-v1" if source == "wikitext103" else "wikitext-2-raw-v1"
-        return "\n\n".join(datasets.load_dataset("Salesforce/wikitext", name, split="validation")["text"])
+        name, split = ("wikitext-103-raw-v1", "validation") if source == "wikitext103" else ("wikitext-2-raw-v1", "test")
+        return "\n\n".join(datasets.load_dataset("Salesforce/wikitext", name, split=split)["text"])
     except Exception as exc:
         raise StreamPruneError(
             f"could not load {source} from the hub ({type(exc).__name__}); offline, pass a local text file"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -14,10 +15,12 @@ from ..errors import StreamPruneError
 from ..loading import choose_device, load_tokenizer, open_model
 from ..placement import Budget
 from ..checkpoint import resolve_model_dir
-from ..state import peak_memory, versions
+from ..state import peak_memory, reset_peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
 from .perplexity import load_text, perplexity_from, perplexity_requests
 from .tasks import accuracy, get_task, requests_for, subset
+
+log = logging.getLogger("streamprune")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class EvalConfig:
             get_task(task)
         if not self.ppl and not self.tasks:
             raise StreamPruneError("nothing to evaluate: give --ppl and/or --tasks")
+        if self.ppl_slices and not self.ppl:
+            raise StreamPruneError("--ppl-slices needs --ppl (the text to slice)")
         for name in ("seqlen", "batch_size", "max_resident_tokens"):
             if getattr(self, name) < 1:
                 raise StreamPruneError(f"{name.replace('_', '-')} must be at least 1")
@@ -117,12 +122,15 @@ def evaluate(
     """
     config = config or EvalConfig(**options)
     started = time.perf_counter()
+    reset_peak_memory(torch.device("cpu"))  # this evaluation's peaks, not the process's so far
     quantized = config.load_in_8bit or config.load_in_4bit
     scorer = (
         _quantized_scorer(str(model), config, trust_remote_code)
         if quantized
         else _streamed_scorer(str(model), config, trust_remote_code, progress, budget)
     )
+    if config.ppl and config.seqlen > scorer.max_length:
+        log.warning("seqlen %d is above the model's context of %d tokens", config.seqlen, scorer.max_length)
     results: dict = {"model": str(model), "options": dataclasses.asdict(config), "timings": {}}
     # Every request of every job is scored in one streaming pass: the weights are read once.
     jobs = []  # (where the result goes, requests, requests -> result)
@@ -135,6 +143,8 @@ def evaluate(
     for name in config.tasks:
         task = get_task(name)
         examples = subset(task.load(data_dir), config.limit)
+        if not examples:
+            raise StreamPruneError(f"the {name} data has no examples; check --data-dir")
         requests = requests_for(examples, scorer.tokenizer, scorer.max_length)
         jobs.append((name, requests, partial(_task_result, task, examples)))
     results["timings"]["prepare_s"] = round(time.perf_counter() - started, 3)

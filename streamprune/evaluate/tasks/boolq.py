@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...errors import StreamPruneError
 from . import Example, Task, from_hub, read_lines
 
 ANSWERS = ("no", "yes")
@@ -15,7 +16,11 @@ def example(passage: str, question: str, answer: bool) -> Example:
 
 
 def _truth(label) -> bool:
-    return label in (True, 1, "true", "True")
+    if label in (True, 1, "true", "True"):
+        return True
+    if label in (False, 0, "false", "False"):
+        return False
+    raise ValueError(f"label {label!r} is neither true nor false")
 
 
 def load(data_dir: Path | None) -> list[Example]:
@@ -27,8 +32,18 @@ def load(data_dir: Path | None) -> list[Example]:
             return [example(r["passage"], r["question"], r["label"] == 1) for r in rows]
 
         return from_hub(hub, "boolq")
-    rows = [json.loads(line) for line in read_lines(Path(data_dir) / "boolq" / "val.jsonl", "BoolQ") if line.strip()]
-    return [example(r["passage"], r["question"], _truth(r.get("label", r.get("answer")))) for r in rows]
+    path = Path(data_dir) / "boolq" / "val.jsonl"
+    examples = []
+    for number, line in enumerate(read_lines(path, "BoolQ"), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                examples.append(example(row["passage"], row["question"], _truth(row.get("label", row.get("answer")))))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StreamPruneError(
+                    f"BoolQ {path} line {number}: expected JSON with passage, question and a true/false label ({exc})"
+                ) from exc
+    return examples
 
 
 def describe(examples: list[Example]) -> dict:

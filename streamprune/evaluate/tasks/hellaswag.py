@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from ...errors import StreamPruneError
 from . import Example, Task, from_hub, read_lines
 
 TEXT_FILE = "hellaswag_val_full.txt"
@@ -49,8 +50,13 @@ def load(data_dir: Path | None) -> list[Example]:
         return from_hub(hub, "hellaswag")
     lines = read_lines(Path(data_dir) / "hellaswag" / TEXT_FILE, "HellaSwag")
     examples = []
-    for i in range(0, len(lines) - 5, 6):
+    path = Path(data_dir) / "hellaswag" / TEXT_FILE
+    if len(lines) % 6:
+        raise StreamPruneError(f"HellaSwag {path} has {len(lines)} lines, not groups of 6 (context, label, 4 endings)")
+    for i in range(0, len(lines), 6):
         context, label, *endings = lines[i : i + 6]
+        if not label.strip().isdigit() or int(label) >= len(endings):
+            raise StreamPruneError(f"HellaSwag {path} line {i + 2}: the label must be 0 to 3, got {label!r}")
         examples.append(
             Example(
                 prompt=capitalise_last_fragment(preprocess(context)),

@@ -38,8 +38,16 @@ def load(data_dir: Path | None) -> list[Example]:
     path = Path(data_dir) / "phishing" / CSV_FILE
     if not path.is_file():
         raise StreamPruneError(f"phishing data {path} is missing; check --data-dir")
+    examples = []
     with path.open(encoding="utf-8", newline="") as handle:
-        return [example(row["url"], row["status"]) for row in csv.DictReader(handle)]
+        for number, row in enumerate(csv.DictReader(handle), 2):  # line 1 is the header
+            if row.get("url") is None or row.get("status") not in ANSWERS:
+                raise StreamPruneError(
+                    f"phishing {path} line {number}: expected a url and a status of legitimate or phishing, "
+                    f"got {row.get('status')!r}"
+                )
+            examples.append(example(row["url"], row["status"]))
+    return examples
 
 
 def describe(examples: list[Example]) -> dict:
