@@ -70,8 +70,8 @@ def resolve_model_dir(model: str) -> Path:
         local = snapshot_download(model, allow_patterns=["*.safetensors", "*.safetensors.index.json", *METADATA_PATTERNS])
     except Exception as exc:  # offline, unknown repo, gated model: all say the same to the user
         raise StreamPruneError(
-            f"could not download {model} from the Hugging Face hub ({type(exc).__name__}); "
-            "check the id and your connection, or pass a local directory"
+            f"{model} is not a local directory, and could not be downloaded from the Hugging Face hub as a "
+            f"model id ({type(exc).__name__}); check the path, or the id and your connection"
         ) from exc
     return Path(local)
 
