@@ -91,7 +91,8 @@ def input_statistics(block: nn.Module):
         if name not in call_order:
             call_order.append(name)
 
-    def skip_last_after_first_forward(_module, _args, _output) -> None:
+    def after_each_forward(_module, _args, _output) -> None:
+        last_input[:] = [None, -1, None]  # hold no activation between batches
         last = layers[call_order[-1]]
         if "forward" not in last.__dict__:
             last.forward = _zeros_like_output(last)
@@ -102,7 +103,7 @@ def input_statistics(block: nn.Module):
             statistics[name] = stat
             handles.append(linear.register_forward_pre_hook(lambda _m, args, name=name, stat=stat: record(name, stat, args)))
         if layers:
-            handles.append(block.register_forward_hook(skip_last_after_first_forward))
+            handles.append(block.register_forward_hook(after_each_forward))
         yield statistics
     finally:
         last_input.clear()
