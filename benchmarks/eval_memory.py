@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from child import ROOT, run_script
+
 sys.path.insert(0, str(ROOT / "tools"))
 
 GIB = 2**30
@@ -61,9 +62,7 @@ def run_streamed(model_dir: Path, text: Path, seqlen: int, windows: int, out: Pa
 
 
 def run_whole(model_dir: Path, text: Path, seqlen: int, windows: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", WHOLE_MODEL, str(model_dir), str(text), str(seqlen), str(windows)],
-                          check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_script(WHOLE_MODEL, model_dir, text, seqlen, windows)
 
 
 def main() -> int:

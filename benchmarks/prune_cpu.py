@@ -33,7 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from child import ROOT, run_script
+
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 GIB = 2**30
@@ -119,11 +120,7 @@ print(json.dumps({"wall_s": time.perf_counter() - started}))
 
 def _child_json(script: str, *args) -> dict:
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", script, *map(str, args)],
-        check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_script(script, *args)
     result["process_s"] = time.perf_counter() - started
     return result
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .checkpoint import write_atomic
 from .errors import StreamPruneError
 
 PIECE_CHARS = 100_000
@@ -116,6 +118,11 @@ def draw_windows(stream: torch.Tensor, nwindows: int, seqlen: int, seed: int) ->
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, stream.numel() - seqlen + 1, (nwindows,), generator=generator)
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+def save_windows(path: Path, input_ids: torch.Tensor) -> None:
+    """The token ids as `input_ids` in a safetensors file, written atomically (recorded_windows reads it)."""
+    write_atomic(path, lambda tmp: save_file({"input_ids": input_ids}, tmp, metadata={"format": "pt"}))
 
 
 def recorded_windows(path: Path, nwindows: int, seqlen: int) -> torch.Tensor:

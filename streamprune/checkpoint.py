@@ -194,10 +194,26 @@ def write_atomic(path: Path, write) -> None:
         raise StreamPruneError(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
+PARTIAL_FILES = ".*.tmp"  # write_atomic's temporary names (and the disk placement's hidden-state file)
+
+
+def is_partial_file(name: str) -> bool:
+    return Path(name).match(PARTIAL_FILES)
+
+
 def remove_partial_files(directory: Path) -> None:
     """Temporary files a killed run left behind (never renamed into place, so never part of the output)."""
-    for tmp in Path(directory).glob(".*.tmp"):
+    for tmp in Path(directory).glob(PARTIAL_FILES):
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Fails, naming `what`, where files could not be written into `directory` (made first if missing)."""
+    existing = next(p for p in (directory, *directory.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise StreamPruneError(f"cannot write {what}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise StreamPruneError(f"cannot write {what}: {existing} is not writable")
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -64,17 +64,6 @@ def reports_errors(command):
     return wrapper
 
 
-def _check_can_write_file(path: Path, option: str) -> None:
-    """Fails early, before hours of work, where a results file could not be written."""
-    if path.is_dir():
-        raise StreamPruneError(f"{option} {path} is a directory; give a file name")
-    existing = next(p for p in (path.parent, *path.absolute().parent.parents) if p.exists())
-    if not existing.is_dir():
-        raise StreamPruneError(f"cannot write {option} {path}: {existing} is a file")
-    if not os.access(existing, os.W_OK):
-        raise StreamPruneError(f"cannot write {option} {path}: {existing} is not writable")
-
-
 def _quiet_libraries() -> None:
     """Our own bars and warnings only: transformers' loading bars and notices would drown them."""
     from huggingface_hub.utils import logging as hub_logging
@@ -223,15 +212,15 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
 def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_dir, offload, max_gpu_memory,
                      max_cpu_memory, offload_dir, **options):
     """Perplexity and zero-shot accuracy of MODEL, one block resident at a time."""
-    from .checkpoint import resolve_model_dir, write_json
+    from .checkpoint import check_writable, resolve_model_dir, write_json
     from .evaluate.runner import EvalConfig, evaluate, format_table
 
     config = EvalConfig(data_dir=str(data_dir) if data_dir else None, **options)
     budget = _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir)
     if baseline:
         baseline = str(resolve_model_dir(baseline))  # a wrong path fails now, not after MODEL's evaluation
-    if json_path:
-        _check_can_write_file(json_path, "--json")
+    if json_path:  # checked now, not after the evaluation (click already refuses a directory)
+        check_writable(json_path.parent, f"--json {json_path}")
     results = evaluate(model, config, trust_remote_code=trust_remote_code, progress=not quiet, budget=budget)
     reference = (
         evaluate(baseline, config, trust_remote_code=trust_remote_code, progress=not quiet, budget=budget) if baseline else None

@@ -23,16 +23,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .blocks import Activations, DecoderStack
-from .calibration import calibration_windows
-from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files, write_atomic
+from .calibration import calibration_windows, recorded_windows, save_windows
+from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files
 from .config import PruneConfig, parse_pattern
 from .errors import Interrupted, StreamPruneError
-from .loading import open_model
+from .loading import open_model, warn_beyond_context
 from .masking import n_m_mask, row_mask
 from .placement import Budget
 from .scoring import WEIGHT_ONLY, ActivationNorms, feature_scale, scores
@@ -243,9 +241,7 @@ def prune(
         budget = dataclasses.replace(budget, offload_dir=str(out))
     opened = open_model(model, config.device, config.dtype, trust_remote_code, budget)
     stack, device = opened.stack, opened.stack.device
-    max_positions = getattr(stack.config, "max_position_embeddings", None)
-    if max_positions and config.seqlen > max_positions:
-        log.warning("seqlen %d is above the model's context of %d tokens", config.seqlen, max_positions)
+    warn_beyond_context(config.seqlen, getattr(stack.config, "max_position_embeddings", None))
     _check_pattern_fits(stack, config)
 
     current = RunManifest(
@@ -256,13 +252,12 @@ def prune(
     manifest = plan.manifest
     if plan.resumed:
         remove_partial_files(out)
-        with safe_open(out / manifest.calibration_ids, framework="pt") as handle:
-            input_ids = handle.get_tensor("input_ids")
+        input_ids = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen)
         log.warning("resuming the unfinished run in %s after block %d of %d", out, plan.start_block, stack.num_blocks)
     else:
         input_ids = calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
         make_output(out)
-        write_atomic(out / CALIBRATION_IDS_FILE, lambda tmp: save_file({"input_ids": input_ids}, tmp, metadata={"format": "pt"}))
+        save_windows(out / CALIBRATION_IDS_FILE, input_ids)
     earlier_seconds = manifest.timings["total_s"]
     manifest.status = "running"
     manifest.save(out)

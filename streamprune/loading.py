@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from .checkpoint import CheckpointReader, resolve_model_dir
 from .errors import StreamPruneError
 from .families import family_for
 from .placement import Budget
+
+log = logging.getLogger("streamprune")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -31,8 +34,14 @@ def choose_device(name: str) -> torch.device:
     return device
 
 
+def warn_beyond_context(seqlen: int, context: int | None) -> None:
+    """Windows longer than the model's context still run, but the model was not trained on them."""
+    if context and seqlen > context:
+        log.warning("seqlen %d is above the model's context of %d tokens", seqlen, context)
+
+
 def _declared_config(config_file: Path) -> dict:
-    """config.json as written, or {} when it cannot be read (AutoConfig then says why)."""
+    """config.json as written, or {} when it cannot be read."""
     try:
         declared = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -43,14 +52,14 @@ def _declared_config(config_file: Path) -> dict:
 def load_config(model_dir: Path, trust_remote_code: bool = False):
     if not (model_dir / "config.json").is_file():
         raise StreamPruneError(f"no config.json in {model_dir}; is it a Hugging Face model directory?")
-    declared = _declared_config(model_dir / "config.json")
-    if isinstance(declared.get("model_type"), str) and "auto_map" not in declared:
-        family_for(declared["model_type"])  # before transformers, which would not list what we support
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as exc:
         if "trust_remote_code" in str(exc):
             raise StreamPruneError(f"{model_dir} needs custom code to load; pass --trust-remote-code if you trust it") from exc
+        declared_type = _declared_config(model_dir / "config.json").get("model_type")
+        if isinstance(declared_type, str):
+            family_for(declared_type)  # a type transformers does not know: say which ones we support
         raise StreamPruneError(f"cannot read {model_dir / 'config.json'}: {' '.join(str(exc).split())}") from exc
 
 

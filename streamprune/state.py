@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import platform
 import resource
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import INDEX_FILE, shard_name, write_json
+from .checkpoint import INDEX_FILE, check_writable, is_partial_file, shard_name, write_json
 from .errors import StreamPruneError
 from .placement import proc_bytes
 
@@ -172,11 +171,7 @@ def plan_run(out: Path, model_dir: Path, current: RunManifest, overwrite: bool, 
     """Decides between a fresh run and resuming; refuses what would clobber or mix runs. Changes nothing."""
     if out.exists() and not out.is_dir():
         raise StreamPruneError(f"output path {out} is a file; give a directory")
-    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
-    if not existing.is_dir():
-        raise StreamPruneError(f"cannot create output directory {out}: {existing} is a file")
-    if not os.access(existing, os.W_OK):
-        raise StreamPruneError(f"cannot write to output directory {out}: {existing} is not writable")
+    check_writable(out, f"to output directory {out}")
     resolved, source = out.resolve(), Path(model_dir).resolve()
     if resolved == source or resolved in source.parents:
         raise StreamPruneError(f"output {out} would hold the input checkpoint; choose another directory")
@@ -201,7 +196,7 @@ def plan_run(out: Path, model_dir: Path, current: RunManifest, overwrite: bool, 
 
 def _written_before_the_manifest(name: str) -> bool:
     """What a run writes before its first manifest: the calibration ids, or a temporary file."""
-    return name == CALIBRATION_IDS_FILE or (name.startswith(".") and name.endswith(".tmp"))
+    return name == CALIBRATION_IDS_FILE or is_partial_file(name)
 
 
 def make_output(out: Path) -> None:

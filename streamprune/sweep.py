@@ -21,21 +21,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from .calibration import calibration_windows
-from .checkpoint import resolve_model_dir, write_atomic, write_json
+from .calibration import calibration_windows, save_windows
+from .checkpoint import resolve_model_dir, write_json
 from .config import PruneConfig, parse_pattern
 from .engine import prune
 from .errors import StreamPruneError
 from .evaluate.runner import EvalConfig, evaluate
 from .loading import load_tokenizer
 from .placement import Budget
-from .state import RunManifest, input_fingerprint
+from .state import CALIBRATION_IDS_FILE, RunManifest, input_fingerprint
 
 GEOMETRIES = {"original": "en-original", "modified": "en-modified"}
 SPEC_FILE = "sweep.json"
-IDS_FILE = "calibration_ids.safetensors"
 
 
 @dataclass(frozen=True)
@@ -78,8 +75,7 @@ class SweepSpec:
                 parse_pattern(pattern)
         if not (self.alphas and self.geometries and self.patterns) or ("unstructured" in self.patterns and not self.sparsities):
             raise StreamPruneError("the grid is empty: give alphas, geometries and sparsities or patterns")
-        EvalConfig(ppl=self.ppl, ppl_slices=self.ppl_slices, tasks=self.tasks, seqlen=self.seqlen,
-                   max_windows=self.max_windows, limit=self.limit)  # validates the evaluation options
+        self.eval_config()  # validates the evaluation options
         for point in self.points():
             point.prune_config(self, calib="unused")  # validates alpha, sparsity and the rest
 
@@ -154,6 +150,7 @@ class GridPoint:
 def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool) -> None:
     """A new sweep directory, or an earlier one with the same fixed options (the grid may differ)."""
     recorded_path = outdir / SPEC_FILE
+    current = {**spec.fixed(), "model_fingerprint": input_fingerprint(model_dir)}
     if outdir.exists() and any(outdir.iterdir()):
         if not recorded_path.is_file():
             if not overwrite:
@@ -161,7 +158,6 @@ def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool)
             shutil.rmtree(outdir)
         else:
             recorded = json.loads(recorded_path.read_text())
-            current = {**spec.fixed(), "model_fingerprint": input_fingerprint(model_dir)}
             changed = [k for k, v in current.items() if _as_json(recorded.get(k)) != _as_json(v)]
             if changed and not overwrite:
                 k = changed[0]
@@ -173,7 +169,7 @@ def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool)
             if changed:
                 shutil.rmtree(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    write_json(recorded_path, {**spec.fixed(), "model_fingerprint": input_fingerprint(model_dir)})
+    write_json(recorded_path, current)
 
 
 def _as_json(value):
@@ -217,10 +213,10 @@ def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: boo
     results_dir = outdir / "results"
     results_dir.mkdir(exist_ok=True)
 
-    ids_file = outdir / IDS_FILE
+    ids_file = outdir / CALIBRATION_IDS_FILE
     if not ids_file.is_file():
         ids = calibration_windows(spec.calib, load_tokenizer(model_dir), spec.nsamples, spec.calib_seqlen, spec.seed, progress)
-        write_atomic(ids_file, lambda tmp: save_file({"input_ids": ids}, tmp, metadata={"format": "pt"}))
+        save_windows(ids_file, ids)
 
     dense_file = results_dir / "dense.json"
     if not dense_file.is_file():

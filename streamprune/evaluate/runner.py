@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -12,15 +11,13 @@ from pathlib import Path
 import torch
 
 from ..errors import StreamPruneError
-from ..loading import choose_device, load_tokenizer, open_model
+from ..loading import choose_device, load_tokenizer, open_model, warn_beyond_context
 from ..placement import Budget
 from ..checkpoint import resolve_model_dir
 from ..state import peak_memory, reset_peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
 from .perplexity import load_text, perplexity_from, perplexity_requests
 from .tasks import accuracy, get_task, requests_for, subset
-
-log = logging.getLogger("streamprune")
 
 
 @dataclass(frozen=True)
@@ -129,8 +126,8 @@ def evaluate(
         if quantized
         else _streamed_scorer(str(model), config, trust_remote_code, progress, budget)
     )
-    if config.ppl and config.seqlen > scorer.max_length:
-        log.warning("seqlen %d is above the model's context of %d tokens", config.seqlen, scorer.max_length)
+    if config.ppl:
+        warn_beyond_context(config.seqlen, scorer.max_length)
     results: dict = {"model": str(model), "options": dataclasses.asdict(config), "timings": {}}
     # Every request of every job is scored in one streaming pass: the weights are read once.
     jobs = []  # (where the result goes, requests, requests -> result)

@@ -48,9 +48,9 @@ def load(data_dir: Path | None) -> list[Example]:
             ]
 
         return from_hub(hub, "hellaswag")
-    lines = read_lines(Path(data_dir) / "hellaswag" / TEXT_FILE, "HellaSwag")
-    examples = []
     path = Path(data_dir) / "hellaswag" / TEXT_FILE
+    lines = read_lines(path, "HellaSwag")
+    examples = []
     if len(lines) % 6:
         raise StreamPruneError(f"HellaSwag {path} has {len(lines)} lines, not groups of 6 (context, label, 4 endings)")
     for i in range(0, len(lines), 6):
