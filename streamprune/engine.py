@@ -31,7 +31,7 @@ from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files
 from .config import PruneConfig, parse_pattern
 from .errors import Interrupted, StreamPruneError
 from .loading import open_model, warn_beyond_context
-from .masking import n_m_mask, row_mask
+from .masking import n_m_mask, row_mask, zero_fraction
 from .placement import Budget
 from .scoring import WEIGHT_ONLY, ActivationNorms, feature_scale, scores
 from .state import (
@@ -170,7 +170,7 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, pr
         written.result()  # raises what the write raised (a full disk)
         for key, tensor in pruned.items():
             if tensor.ndim == 2 and key.endswith(".weight"):
-                manifest.sparsity[key] = round((tensor == 0).sum().item() / tensor.numel(), 6)
+                manifest.sparsity[key] = round(zero_fraction(tensor), 6)
         manifest.timings["blocks_s"].append(round(block_seconds, 3))
         record(blocks_done=index + 1)
         bar.update()

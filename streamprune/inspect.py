@@ -18,6 +18,7 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from .errors import StreamPruneError
 from .families import family_for
 from .loading import load_config
+from .masking import zero_fraction
 from .state import RunManifest
 
 
@@ -62,7 +63,7 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
                 shapes[key] = tuple(tensor.shape)
                 dtypes.add(str(tensor.dtype).removeprefix("torch."))
                 if tensor.ndim == 2 and key.startswith(f"{family.base_prefix}{family.blocks}."):
-                    sparsity[key] = (tensor == 0).sum().item() / tensor.numel()
+                    sparsity[key] = zero_fraction(tensor)
 
     blocks_total = config.num_hidden_layers
     blocks_done = [

@@ -6,7 +6,7 @@ from torch import nn
 
 from streamprune.config import PruneConfig
 from streamprune.engine import keep_mask
-from streamprune.masking import n_m_mask, pruned_per_row, row_mask
+from streamprune.masking import n_m_mask, pruned_per_row, row_mask, zero_fraction
 from streamprune.scoring import ActivationNorms
 from streamprune.stats import input_statistics
 
@@ -87,6 +87,11 @@ def test_row_mask_is_exactly_a_stable_sort_even_with_many_ties():
         assert torch.equal(row_mask(scores, sparsity), by_stable_sort(scores, sparsity))
     scores = torch.rand(8, 4096, generator=generator)
     assert torch.equal(row_mask(scores, 0.5), by_stable_sort(scores, 0.5))
+
+
+def test_zero_fraction_counts_negative_zero_as_zero():
+    assert zero_fraction(torch.tensor([[0.0, -0.0, 1.0, 2.0], [3.0, 0.0, 4.0, 5.0]], dtype=torch.float16)) == 3 / 8
+    assert zero_fraction(torch.ones(3, 3)) == 0.0
 
 
 def test_two_four_on_weights_one_to_eight():
