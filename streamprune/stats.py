@@ -39,11 +39,8 @@ class InputStatistics:
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.tokens = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        """Adds every token (row) of x."""
-        self.add_sums(*column_sums(x), tokens=x.numel() // x.shape[-1])
-
     def add_sums(self, abs_sum: torch.Tensor, sq_sum: torch.Tensor, tokens: int) -> None:
+        """Adds the column sums (column_sums) of `tokens` more tokens."""
         self.abs_sum += abs_sum
         self.sq_sum += sq_sum
         self.tokens += tokens
