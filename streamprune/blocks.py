@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from .checkpoint import CheckpointReader
+from .checks import check_fits
 from .errors import StreamPruneError
 from .families import Family
 from .placement import Budget, FileStates, TensorStates, choose_placement, make_states
@@ -191,19 +192,25 @@ class DecoderStack:
         return [key for key in self.reader.keys() if not key.startswith(in_blocks)]
 
     def _read_under(self, prefix: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Tensors under a module prefix (all, or the given keys), named relative to that module."""
+        """Tensors under a module prefix (all, or the given keys) on the device in the compute dtype,
+        named relative to that module."""
         keys = self.reader.keys_with_prefix(prefix) if keys is None else keys
-        return {key[len(prefix) :]: tensor for key, tensor in self.reader.read(keys).items()}
+        return {key[len(prefix) :]: self._to_compute(key, t, self.reader) for key, t in self.reader.iter_tensors(keys)}
 
     def _materialise(self, module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
-        """Loads `module`'s tensors onto the device in the compute dtype; they must match its shapes."""
+        """Loads `module`'s tensors (on the device, in the compute dtype); they must match its shapes."""
         expected = module.state_dict().keys()  # checkpoints may carry stale extras such as rotary inv_freq
-        tensors = {k: t.to(device=self.device, dtype=self.dtype) for k, t in tensors.items() if k in expected}
+        tensors = {k: t for k, t in tensors.items() if k in expected}
         try:
             module.load_state_dict(tensors, strict=True, assign=True)
         except RuntimeError as exc:
             detail = " ".join(str(exc).split())
             raise StreamPruneError(f"the checkpoint's {what} does not match the config: {detail[:300]}") from exc
+
+    def _to_compute(self, key: str, tensor: torch.Tensor, reader: CheckpointReader) -> torch.Tensor:
+        """A tensor `reader` read, on the device in the compute dtype; refused if its values overflow it."""
+        check_fits(key, reader.magnitudes.get(key), self.dtype)
+        return tensor.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
     def read_block(self, index: int) -> dict[str, torch.Tensor]:
         """The block's tensors as stored, read now into host memory (pinned when the device is CUDA)."""
@@ -220,7 +227,7 @@ class DecoderStack:
         prefix = self.family.block_prefix(index)
         reader = reader or self.reader
         source = stored.items() if stored is not None else reader.iter_tensors(reader.keys_with_prefix(prefix))
-        tensors = {key[len(prefix) :]: tensor.to(device=self.device, dtype=self.dtype, non_blocking=True) for key, tensor in source}
+        tensors = {key[len(prefix) :]: self._to_compute(key, tensor, reader) for key, tensor in source}
         block = self.blocks[index]
         self._materialise(block, tensors, f"block {index}")
         return block
@@ -299,12 +306,12 @@ class DecoderStack:
         with self._base_without_blocks() as record:
 
             @torch.inference_mode()
-            def embed(input_ids: torch.Tensor, batch_size: int) -> Activations:
+            def embed(input_ids: torch.Tensor, batch_size: int, placement: str | None = None) -> Activations:
                 rows, seqlen = input_ids.shape
                 self.base(input_ids=input_ids[:1].to(self.device), use_cache=False)
                 block_kwargs = dict(record["kwargs"])  # later calls record into the same dict
                 shape = (rows, seqlen, record["hidden_states"].shape[-1])
-                placement = self.placement_for(shape, batch_size)
+                placement = placement or self.placement_for(torch.Size(shape).numel(), batch_size * seqlen)
                 hidden = make_states(shape, self.dtype, self.device, placement, self.budget.offload_dir)
                 for start in range(0, rows, batch_size):
                     self.base(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
@@ -318,22 +325,28 @@ class DecoderStack:
         with self.embedder() as embed:
             return embed(input_ids, batch_size)
 
-    def placement_for(self, shape: tuple[int, ...], batch_size: int) -> str:
-        """Where hidden states of this shape go, given the budget and room for a block at work."""
+    def placement_for(self, hidden_values: int, batch_tokens: int) -> str:
+        """Where `hidden_values` hidden-state entries go (all that are resident at once), given the budget
+        and room for a block at work on `batch_tokens` tokens (one batch)."""
         itemsize = self.dtype.itemsize
+        hidden = self.config.hidden_size
         block_bytes = itemsize * sum(torch.Size(self.reader.shapes[k]).numel() for k in self.block_keys(0))
-        intermediate = getattr(self.config, "intermediate_size", 4 * shape[2])
-        activations = itemsize * batch_size * shape[1] * (4 * shape[2] + 3 * intermediate)
-        nbytes = itemsize * torch.Size(shape).numel()
-        return choose_placement(nbytes, 2 * block_bytes + activations, self.device, self.budget)
+        intermediate = getattr(self.config, "intermediate_size", 4 * hidden)
+        activations = itemsize * batch_tokens * (4 * hidden + 3 * intermediate)
+        return choose_placement(itemsize * hidden_values, 2 * block_bytes + activations, self.device, self.budget)
 
     def run_block(self, index: int, acts: Activations, batch_size: int, write_back: bool) -> None:
-        """Calls block `index` on every row in batches; with write_back its outputs replace its inputs."""
+        """Calls block `index` on every row in batches; with write_back its outputs replace its inputs.
+
+        A pass without write_back (the statistics pass) runs under no_grad rather than inference_mode,
+        so that the tensors inside the block keep version counters: the statistics hooks need them to
+        share the sums of a tensor fed to several linears (stats.py).  It costs nothing measurable.
+        """
         block = self.blocks[index]
         kwargs = acts.block_kwargs[index]
         rows = acts.hidden.shape[0]
         out = None
-        with torch.inference_mode():
+        with torch.inference_mode() if write_back else torch.no_grad():
             for start in range(0, rows, batch_size):
                 out = block(acts.hidden.read(start, min(start + batch_size, rows)), **kwargs)
                 if isinstance(out, tuple):

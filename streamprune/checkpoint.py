@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+from collections import deque
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .checks import stored_magnitude
 from .errors import StreamPruneError
 
 SINGLE_FILE = "model.safetensors"
@@ -83,6 +85,7 @@ class CheckpointReader:
         """Reads the index or model.safetensors of model_dir; or, given `files`, exactly those shards."""
         self.model_dir = Path(model_dir)
         self.weight_map = self._weight_map() if files is None else self._files_map(files)
+        self.magnitudes: dict[str, float] = {}  # largest |value| of each float tensor checked so far
         self._check_headers()
 
     def _files_map(self, files: list[str]) -> dict[str, str]:
@@ -146,7 +149,9 @@ class CheckpointReader:
         """(name, tensor) one at a time, on the CPU in the checkpoint's dtype.
 
         The file is opened for each tensor: pages of a memory map stay resident while it is open, so a
-        handle kept across a block would hold the whole block in memory a second time.
+        handle kept across a block would hold the whole block in memory a second time.  Raises
+        StreamPruneError for a truncated file or a tensor holding NaN or infinity (checked the first
+        time it is read; its largest magnitude is kept in `magnitudes`).
         """
         for key in keys:
             filename = self.weight_map[key]
@@ -155,7 +160,16 @@ class CheckpointReader:
                     tensor = handle.get_tensor(key)
             except SafetensorError as exc:
                 raise StreamPruneError(f"{self.model_dir / filename} is truncated or corrupt ({exc})") from exc
+            if key not in self.magnitudes:
+                magnitude = stored_magnitude(key, tensor, filename)
+                if magnitude is not None:
+                    self.magnitudes[key] = magnitude
             yield key, tensor
+            del tensor  # not held while the next one is read
+
+    def check_tensors(self, keys: list[str]) -> None:
+        """Reads the named tensors one at a time, only to check them (iter_tensors), keeping none."""
+        deque(self.iter_tensors(keys), maxlen=0)
 
     def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """The named tensors on the CPU, in the checkpoint's dtype."""

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import click
 
+from . import progress
 from .config import DTYPES, STAT_NORMS, PruneConfig
-from .errors import StreamPruneError
+from .errors import StreamPruneError, one_line
 from .placement import PLACEMENTS, Budget, parse_size
 from .scoring import METHODS
 
@@ -23,18 +24,16 @@ class _Group(click.Group):
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:
-            click.echo(f"Error: {exc.format_message()}", err=True)
+            progress.close_all()
+            progress.message(f"Error: {exc.format_message()}")
             code = exc.exit_code
         except (click.Abort, KeyboardInterrupt):
-            click.echo("Error: interrupted", err=True)
+            progress.close_all()
+            progress.message("Error: interrupted")
             code = 130
         if not standalone_mode:
             return code
         sys.exit(code if isinstance(code, int) else 0)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def reports_errors(command):
@@ -52,13 +51,13 @@ def reports_errors(command):
         except StreamPruneError as exc:
             if debug:
                 raise
-            error = click.ClickException(_one_line(exc))
+            error = click.ClickException(one_line(exc))
             error.exit_code = getattr(exc, "exit_code", 1)
             raise error from None
         except Exception as exc:  # a bug or an environment problem: still one line, unless --debug
             if debug:
                 raise
-            message = f"{type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)"
+            message = f"{type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)"
             raise click.ClickException(message) from None
 
     return wrapper
@@ -79,13 +78,13 @@ def _quiet_libraries() -> None:
 
 
 class _WarningLines(logging.Handler):
-    """`Warning: ...` on whatever stderr is current (click's test runner swaps it)."""
+    """`Warning: ...` on a line of its own, on whatever stderr is current (click's test runner swaps it)."""
 
     def __init__(self):
         super().__init__(level=logging.WARNING)
 
     def emit(self, record):
-        click.echo(f"Warning: {_one_line(record.getMessage())}", err=True)
+        progress.message(f"Warning: {one_line(record.getMessage())}")
 
 
 def _gib(n: int) -> str:

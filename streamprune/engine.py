@@ -2,8 +2,14 @@
 
 For each decoder block: load it, run the calibration hidden states through it with statistics hooks,
 prune every linear from those dense statistics, run the pruned block again so the next block sees
-pruned outputs (as the reference Wanda code does; not after the last block), write the pruned tensors,
-free the block.
+pruned outputs (as the reference Wanda code does; not after the last block), check the pruned tensors
+against their promise, write them, free the block.
+
+Nothing wrong is marked complete (checks.py): tensors that are not finite are refused as they are
+read, activations that overflow the compute dtype stop the run at their block, scores reach the
+selection finite, and a pruned tensor that misses its sparsity is never written.  A run that stops on
+an error records `failed` and the reason in its manifest; rerunning it resumes after the last block
+written.
 
 Resuming (after a crash, SIGKILL, Ctrl-C or a full disk) replays the blocks already written: each is
 read back from the output and run once over the calibration hidden states, which gives bitwise the
@@ -23,64 +29,143 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from . import checks, masking
+from . import progress as progress_bars
 from .blocks import Activations, DecoderStack
-from .calibration import calibration_windows, recorded_windows, save_windows
+from .calibration import CalibrationSet, calibration_windows, recorded_windows, save_windows
 from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files
 from .config import PruneConfig, parse_pattern
-from .errors import Interrupted, StreamPruneError
+from .errors import Interrupted, NumericalError, StreamPruneError, one_line
 from .loading import open_model, warn_beyond_context
-from .masking import n_m_mask, row_mask, zero_fraction
+from .masking import n_m_mask, row_mask, verify_sparsity, zero_fraction
 from .placement import Budget
 from .scoring import WEIGHT_ONLY, ActivationNorms, feature_scale, scores
 from .state import (
     CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, make_output, peak_memory, plan_run, reset_peak_memory,
 )
-from .stats import input_statistics, linear_layers
+from .stats import InputStatistics, input_statistics, linear_layers
 
 log = logging.getLogger("streamprune")
 
-ROW_CHUNK = 256  # rows scored and masked at once: bounds the memory of scores and selections
+
+def _finite_scores(weight_rows: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
+    """Scores of some rows that are all finite: in float32 where the products fit, else in float64.
+
+    Weights and statistics are finite by now (checked when read and after the statistics pass), so a
+    non-finite float32 score is a product beyond float32's range (activations near 1e19 with
+    --stat-norm sum); float64 holds it.  Raises NumericalError if even float64 does not.
+    """
+    chunk_scores = scores(weight_rows, scale)
+    if not checks.ENABLED or bool(torch.isfinite(chunk_scores.sum())):  # one reduction: NaN and inf propagate
+        return chunk_scores
+    if bool(torch.isfinite(chunk_scores).all()):  # finite, only their sum overflowed
+        return chunk_scores
+    chunk_scores = scores(weight_rows.double(), scale)
+    if not bool(torch.isfinite(chunk_scores).all()):
+        raise NumericalError(f"the scores of {name} are not finite even in float64; the statistics are out of range")
+    return chunk_scores
 
 
-def keep_mask(weight: torch.Tensor, norms: ActivationNorms | None, config: PruneConfig) -> torch.Tensor:
-    """The keep-mask of one linear layer's weight under the configured method and pattern."""
+def keep_mask(weight: torch.Tensor, norms: ActivationNorms | None, config: PruneConfig, name: str = "weight") -> torch.Tensor:
+    """The keep-mask (True = keep) of one linear layer's weight (out_features, in_features) under the
+    configured method and pattern, ROW_CHUNK rows at a time.  Raises NumericalError for scores that are
+    not finite in float64 (never handed to the selection)."""
     scale = feature_scale(config.method, norms, config.alpha)
     keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-    for start in range(0, weight.shape[0], ROW_CHUNK):
-        chunk_scores = scores(weight[start : start + ROW_CHUNK], scale)
+    step = masking.ROW_CHUNK
+    for start in range(0, weight.shape[0], step):
+        chunk_scores = _finite_scores(weight[start : start + step], scale, name)
         if config.pattern:
-            keep[start : start + ROW_CHUNK] = n_m_mask(chunk_scores, *parse_pattern(config.pattern))
+            keep[start : start + step] = n_m_mask(chunk_scores, *parse_pattern(config.pattern))
         else:
-            keep[start : start + ROW_CHUNK] = row_mask(chunk_scores, config.sparsity)
+            keep[start : start + step] = row_mask(chunk_scores, config.sparsity)
     return keep
+
+
+def _hidden_states_finite(acts: Activations, batch_size: int) -> bool:
+    rows = acts.hidden.shape[0]
+    return all(
+        checks.all_finite(acts.hidden.read(start, min(start + batch_size, rows))) for start in range(0, rows, batch_size)
+    )
+
+
+def check_statistics(
+    stack: DecoderStack, index: int, acts: Activations, statistics: dict[str, InputStatistics], batch_size: int
+) -> None:
+    """Stops the run where the activations of block `index` overflowed the compute dtype.
+
+    A NaN or infinity in a linear's inputs makes its float64 sums non-finite, so looking at the sums
+    costs nothing.  Where they are not finite, the message names the first linear (in call order) whose
+    inputs overflowed, or says that the hidden states entering the block already had (then the previous
+    block's output overflowed).  Finite inputs whose squares pass float32's range (above about 1e19,
+    possible in bfloat16 and float32) are told apart by their finite absolute sums.  Raises
+    NumericalError; the blocks already written stay resumable.
+    """
+    if not checks.ENABLED:
+        return
+    broken = sorted((stat.first_call, name) for name, stat in statistics.items() if not stat.finite())
+    if not broken:
+        return
+    dtype = str(stack.dtype).removeprefix("torch.")
+    advice = f"rerun with {checks.wider_dtypes(stack.dtype)} and --overwrite"
+    if not _hidden_states_finite(acts, batch_size):
+        source = "the embeddings" if index == 0 else f"the output of block {index - 1}"
+        raise NumericalError(f"the hidden states entering block {index} ({source}) overflowed {dtype}; {advice}")
+    name = broken[0][1]
+    if bool(torch.isfinite(statistics[name].abs_sum).all()):
+        raise NumericalError(
+            f"the squares of the inputs of {name} in block {index} overflowed float32 (inputs above about 1e19); "
+            "rerun with --dtype float64 and --overwrite"
+        )
+    raise NumericalError(f"the activations overflowed {dtype} in block {index} ({name} input); {advice}")
+
+
+def verified_sparsity(key: str, tensor: torch.Tensor, config: PruneConfig) -> float:
+    """The share of zeros of a pruned weight about to be written, after its post-condition: finite, and
+    every comparison group as sparse as asked (masking.verify_sparsity).  Raises NumericalError naming
+    the tensor otherwise."""
+    if not checks.ENABLED:
+        return zero_fraction(tensor)
+    if not checks.all_finite(tensor):
+        raise NumericalError(f"{key} would be written with {checks.nonfinite_summary(tensor)}; nothing was written")
+    pattern = parse_pattern(config.pattern) if config.pattern else None
+    fraction, problem = verify_sparsity(tensor, config.sparsity, pattern)
+    if problem:
+        raise NumericalError(f"{key} is not pruned as asked: {problem}; the block was not written")
+    return fraction
 
 
 def prune_block(
     stack: DecoderStack, index: int, acts: Activations | None, config: PruneConfig, stored: dict | None = None
-) -> dict[str, torch.Tensor]:
-    """Prunes block `index`, advances `acts` through it and frees it; returns its tensors as they are stored.
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Prunes block `index`, advances `acts` through it and frees it.
 
-    `acts` is None for weight-only methods, which need no forward passes; `stored` is the block already
-    read (by the background reader).  The returned tensors are in the checkpoint's dtype: cast back from
-    the compute dtype where that is exact (float16 or bfloat16 computed in float32, or no conversion),
-    else read again and masked, so kept weights never change.
+    Returns the block's tensors as they are stored, and the names of the pruned weights among them
+    (for their post-condition, verify_and_write).  `acts` is None for weight-only methods, which need
+    no forward passes; `stored` is the block already read (by the background reader).  The returned
+    tensors are in the checkpoint's dtype: cast back from the compute dtype where that is exact
+    (float16 or bfloat16 computed in float32, or no conversion), else read again and masked, so kept
+    weights never change.  Raises NumericalError for activations that overflow.
     """
     block = stack.load_block(index, stored=stored)
     statistics = {}
     if acts is not None:
         with input_statistics(block) as statistics:
             stack.run_block(index, acts, config.batch_size, write_back=False)
+        check_statistics(stack, index, acts, statistics, config.batch_size)
     prefix = stack.family.block_prefix(index)
     inexact_masks = {}
+    pruned_keys = []
     with torch.no_grad():
         for name, linear in linear_layers(block).items():
+            key = f"{prefix}{name}.weight"
             norms = statistics[name].norms(config.stat_norm) if statistics else None
-            keep = keep_mask(linear.weight, norms, config)
+            keep = keep_mask(linear.weight, norms, config, key)
             linear.weight.masked_fill_(~keep, 0)
-            if not stack.holds_exactly(f"{prefix}{name}.weight"):
-                inexact_masks[f"{prefix}{name}.weight"] = keep.cpu()
+            pruned_keys.append(key)
+            if not stack.holds_exactly(key):
+                inexact_masks[key] = keep.cpu()
     if acts is not None and index + 1 < stack.num_blocks:  # the last block's outputs feed nothing
         stack.run_block(index, acts, config.batch_size, write_back=True)
     pruned = stack.unload_block(index)
@@ -89,7 +174,19 @@ def prune_block(
         if key in inexact_masks:
             original.masked_fill_(~inexact_masks[key], 0)
         pruned[key] = original
-    return pruned
+    return pruned, pruned_keys
+
+
+def verify_and_write(writer: CheckpointWriter, index: int, pruned: dict, pruned_keys: list[str], config: PruneConfig) -> dict:
+    """Checks every pruned weight of block `index` (verified_sparsity), then writes the block's shard.
+
+    Returns {name: share of zeros} for the manifest.  It runs where the write runs (in the background
+    with --overlap), so on a GPU the check overlaps the next block's computation.  Raises NumericalError
+    before anything of the block is written.
+    """
+    sparsity = {key: verified_sparsity(key, pruned[key], config) for key in pruned_keys}
+    writer.write_shard(index, pruned)
+    return sparsity
 
 
 def replay_block(stack: DecoderStack, index: int, acts: Activations, writer: CheckpointWriter, batch_size: int) -> None:
@@ -153,7 +250,7 @@ class _Background:
             self.pool.shutdown(wait=True)
 
 
-def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, progress, overlap) -> None:
+def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, show_progress, overlap) -> None:
     """Replays the blocks an earlier session wrote, then prunes and writes the rest, one at a time.
 
     With overlap, block i+1 is read from disk while block i computes, and block i is written while
@@ -166,11 +263,9 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, pr
         if overlap and index < stack.num_blocks:
             read_ahead[index] = reads.submit(stack.read_block, index)
 
-    def finish(index: int, written: Future, pruned: dict, block_seconds: float) -> None:
-        written.result()  # raises what the write raised (a full disk)
-        for key, tensor in pruned.items():
-            if tensor.ndim == 2 and key.endswith(".weight"):
-                manifest.sparsity[key] = round(zero_fraction(tensor), 6)
+    def finish(index: int, written: Future, block_seconds: float) -> None:
+        sparsity = written.result()  # raises what the check or the write raised (a full disk)
+        manifest.sparsity.update({key: round(fraction, 6) for key, fraction in sparsity.items()})
         manifest.timings["blocks_s"].append(round(block_seconds, 3))
         record(blocks_done=index + 1)
         bar.update()
@@ -180,7 +275,7 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, pr
                 f"stopped after block {index + 1} of {stack.num_blocks}; rerun the same command to resume where it stopped"
             )
 
-    with stop_requests() as stop_asked, tqdm(total=stack.num_blocks, desc="Pruning blocks", unit="block", disable=not progress) as bar:
+    with stop_requests() as stop_asked, progress_bars.bar(total=stack.num_blocks, desc="Pruning blocks", unit="block", enabled=show_progress) as bar:
         if acts is not None and 0 < start_block < stack.num_blocks:  # with every block written, nothing to replay
             bar.set_description_str("Replaying written blocks")
             for index in range(start_block):
@@ -196,12 +291,13 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, pr
                 block_started = time.perf_counter()
                 read_soon(index + 1)
                 stored = read_ahead.pop(index).result() if index in read_ahead else None
-                pruned = prune_block(stack, index, acts, config, stored)
+                pruned, pruned_keys = prune_block(stack, index, acts, config, stored)
                 del stored
                 if pending is not None:
                     finish(*pending)
-                pending = (index, writes.submit(writer.write_shard, index, pruned), pruned, time.perf_counter() - block_started)
-                del pruned  # held by `pending` until written, and no longer: a block must not linger
+                written = writes.submit(verify_and_write, writer, index, pruned, pruned_keys, config)
+                pending = (index, written, time.perf_counter() - block_started)
+                del pruned  # held by the writer until written, and no longer: a block must not linger
                 if not overlap:
                     finish(*pending)
                     pending = None
@@ -250,16 +346,21 @@ def prune(
     )
     plan = plan_run(out, opened.model_dir, current, overwrite, resume)
     manifest = plan.manifest
+    if checks.ENABLED:  # embeddings, final norm, LM head: refused now, not after the last block
+        stack.reader.check_tensors(stack.non_block_keys())
+    calibration: CalibrationSet
     if plan.resumed:
         remove_partial_files(out)
-        input_ids = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen)
+        calibration = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen)
         log.warning("resuming the unfinished run in %s after block %d of %d", out, plan.start_block, stack.num_blocks)
     else:
-        input_ids = calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
+        calibration = calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
         make_output(out)
-        save_windows(out / CALIBRATION_IDS_FILE, input_ids)
+        save_windows(out / CALIBRATION_IDS_FILE, calibration)
     earlier_seconds = manifest.timings["total_s"]
-    manifest.status = "running"
+    manifest.status, manifest.error = "running", None
+    manifest.calibration = calibration.summary()
+    manifest.checked = manifest.checked and checks.ENABLED
     manifest.save(out)
     earlier_peaks = dict(manifest.peak_memory or {})  # of the sessions before a resume
     reset_peak_memory(device)
@@ -272,20 +373,34 @@ def prune(
         manifest.peak_memory = {k: max(v, earlier_peaks.get(k, 0)) for k, v in peaks.items()}
         manifest.save(out)
 
-    acts = None if config.method in WEIGHT_ONLY else stack.embed(input_ids, config.batch_size)
-    manifest.placement = acts.placement if acts else None
-    if not plan.resumed:
-        manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
-    writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
     try:
-        overlap = device.type == "cuda" if overlap is None else overlap
-        _prune_blocks(stack, acts, config, plan.start_block, writer, manifest, record, progress, overlap)
-    finally:
-        if acts is not None:
-            acts.close()
-
-    writer.write_shard(stack.num_blocks, stack.reader.read(stack.non_block_keys()))
-    writer.copy_metadata(opened.model_dir)
-    writer.write_index()
+        acts = None if config.method in WEIGHT_ONLY else stack.embed(calibration.input_ids, config.batch_size)
+        manifest.placement = acts.placement if acts else None
+        if not plan.resumed:
+            manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
+        writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
+        try:
+            overlap = device.type == "cuda" if overlap is None else overlap
+            _prune_blocks(stack, acts, config, plan.start_block, writer, manifest, record, progress, overlap)
+        finally:
+            if acts is not None:
+                acts.close()
+        writer.write_shard(stack.num_blocks, stack.reader.read(stack.non_block_keys()))
+        writer.copy_metadata(opened.model_dir)
+        writer.write_index()
+    except Interrupted:
+        raise  # recorded as interrupted where it stopped
+    except Exception as exc:
+        _record_failure(record, exc)
+        raise
     record(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return manifest
+
+
+def _record_failure(record, exc: Exception) -> None:
+    """The manifest says `failed` and why (a rerun of the same command resumes after the last block
+    written); if even that cannot be written (a full disk), it keeps saying `running`."""
+    try:
+        record(status="failed", error=one_line(exc) or type(exc).__name__)
+    except Exception:  # the original error is the one to report
+        pass

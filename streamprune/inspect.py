@@ -1,8 +1,8 @@
 """`streamprune inspect DIR`: what a (pruned) checkpoint holds, how sparse it is, and whether it is whole.
 
 Works on any safetensors checkpoint of a supported family, finished or not: with an index it checks
-that every tensor the index names is in its file with the shape the config implies and that none the
-config implies is missing; without one (a run still going, or interrupted) it checks the shards that
+that every tensor the index names is in its file with the shape the config implies, finite, and that
+none the config implies is missing; without one (a run still going, or interrupted) it checks the shards that
 are there and the blocks the run's manifest says are done.  Tensors are read one at a time.
 """
 
@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from .blocks import blocks_beyond_config, empty_model, expected_shapes, shape_problems
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
+from .checks import all_finite, nonfinite_summary
 from .errors import StreamPruneError
 from .families import family_for
 from .loading import load_config
@@ -60,6 +61,8 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
         with safe_open(directory / filename, framework="pt") as handle:
             for key in (k for k, f in weight_map.items() if f == filename):
                 tensor = handle.get_tensor(key)
+                if not all_finite(tensor):
+                    problems.append(f"tensor {key} has {nonfinite_summary(tensor)}")
                 shapes[key] = tuple(tensor.shape)
                 dtypes.add(str(tensor.dtype).removeprefix("torch."))
                 if tensor.ndim == 2 and key.startswith(f"{family.base_prefix}{family.blocks}."):
@@ -93,6 +96,8 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
         "dtypes": sorted(dtypes),
         "complete": complete and not problems,
         "run_status": manifest.status if manifest else None,
+        "run_error": manifest.error if manifest else None,
+        "run_checked": manifest.checked if manifest else None,
         "blocks_total": blocks_total,
         "blocks_done": len(blocks_done),
         "sparsity": sparsity,
@@ -105,6 +110,10 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
 
 def format_report(report: dict) -> str:
     run = f"; streamprune run {report['run_status']}" if report["run_status"] else ""
+    if report.get("run_error"):
+        run += f" ({report['run_error']})"
+    if report.get("run_checked") is False:
+        run += ", made with its checks off"
     lines = [
         f"{report['directory']}: {report['model_type']}, {report['blocks_total']} blocks, "
         f"{'/'.join(report['dtypes']) or 'no tensors'}{run}; {report['blocks_done']} of {report['blocks_total']} blocks present",

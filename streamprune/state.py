@@ -84,16 +84,19 @@ class RunManifest:
     model: str
     config: dict
     blocks_total: int
-    status: str = "running"
+    status: str = "running"  # running, interrupted, failed (see error), complete
+    error: str | None = None  # why a failed run stopped
     blocks_done: int = 0
     device: str = "cpu"
     dtype: str = ""
     calibration_ids: str = CALIBRATION_IDS_FILE
+    calibration: dict = field(default_factory=dict)  # windows, seqlen, tokens, distinct_tokens, text_tokens
     placement: str | None = None  # where the calibration hidden states lived: device, cpu or disk
     sparsity: dict = field(default_factory=dict)  # tensor name -> fraction of zeros as written
     timings: dict = field(default_factory=lambda: {"calibration_s": 0.0, "blocks_s": [], "total_s": 0.0})
     peak_memory: dict = field(default_factory=dict)
     versions: dict = field(default_factory=versions)
+    checked: bool = True  # false only for runs made with the private _STREAMPRUNE_UNCHECKED=1 (checks.py)
     input_fingerprint: str = ""
     resumed: int = 0  # how many times an unfinished run was continued
     started_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -144,6 +147,19 @@ def first_difference(earlier: RunManifest, current: RunManifest) -> str | None:
     return None
 
 
+# Libraries whose arithmetic makes the blocks' numbers: another version may change them by a bit.
+BITWISE_LIBRARIES = ("torch", "transformers")
+
+
+def version_difference(earlier: dict, current: dict) -> str | None:
+    """A library of BITWISE_LIBRARIES whose version (manifest `versions`) changed, in words; None if none did."""
+    for library in BITWISE_LIBRARIES:
+        before, now = earlier.get(library), current.get(library)
+        if before != now:
+            return f"{library} was {before} when it started and is now {now}"
+    return None
+
+
 def blocks_in_place(out_dir: Path, manifest: RunManifest) -> int:
     """How many leading blocks have their shard written and readable (at most what the manifest says)."""
     from safetensors import SafetensorError, safe_open
@@ -189,6 +205,12 @@ def plan_run(out: Path, model_dir: Path, current: RunManifest, overwrite: bool, 
         raise StreamPruneError(
             f"output directory {out} holds an unfinished run with other options: {difference}; "
             "rerun with the same options to resume it, or pass --overwrite to start over"
+        )
+    upgraded = version_difference(earlier.versions, current.versions)
+    if upgraded:
+        raise StreamPruneError(
+            f"output directory {out} holds an unfinished run, but {upgraded}: resumed, it would not be bitwise "
+            "identical to an uninterrupted run; pass --no-resume or --overwrite to start over"
         )
     earlier.resumed += 1
     return Plan(earlier, start_block=blocks_in_place(out, earlier), resumed=True)

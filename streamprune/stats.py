@@ -32,12 +32,21 @@ def column_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class InputStatistics:
-    """Running sums over all tokens seen by one linear layer: sum |x_j| and sum x_j^2, in float64."""
+    """Running sums over all tokens seen by one linear layer: sum |x_j| and sum x_j^2, in float64.
+
+    `first_call` is the linear's place in the block's call order (0 for the first linear called), so
+    that an overflow is reported where it first showed.
+    """
 
     def __init__(self, in_features: int, device: torch.device):
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.tokens = 0
+        self.first_call: int | None = None
+
+    def finite(self) -> bool:
+        """Whether both sums are finite: a NaN or infinity anywhere in the inputs makes them not."""
+        return bool(torch.isfinite(self.abs_sum.sum() + self.sq_sum.sum()))
 
     def add_sums(self, abs_sum: torch.Tensor, sq_sum: torch.Tensor, tokens: int) -> None:
         """Adds the column sums (column_sums) of `tokens` more tokens."""
@@ -71,7 +80,10 @@ def input_statistics(block: nn.Module):
     A pass that only gathers statistics needs the inputs of the linears, not the block's output: from
     the second forward on, the linear called last (down_proj in LLaMA blocks, whose output feeds no other
     linear) returns zeros instead of multiplying, which saves about a sixth of the pass.  Linears fed
-    the very same tensor (q, k and v; gate and up) share one computation of its sums.
+    the very same tensor (q, k and v; gate and up) share one computation of its sums, unless the tensor
+    changed in place in between, which its version counter shows.  Inference tensors (made under
+    torch.inference_mode) have no version counter, so for them every linear computes its own sums: run
+    the statistics pass under torch.no_grad to share them (DecoderStack.run_block does).
     """
     layers = linear_layers(block)
     statistics = {}
@@ -81,11 +93,12 @@ def input_statistics(block: nn.Module):
 
     def record(name: str, stat: InputStatistics, args) -> None:
         x = args[0]
-        version = None if x.is_inference() else x._version  # inference tensors keep no counter
-        if not (x is last_input[0] and version == last_input[1]):
+        version = None if x.is_inference() else x._version
+        if version is None or not (x is last_input[0] and version == last_input[1]):
             last_input[:] = [x, version, column_sums(x)]
         stat.add_sums(*last_input[2], tokens=x.numel() // x.shape[-1])
         if name not in call_order:
+            stat.first_call = len(call_order)
             call_order.append(name)
 
     def after_each_forward(_module, _args, _output) -> None:

@@ -4,7 +4,9 @@ Every configuration is pruned with the same calibration token ids (drawn once, k
 evaluated with the same options as the dense model (evaluated once).  Each configuration's results go
 to OUTDIR/results/<name>.json as soon as it is done, so a rerun of the same command skips finished
 configurations and resumes an interrupted one inside its pruning (see engine.py).  Configurations that
-are the same pruning are done once: EN-Original and EN-Modified coincide at alpha = 1.
+are the same pruning are done once: EN-Original and EN-Modified coincide at alpha = 1.  A configuration
+whose numbers fail (activations that overflow, a log-likelihood that is not finite: NumericalError) is
+recorded as failed with the reason, and the sweep goes on; other errors stop it.
 
 Outputs: results.json, results.csv (one row per configuration, the dense model first), results.md (a
 table in the paper's layout per sparsity or pattern, dense row and best pruned row marked, then every
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,11 +28,13 @@ from .calibration import calibration_windows, save_windows
 from .checkpoint import resolve_model_dir, write_json
 from .config import PruneConfig, parse_pattern
 from .engine import prune
-from .errors import StreamPruneError
+from .errors import NumericalError, StreamPruneError, one_line
 from .evaluate.runner import EvalConfig, evaluate
 from .loading import load_tokenizer
 from .placement import Budget
-from .state import CALIBRATION_IDS_FILE, RunManifest, input_fingerprint
+from .state import CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, version_difference, versions
+
+log = logging.getLogger("streamprune")
 
 GEOMETRIES = {"original": "en-original", "modified": "en-modified"}
 SPEC_FILE = "sweep.json"
@@ -177,7 +182,6 @@ def _as_json(value):
 
 
 def _row(label: str, point: GridPoint | None, result: dict) -> dict:
-    evaluation = result["eval"]
     row = {
         "label": label,
         "method": point and GEOMETRIES[point.geometry],
@@ -186,6 +190,9 @@ def _row(label: str, point: GridPoint | None, result: dict) -> dict:
         "sparsity": point.sparsity if point else 0.0,
         "pattern": (point.pattern or "unstructured") if point else None,
     }
+    if "failed" in result:  # no metrics: why is in the row instead
+        return {**row, "failed": result["failed"], "prune_s": None, "eval_s": None}
+    evaluation = result["eval"]
     if "ppl" in evaluation:
         row["ppl"] = evaluation["ppl"]["value"]
         row["ppl_slices"] = evaluation["ppl"]["slices"]
@@ -215,8 +222,8 @@ def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: boo
 
     ids_file = outdir / CALIBRATION_IDS_FILE
     if not ids_file.is_file():
-        ids = calibration_windows(spec.calib, load_tokenizer(model_dir), spec.nsamples, spec.calib_seqlen, spec.seed, progress)
-        save_windows(ids_file, ids)
+        calibration = calibration_windows(spec.calib, load_tokenizer(model_dir), spec.nsamples, spec.calib_seqlen, spec.seed, progress)
+        save_windows(ids_file, calibration)
 
     dense_file = results_dir / "dense.json"
     if not dense_file.is_file():
@@ -232,18 +239,25 @@ def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: boo
         echo(f"[{number}/{len(unique)}] {point.label}: pruning and evaluating ...")
         checkpoint = outdir / "checkpoints" / key
         started = time.perf_counter()
-        earlier = RunManifest.load(checkpoint) if checkpoint.is_dir() else None
-        if earlier is not None and earlier.status == "complete":
-            manifest = earlier  # pruned before an interruption, not yet evaluated
-        else:
-            manifest = prune(model_dir, checkpoint, point.prune_config(spec, str(ids_file)), progress=progress, budget=budget)
-        evaluation = evaluate(checkpoint, spec.eval_config(), progress=progress, budget=budget)
-        write_json(result_file, {
-            "prune_s": manifest.timings["total_s"], "prune_peak": manifest.peak_memory, "eval": evaluation,
-            "sparsity": manifest.config["sparsity"], "pattern": manifest.config["pattern"],
-            "elapsed_s": round(time.perf_counter() - started, 3),
-        })
-        if not spec.keep:
+        try:
+            earlier = RunManifest.load(checkpoint) if checkpoint.is_dir() else None
+            if earlier is not None and earlier.status == "complete":
+                manifest = earlier  # pruned before an interruption, not yet evaluated
+            else:
+                # an unfinished pruning from before a torch or transformers upgrade cannot resume bitwise
+                resume = earlier is None or version_difference(earlier.versions, versions()) is None
+                manifest = prune(model_dir, checkpoint, point.prune_config(spec, str(ids_file)), progress=progress,
+                                 budget=budget, resume=resume)
+            evaluation = evaluate(checkpoint, spec.eval_config(), progress=progress, budget=budget)
+            write_json(result_file, {
+                "prune_s": manifest.timings["total_s"], "prune_peak": manifest.peak_memory, "eval": evaluation,
+                "sparsity": manifest.config["sparsity"], "pattern": manifest.config["pattern"],
+                "elapsed_s": round(time.perf_counter() - started, 3),
+            })
+        except NumericalError as exc:  # this configuration's numbers, not the sweep's: record it and go on
+            log.warning("%s failed: %s", point.label, exc)
+            write_json(result_file, {"failed": one_line(exc), "elapsed_s": round(time.perf_counter() - started, 3)})
+        if not spec.keep and checkpoint.exists():
             shutil.rmtree(checkpoint)
             if not any(checkpoint.parent.iterdir()):
                 checkpoint.parent.rmdir()
@@ -281,7 +295,10 @@ def markdown_tables(rows: list[dict], spec: SweepSpec) -> str:
     for shape in dict.fromkeys((r["pattern"], r["sparsity"]) for r in pruned):
         group = [r for r in pruned if (r["pattern"], r["sparsity"]) == shape]
         title = f"{shape[1]:.0%} unstructured" if shape[0] == "unstructured" else f"{shape[0]} semi-structured"
-        best = min(group, key=lambda r: r["ppl"]) if has_ppl else max(group, key=lambda r: r["macro_mean"])
+        done = [r for r in group if "failed" not in r]
+        best = None
+        if done:
+            best = min(done, key=lambda r: r["ppl"]) if has_ppl else max(done, key=lambda r: r["macro_mean"])
         header = ["alpha"]
         for geometry in spec.geometries:
             name = f"EN-{geometry.capitalize()}"
@@ -294,10 +311,13 @@ def markdown_tables(rows: list[dict], spec: SweepSpec) -> str:
             cells = [f"{alpha:g}"]
             for geometry in spec.geometries:
                 row = next(r for r in group if r["geometry"] == geometry and r["alpha"] == alpha)
+                if "failed" in row:
+                    cells += ["failed"] * (has_ppl + has_acc)
+                    continue
                 mark = "**" if row is best else ""
                 cells += [f"{mark}{_fmt(row.get('ppl'), 2)}{mark}"] * has_ppl + [f"{mark}{_fmt(row.get('macro_mean'), 4)}{mark}"] * has_acc
             lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"Best pruned: **{best['label']}** (bold); dense in italics.", ""]
+        lines += ["", f"Best pruned: **{best['label']}** (bold); dense in italics." if best else "Every configuration failed.", ""]
     metric_columns = [k for k in rows[0] if k.endswith(("_acc", "_acc_norm"))] + ["macro_mean"] * has_acc
     lines += ["## Every configuration", "",
               "| configuration | " + " | ".join((["ppl"] if has_ppl else []) + metric_columns + ["prune s", "eval s"]) + " |",
@@ -306,6 +326,10 @@ def markdown_tables(rows: list[dict], spec: SweepSpec) -> str:
         cells = [row["label"]] + ([_fmt(row.get("ppl"), 2)] if has_ppl else [])
         cells += [_fmt(row.get(c), 4) for c in metric_columns] + [_fmt(row["prune_s"], 0), _fmt(row["eval_s"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
+    failed = [row for row in rows if "failed" in row]
+    if failed:
+        lines += ["", "## Failed configurations", "", "Recorded once; delete a configuration's file in results/ to run it again.", ""]
+        lines += [f"- {row['label']}: {row['failed']}" for row in failed]
     return "\n".join(lines) + "\n"
 
 
@@ -320,7 +344,7 @@ def plot_results(directory: Path, rows: list[dict]) -> list[Path]:
     except ImportError as exc:
         raise StreamPruneError("plots need matplotlib: pip install 'streamprune[plot]'") from exc
     directory.mkdir(parents=True, exist_ok=True)
-    dense, pruned = rows[0], rows[1:]
+    dense, pruned = rows[0], [row for row in rows[1:] if "failed" not in row]  # a failed one has no point
     written = []
 
     def finish(figure, axis, title: str, ylabel: str, xlabel: str, name: str, reference: float | None) -> None:

@@ -1,4 +1,5 @@
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from make_checkpoint import make_random_checkpoint  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """Build (once per session) a tiny random checkpoint whose blocks are split across shard files."""
+    """Build (once per session) a tiny random checkpoint whose blocks are split across shard files.
+
+    Its weights are seeded by what was asked (family, dtype, shape), so a test sees the same checkpoint
+    whichever tests ran before it."""
     made = {}
 
     def make(family="llama", dtype="float64", layers=3, tie_embeddings=False, **shape):
@@ -20,7 +24,7 @@ def tiny_checkpoint(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"ckpt-{family}-{dtype}")
             make_random_checkpoint(
                 out, family=family, layers=layers, dtype=dtype, tie_embeddings=tie_embeddings,
-                max_shard_bytes=90_000, seed=len(made), **shape,
+                max_shard_bytes=90_000, seed=zlib.crc32(repr(key).encode()), **shape,
             )
             made[key] = out
         return made[key]

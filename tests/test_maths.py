@@ -157,14 +157,41 @@ class _TwoLinearsOneInput(nn.Module):
         return out + self.second(x)
 
 
-def test_linears_fed_one_tensor_share_its_sums_unless_it_changed_in_between():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_linears_fed_one_tensor_share_its_sums_unless_it_changed_in_between(mode, monkeypatch):
+    from streamprune import stats
+
+    computed = []
+    real = stats.column_sums
+    monkeypatch.setattr(stats, "column_sums", lambda x: computed.append(1) or real(x))
     module = _TwoLinearsOneInput()
-    with torch.no_grad(), input_statistics(module) as statistics:
+    with mode(), input_statistics(module) as statistics:
         module(torch.tensor([[1.0, -2.0]]))
         module(torch.tensor([[3.0, 1.0]]), change_between=True)
     assert statistics["first"].abs_sum.tolist() == [4.0, 3.0]
     assert statistics["second"].abs_sum.tolist() == [7.0, 4.0]
     assert statistics["second"].sq_sum.tolist() == [37.0, 8.0]
+    # no_grad: shared in the first call, recomputed after the change; inference tensors have no version
+    # counter to show a change, so under inference_mode every linear computes its own
+    assert len(computed) == (3 if mode is torch.no_grad else 4)
+
+
+def test_the_statistics_pass_shares_sums_as_blocks_run_in_production(tiny_checkpoint, monkeypatch):
+    from streamprune import stats
+    from streamprune.loading import open_model
+
+    stack = open_model(tiny_checkpoint("llama", dtype="float32", layers=2), "cpu").stack
+    acts = stack.embed(torch.randint(0, 256, (3, 8)), batch_size=2)  # two forwards: 2 rows, then 1
+    block = stack.load_block(0)
+    computed = []
+    real = stats.column_sums
+    monkeypatch.setattr(stats, "column_sums", lambda x: computed.append(1) or real(x))
+    with input_statistics(block) as statistics:
+        stack.run_block(0, acts, batch_size=2, write_back=False)
+    # per forward: q/k/v share one computation, o one, gate/up one, down one (not 7)
+    assert len(computed) == 2 * 4
+    assert {name: stat.tokens for name, stat in statistics.items()} == dict.fromkeys(statistics, 24)
+    assert [stat.first_call for stat in statistics.values()] == list(range(7))
 
 
 def test_hooks_are_removed_when_the_forward_fails():

@@ -89,3 +89,30 @@ def test_each_run_reports_its_own_peak_not_the_process_largest():
     del big
     reset_peak_memory(torch.device("cpu"))
     assert peak_rss_bytes() < high - 128 * 2**20
+
+
+def test_evaluation_places_a_whole_round_of_hidden_states_against_the_limit(tiny_checkpoint, tmp_path, monkeypatch):
+    import streamprune.blocks
+
+    model = tiny_checkpoint("llama")  # float64, hidden size 64
+    requests = [Request(tuple(range(first, first + 16)), start=1) for first in range(1, 7)]  # 6 rows of 15 inputs
+    reference = streamed_logprobs(open_model(model, device="cpu").stack, requests, batch_size=2)
+    stack = open_model(model, device="cpu").stack
+    batch_bytes = 2 * 16 * 64 * 8  # one batch: 2 rows padded to 16 positions, float64
+    reserve = 2 * 8 * sum(torch.Size(stack.reader.shapes[k]).numel() for k in stack.block_keys(0))
+    reserve += 8 * 2 * 16 * (4 * 64 + 3 * 160)
+    asked = []
+    real = streamprune.blocks.choose_placement
+    monkeypatch.setattr(streamprune.blocks, "choose_placement", lambda n, r, d, b: asked.append((n, r)) or real(n, r, d, b))
+    # room for two batches beside a block at work, not for the round of three: the whole round goes to disk
+    stack.budget = Budget(max_cpu_bytes=reserve + 2 * batch_bytes, offload_dir=str(tmp_path))
+    made = []
+    monkeypatch.setattr(streamprune.blocks, "make_states", lambda *a: made.append(a[3]) or streamprune.placement.make_states(*a))
+    on_disk = streamed_logprobs(stack, requests, batch_size=2)
+    assert asked == [(3 * batch_bytes, reserve)]  # one decision, for all that is resident at once
+    assert made == ["disk"] * 3
+    assert all(torch.equal(a, b) for a, b in zip(reference, on_disk))
+    made.clear()
+    stack.budget = Budget(max_cpu_bytes=reserve + 3 * batch_bytes)
+    streamed_logprobs(stack, requests, batch_size=2)
+    assert made == ["device"] * 3

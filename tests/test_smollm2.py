@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import streamprune
 from streamprune.data import WIKITEXT_CALIBRATION
+from streamprune.masking import zero_fraction
 
 pytestmark = pytest.mark.slow
 
@@ -64,12 +65,16 @@ def test_method_identities_hold_on_the_real_model(smollm2, tmp_path):
             ("enm1", "en-modified", 1.0),
         ]
     }
-    assert runs
     for block in (0, 17):
         t = {name: block_tensors(tmp_path / name, block) for name in runs}
+        linears = sorted(k for k in t["wanda"] if k.endswith("proj.weight"))
+        assert len(linears) == 7 and all(t[name].keys() == t["wanda"].keys() for name in t)
+        assert all(zero_fraction(t["wanda"][k]) == 0.5 for k in linears)  # they are pruned, not copies
         assert all(torch.equal(t["wanda"][k], t["enm0"][k]) for k in t["wanda"])
         assert all(torch.equal(t["eno1"][k], t["enm1"][k]) for k in t["eno1"])
-        assert not all(torch.equal(t["wanda"][k], t["eno0"][k]) for k in t["wanda"])
+        # the identities are not trivial: squared L2 (en-original at 0) and L1 (a = 1) prune otherwise
+        assert not any(torch.equal(t["wanda"][k], t["eno0"][k]) for k in linears)
+        assert not any(torch.equal(t["wanda"][k], t["eno1"][k]) for k in linears)
 
 
 

@@ -6,8 +6,10 @@ a multiple-choice question scores the tokens of each answer after its prompt.
 
 Requests that feed the model the same tokens (the answers " yes" and " no" after the same prompt)
 share one row.  Rows are sorted by length and batched; a batch is right-padded, which a causal model
-never looks at from a real token, so no attention mask is needed.  Batches are kept resident in chunks
-of at most `max_resident_tokens` padded tokens: each chunk streams through every block once.
+never looks at from a real token, so no attention mask is needed.  Batches are kept resident in rounds
+of at most `max_resident_tokens` padded tokens: each round streams through every block once, and where
+its hidden states live (device, host memory or disk) is chosen for the whole round against the memory
+limits, since all of them are resident at once.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from .. import progress as progress_bars
 from ..blocks import DecoderStack
 
 PAD_TO_MULTIPLE = 8
@@ -112,10 +114,12 @@ def streamed_logprobs(
     results: list = [None] * len(requests)
     chunks = _batches(_rows(requests), batch_size, max_resident_tokens)
     steps = len(chunks) * (stack.num_blocks + 1)
-    with tqdm(total=steps, desc=desc, unit="block", disable=not progress, leave=False) as bar:
+    with progress_bars.bar(total=steps, desc=desc, unit="block", enabled=progress, leave=False) as bar:
         for chunk in chunks:
+            resident = sum(len(batch) * _padded_length(batch) for batch in chunk) * stack.config.hidden_size
+            placement = stack.placement_for(resident, batch_size * max(_padded_length(batch) for batch in chunk))
             with stack.embedder() as embed:
-                activations = [embed(_padded_ids(batch), batch_size) for batch in chunk]
+                activations = [embed(_padded_ids(batch), batch_size, placement) for batch in chunk]
             for index in range(stack.num_blocks):
                 stack.load_block(index)
                 for acts in activations:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import StreamPruneError
+from ..checks import first_nonfinite, wider_dtypes
+from ..errors import NumericalError, StreamPruneError
 from ..loading import choose_device, load_tokenizer, open_model, warn_beyond_context
 from ..placement import Budget
 from ..checkpoint import resolve_model_dir
@@ -61,6 +62,7 @@ class Scorer:
     tokenizer: object
     max_length: int
     device: torch.device
+    dtype: torch.dtype  # the compute dtype, for the advice when numbers overflow
 
 
 def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, progress: bool, budget: Budget | None) -> Scorer:
@@ -72,7 +74,7 @@ def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, pr
         max_resident_tokens=config.max_resident_tokens, progress=progress,
     )
     max_length = getattr(opened.stack.config, "max_position_embeddings", None) or 2048
-    return Scorer(score, opened.tokenizer, max_length, opened.stack.device)
+    return Scorer(score, opened.tokenizer, max_length, opened.stack.device, opened.stack.dtype)
 
 
 def _quantized_scorer(model: str, config: EvalConfig, trust_remote_code: bool) -> Scorer:
@@ -93,7 +95,7 @@ def _quantized_scorer(model: str, config: EvalConfig, trust_remote_code: bool) -
     whole.eval()
     score = partial(whole_model_logprobs, whole, batch_size=config.batch_size)
     max_length = getattr(whole.config, "max_position_embeddings", None) or 2048
-    return Scorer(score, load_tokenizer(model_dir, trust_remote_code), max_length, choose_device("cuda"))
+    return Scorer(score, load_tokenizer(model_dir, trust_remote_code), max_length, choose_device("cuda"), whole.dtype)
 
 
 def _perplexity_result(config: EvalConfig, ranges: list[range], logprobs: list[torch.Tensor]) -> dict:
@@ -102,6 +104,39 @@ def _perplexity_result(config: EvalConfig, ranges: list[range], logprobs: list[t
 
 def _task_result(task, examples, logprobs: list[torch.Tensor]) -> dict:
     return {**accuracy(examples, logprobs), "primary": task.primary, **task.describe(examples)}
+
+
+def _window_name(config: EvalConfig, ranges: list[range], number: int) -> str:
+    """Perplexity request `number` in words: which window of the text, and its tokens."""
+    window = [w for r in ranges for w in r][number] if ranges else number
+    start = window * config.seqlen
+    return f"perplexity window {window} of {config.ppl} (tokens {start} to {start + config.seqlen - 1})"
+
+
+def _answer_name(task: str, examples, number: int) -> str:
+    """Task request `number` in words: which example of the evaluated ones, and which answer."""
+    for index, example in enumerate(examples):
+        if number < len(example.choices):
+            return f"{task} example {index} of the {len(examples)} evaluated, answer {example.choices[number]!r}"
+        number -= len(example.choices)
+    raise IndexError(number)
+
+
+def _check_finite(jobs: list, logprobs: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """Raises NumericalError naming the first window or task request whose log-likelihood is not finite."""
+    bad = first_nonfinite(logprobs)
+    if bad is None:
+        return
+    offset = 0
+    for _, requests, _, name_of in jobs:
+        if bad < offset + len(requests):
+            values = logprobs[bad]
+            value = values[~torch.isfinite(values)][0].item()
+            raise NumericalError(
+                f"the log-likelihood of {name_of(bad - offset)} is {value} (not finite): the activations overflowed "
+                f"{str(dtype).removeprefix('torch.')} or the model is damaged; evaluate with {wider_dtypes(dtype)}"
+            )
+        offset += len(requests)
 
 
 def evaluate(
@@ -130,12 +165,12 @@ def evaluate(
         warn_beyond_context(config.seqlen, scorer.max_length)
     results: dict = {"model": str(model), "options": dataclasses.asdict(config), "timings": {}}
     # Every request of every job is scored in one streaming pass: the weights are read once.
-    jobs = []  # (where the result goes, requests, requests -> result)
+    jobs = []  # (where the result goes, requests, log-probabilities -> result, request number -> its name)
     if config.ppl:
         requests, ranges = perplexity_requests(
             scorer.tokenizer, load_text(config.ppl), config.seqlen, config.max_windows, config.ppl_slices
         )
-        jobs.append(("ppl", requests, partial(_perplexity_result, config, ranges)))
+        jobs.append(("ppl", requests, partial(_perplexity_result, config, ranges), partial(_window_name, config, ranges)))
     data_dir = Path(config.data_dir) if config.data_dir else None
     for name in config.tasks:
         task = get_task(name)
@@ -143,13 +178,14 @@ def evaluate(
         if not examples:
             raise StreamPruneError(f"the {name} data has no examples; check --data-dir")
         requests = requests_for(examples, scorer.tokenizer, scorer.max_length)
-        jobs.append((name, requests, partial(_task_result, task, examples)))
+        jobs.append((name, requests, partial(_task_result, task, examples), partial(_answer_name, name, examples)))
     results["timings"]["prepare_s"] = round(time.perf_counter() - started, 3)
     step = time.perf_counter()
-    logprobs = scorer.score([request for _, requests, _ in jobs for request in requests])
+    logprobs = scorer.score([request for _, requests, _, _ in jobs for request in requests])
     results["timings"]["scoring_s"] = round(time.perf_counter() - step, 3)
+    _check_finite(jobs, logprobs, scorer.dtype)
     offset = 0
-    for name, requests, finish in jobs:
+    for name, requests, finish, _ in jobs:
         result = finish(logprobs[offset : offset + len(requests)])
         offset += len(requests)
         if name == "ppl":

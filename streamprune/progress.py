@@ -1,0 +1,80 @@
+"""Progress bars that suit where stderr goes: redrawn in place on a terminal, plain lines in a log.
+
+On a terminal, tqdm's own bar.  On anything else (a log file, CI, `nohup`) a bar redrawn with carriage
+returns leaves its residue in the file, and a later `Error:` would land on the same line; there each bar
+prints whole lines instead: one when it starts, at most one a minute while it runs, and, for bars that
+stay (`leave`), one when it ends.  Messages go through `message()`, which clears and redraws bars on a
+terminal (tqdm.write), so `Warning:` and `Error:` always start their own line.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from tqdm.std import tqdm
+
+with warnings.catch_warnings():  # in Jupyter it warns that its notebook support is experimental
+    warnings.simplefilter("ignore")
+    from tqdm.autonotebook import tqdm as auto_tqdm  # the notebook widget inside Jupyter, else tqdm.std's
+
+LOG_INTERVAL_S = 60.0  # at most one progress line a minute in a log
+
+
+def stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+class _LogLines(tqdm):
+    """A tqdm that writes whole lines, never a carriage return: for stderr that is not a terminal."""
+
+    def __init__(self, *args, leave: bool = True, **kwargs):
+        self._final_line = leave
+        self._last_state = None  # (description, count) of the last line: a line says something new or nothing
+        kwargs.update(mininterval=LOG_INTERVAL_S, maxinterval=float("inf"), miniters=1, dynamic_ncols=False, ncols=None)
+        kwargs.setdefault("bar_format", "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]")
+        super().__init__(*args, leave=False, **kwargs)
+
+    def display(self, msg=None, pos=None):
+        if msg == "":  # tqdm clearing the bar: nothing to clear in a log
+            return False
+        if (self.desc, self.n) == self._last_state:
+            return False
+        self._last_state = (self.desc, self.n)
+        self.fp.write(f"{self.__str__() if msg is None else msg}\n")
+        self.fp.flush()
+        return True
+
+    def clear(self, nolock=False):
+        pass
+
+    def close(self):
+        if not self.disable and self._final_line:
+            self.display()
+        super().close()
+
+
+def bar(*, total: int, desc: str, unit: str, enabled: bool = True, leave: bool = True) -> tqdm:
+    """A progress bar on stderr: tqdm's on a terminal (or a notebook's), whole lines otherwise; a disabled
+    one if not enabled."""
+    if auto_tqdm is not tqdm:  # a notebook: its widget
+        cls = auto_tqdm
+    else:
+        cls = tqdm if stderr_is_terminal() else _LogLines
+    return cls(total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, file=sys.stderr)
+
+
+def message(line: str) -> None:
+    """One line on stderr that starts on a line of its own, with any bar on the terminal redrawn below it."""
+    if stderr_is_terminal():
+        tqdm.write(line, file=sys.stderr)
+    else:
+        sys.stderr.write(f"{line}\n")
+        sys.stderr.flush()
+
+
+def close_all() -> None:
+    """Closes every bar still open (a terminal's bar line is cleared), so that an error prints on its own line."""
+    for instance in list(getattr(tqdm, "_instances", ())):
+        instance.close()
