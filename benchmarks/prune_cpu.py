@@ -16,6 +16,11 @@ Jobs (EN-Modified, a = 0.5, 50%), each pruned twice in fresh child processes:
   floor     the compute floor of Wanda's protocol, in the streamed dtype: the whole model in memory and
             only the two passes of every block over all tokens (dense, then pruned), batched; no hooks,
             statistics, scoring, reading or writing.  No pruner that follows the protocol does less work.
+  unchecked `streamprune prune` with its guards off (the private _STREAMPRUNE_UNCHECKED=1: no
+            finiteness checks of what is read, statistics and scores, no sparsity post-condition), to
+            measure what the guards cost; its output must be byte-identical to the checked run's.  Checked
+            and unchecked runs alternate (--check-repeats pairs: checked first, then unchecked first), and
+            the mean and the fastest of each are compared; the main table shows the first checked run.
 Both compute in float32 unless said (float16 products on a CPU are about 100x slower). Printed: wall time,
 the floor, peak RSS (each child's own VmHWM), seconds per block, their ratios, and how many mask entries differ.
 
@@ -134,18 +139,28 @@ def run_floor(model_dir: Path, ids_file: Path, dtype: str, batch_size: int) -> d
 
 
 def run_streamed(model_dir: Path, ids_file: Path, out_dir: Path, nsamples: int, seqlen: int, batch_size: int,
-                 dtype: str) -> dict:
+                 dtype: str, checks: bool = True) -> dict:
     started = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not checks:
+        env["_STREAMPRUNE_UNCHECKED"] = "1"
     subprocess.run(
         [sys.executable, "-m", "streamprune.cli", "prune", str(model_dir), str(out_dir), "--overwrite",
          "--method", "en-modified", "--alpha", "0.5", "--sparsity", "0.5", "--calib", str(ids_file),
          "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--batch-size", str(batch_size),
          "--device", "cpu", "--dtype", dtype, "--quiet"],
-        check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+        check=True, env=env, stdout=subprocess.DEVNULL,
     )
     manifest = json.loads((out_dir / "streamprune.json").read_text())
     return {"wall_s": manifest["timings"]["total_s"], "process_s": time.perf_counter() - started,
             "peak_rss_bytes": manifest["peak_memory"]["host_rss_bytes"], "blocks_s": manifest["timings"]["blocks_s"]}
+
+
+def same_shards(a: Path, b: Path) -> bool:
+    shards = sorted(p.name for p in a.glob("model-*.safetensors"))
+    return shards == sorted(p.name for p in b.glob("model-*.safetensors")) and all(
+        (a / name).read_bytes() == (b / name).read_bytes() for name in shards
+    )
 
 
 def differing_mask_entries(a: Path, b: Path) -> tuple[int, int]:
@@ -176,6 +191,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--jobs", default="smollm2,smollm2-bf16,7b-4,7b-8")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--check-repeats", type=int, default=2, help="pairs of checked and unchecked runs per job")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -184,7 +200,7 @@ def main() -> int:
         dtype = "bfloat16" if job.endswith("-bf16") else "float32"
         if job.startswith("smollm2"):
             model_dir = smollm2_checkpoint()
-            ids = calibration_windows(str(WIKITEXT_CALIBRATION), load_tokenizer(model_dir), 32, 512, seed=0)
+            ids = calibration_windows(str(WIKITEXT_CALIBRATION), load_tokenizer(model_dir), 32, 512, seed=0).input_ids
         else:
             layers = int(job.split("-")[1])
             model_dir = args.workdir / f"llama7b-shape-{layers}"
@@ -196,7 +212,14 @@ def main() -> int:
         ids_file = args.workdir / f"{base_job}-ids.safetensors"
         save_file({"input_ids": ids}, ids_file)
         streamed_dir, whole_dir = args.workdir / f"{job}-streamed", args.workdir / f"{base_job}-whole"
-        streamed = run_streamed(model_dir, ids_file, streamed_dir, ids.shape[0], ids.shape[1], args.batch_size, dtype)
+        unchecked_dir = args.workdir / f"{job}-unchecked"
+        runs = {True: [], False: []}
+        for repeat in range(args.check_repeats):
+            for checks in ((True, False) if repeat % 2 == 0 else (False, True)):
+                runs[checks].append(run_streamed(model_dir, ids_file, streamed_dir if checks else unchecked_dir,
+                                                 ids.shape[0], ids.shape[1], args.batch_size, dtype, checks=checks))
+        streamed = runs[True][0]
+        checked_s, unchecked_s = [r["wall_s"] for r in runs[True]], [r["wall_s"] for r in runs[False]]
         if base_job not in whole_runs:
             whole_runs[base_job] = run_whole(model_dir, ids_file, whole_dir)
         whole = whole_runs[base_job]
@@ -207,6 +230,12 @@ def main() -> int:
             "calibration": list(ids.shape),
             "streamed_dtype": dtype,
             "streamed": streamed,
+            "checks": {
+                "checked_runs": runs[True], "unchecked_runs": runs[False],
+                "mean_ratio": (sum(checked_s) / len(checked_s)) / (sum(unchecked_s) / len(unchecked_s)),
+                "fastest_ratio": min(checked_s) / min(unchecked_s),
+                "same_bytes": same_shards(streamed_dir, unchecked_dir),
+            },
             "whole": whole,
             "compute_floor": floor,
             "wall_ratio": streamed["wall_s"] / whole["wall_s"],
@@ -215,11 +244,19 @@ def main() -> int:
             "mask_entries_differing": differ,
             "mask_entries": entries,
         }
-        print(f"{job}: streamed {streamed['wall_s']:.1f} s {streamed['peak_rss_bytes'] / GIB:.2f} GiB; "
+        print(f"{job}: streamed {streamed['wall_s']:.1f} s {streamed['peak_rss_bytes'] / GIB:.2f} GiB "
+              f"(checked {', '.join(f'{t:.1f}' for t in checked_s)} s, unchecked {', '.join(f'{t:.1f}' for t in unchecked_s)} s); "
               f"whole {whole['wall_s']:.1f} s {whole['peak_rss_bytes'] / GIB:.2f} GiB; floor {floor['wall_s']:.1f} s", flush=True)
 
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"batch size {args.batch_size}; whole-model runs in float32")
+    print(f"{'job':<13}{'checked s':>16}{'unchecked s':>16}{'mean ratio':>11}{'fastest ratio':>14}{'peak GiB':>16}{'same bytes':>11}")
+    for job, row in jobs.items():
+        c = row["checks"]
+        times = [" ".join(f"{r['wall_s']:.1f}" for r in c[f"{k}_runs"]) for k in ("checked", "unchecked")]
+        peaks = [max(r["peak_rss_bytes"] for r in c[f"{k}_runs"]) / GIB for k in ("checked", "unchecked")]
+        print(f"{job:<13}{times[0]:>16}{times[1]:>16}{c['mean_ratio']:>11.3f}{c['fastest_ratio']:>14.3f}"
+              f"{peaks[0]:>8.2f}/{peaks[1]:<7.2f}{str(c['same_bytes']):>11}")
     header = f"{'job':<13}{'tokens':>10}{'ckpt GiB':>9}{'wall s':>16}{'ratio':>7}{'floor s':>8}{'ratio':>7}" \
              f"{'peak RSS GiB':>18}{'ratio':>7}{'s/block':>16}{'masks differ':>14}"
     print(header)
