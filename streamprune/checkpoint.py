@@ -161,7 +161,7 @@ class CheckpointReader:
             except SafetensorError as exc:
                 raise StreamPruneError(f"{self.model_dir / filename} is truncated or corrupt ({exc})") from exc
             if key not in self.magnitudes:
-                magnitude = stored_magnitude(key, tensor, filename)
+                magnitude = stored_magnitude(key, tensor, self.model_dir / filename)
                 if magnitude is not None:
                     self.magnitudes[key] = magnitude
             yield key, tensor

@@ -47,7 +47,7 @@ def nonfinite_summary(tensor: torch.Tensor) -> str:
     return f"{total} non-finite value{'s' * (total != 1)} ({detail})"
 
 
-def stored_magnitude(key: str, tensor: torch.Tensor, filename: str) -> float | None:
+def stored_magnitude(key: str, tensor: torch.Tensor, filename: str | os.PathLike) -> float | None:
     """The largest |value| of a tensor read from a checkpoint, after refusing NaN and infinity.
 
     Returns None for integer tensors, empty ones, or with the checks off.  Raises StreamPruneError

@@ -150,8 +150,16 @@ def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, overlap
 
     Rerunning the same command on an unfinished OUTPUT (crash, kill, Ctrl-C, full disk) resumes it.
     """
+    from .config import parse_pattern
     from .engine import prune as run_prune
 
+    sparsity_given = click.get_current_context().get_parameter_source("sparsity") == click.core.ParameterSource.COMMANDLINE
+    if options["pattern"] and sparsity_given:
+        n, m = parse_pattern(options["pattern"])
+        if options["sparsity"] != n / m:
+            raise click.UsageError(
+                f"--pattern {options['pattern']} prunes {n / m:.0%} by itself; give --sparsity or --pattern, not both"
+            )
     config = PruneConfig(**options)
     manifest = run_prune(
         model, output, config, overwrite=overwrite, resume=not no_resume, trust_remote_code=trust_remote_code,
@@ -296,6 +304,12 @@ def sweep(model, outdir, spec_file, overwrite, quiet, offload, max_gpu_memory, m
                      budget=_budget(offload, max_gpu_memory, max_cpu_memory, offload_dir), echo=click.echo)
     click.echo(f"{len(rows) - 1} configurations and the dense model: {outdir / 'results.md'}, results.csv, "
                f"results.json, plots/")
+    failed = [row for row in rows if "failed" in row]
+    if failed:  # the results are written, but a script must not take the sweep for a success
+        raise click.ClickException(
+            f"{len(failed)} of {len(rows) - 1} configurations failed ({failed[0]['label']}: {failed[0]['failed']}); "
+            f"the reasons are listed in {outdir / 'results.md'}"
+        )
 
 
 @main.command()

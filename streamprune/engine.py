@@ -352,7 +352,7 @@ def prune(
     if plan.resumed:
         remove_partial_files(out)
         calibration = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen)
-        log.warning("resuming the unfinished run in %s after block %d of %d", out, plan.start_block, stack.num_blocks)
+        log.warning("resuming the unfinished run in %s: %d of its %d blocks are done", out, plan.start_block, stack.num_blocks)
     else:
         calibration = calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
         make_output(out)

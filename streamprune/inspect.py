@@ -79,6 +79,8 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
         written = manifest.blocks_done if manifest else len(blocks_done)
         prefixes = tuple(family.block_prefix(i) for i in range(written))
         wanted = {k: v for k, v in expected.items() if k.startswith(prefixes)}
+    if manifest and manifest.status == "failed":
+        problems.append(f"the streamprune run failed: {manifest.error}")
     problems += shape_problems(wanted, shapes) + blocks_beyond_config(shapes, family, blocks_total)
     problems += [f"tensor {k} has shape {list(v)}; the config implies {list(expected[k])}"
                  for k, v in shapes.items() if k in expected and k not in wanted and v != expected[k]]
@@ -110,8 +112,6 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
 
 def format_report(report: dict) -> str:
     run = f"; streamprune run {report['run_status']}" if report["run_status"] else ""
-    if report.get("run_error"):
-        run += f" ({report['run_error']})"
     if report.get("run_checked") is False:
         run += ", made with its checks off"
     lines = [

@@ -15,6 +15,7 @@ from .checkpoint import CheckpointReader, resolve_model_dir
 from .errors import StreamPruneError
 from .families import family_for
 from .placement import Budget
+from .state import RunManifest
 
 log = logging.getLogger("streamprune")
 
@@ -50,7 +51,16 @@ def _declared_config(config_file: Path) -> dict:
 
 
 def load_config(model_dir: Path, trust_remote_code: bool = False):
+    """transformers' config of a model directory; StreamPruneError when there is none (naming an
+    unfinished streamprune run, whose config.json comes last) or transformers cannot read it."""
     if not (model_dir / "config.json").is_file():
+        run = RunManifest.load(model_dir)
+        if run is not None:
+            why = f": {run.error}" if run.error else ""
+            raise StreamPruneError(
+                f"{model_dir} holds an unfinished streamprune run ({run.status}, {run.blocks_done} of "
+                f"{run.blocks_total} blocks done{why}); rerun its prune command to finish it"
+            )
         raise StreamPruneError(f"no config.json in {model_dir}; is it a Hugging Face model directory?")
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)

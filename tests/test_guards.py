@@ -98,7 +98,7 @@ def test_a_nan_weight_is_refused_naming_the_tensor_and_nothing_is_complete(tiny_
     result = invoke(*prune_args(model, out))
     assert result.exit_code == 1
     line = only_line(result.stderr, "Error:")
-    assert line.startswith(f"Error: {Q0} has 1 non-finite value (NaN) (in model-000")
+    assert line.startswith(f"Error: {Q0} has 1 non-finite value (NaN) (in {model}/model-000")
     assert line.endswith("streamprune will not prune or evaluate a damaged checkpoint")
     assert "Traceback" not in result.output
     assert manifest(out)["status"] == "failed" and manifest(out)["error"] in line
@@ -118,7 +118,7 @@ def test_a_damaged_later_block_fails_there_and_the_run_stays_resumable(tiny_chec
     assert line.startswith(f"Error: {name} has 128 non-finite values (-inf)"), line
     assert manifest(out)["status"] == "failed" and manifest(out)["blocks_done"] == 1
     result = invoke(*prune_args(model, out))  # the same command resumes after block 0, and stops again
-    assert "Warning: resuming the unfinished run" in result.stderr
+    assert f"Warning: resuming the unfinished run in {out}: 1 of its 2 blocks are done" in result.stderr
     assert only_line(result.stderr, "Error:").startswith(f"Error: {name} has 128 non-finite values")
 
 
@@ -281,8 +281,32 @@ def test_inspect_reports_non_finite_tensors_and_why_a_run_failed(tiny_checkpoint
     out = tmp_path / "out"
     invoke(*prune_args(damaged, out))
     result = invoke("inspect", out)
-    assert "streamprune run failed (model.layers.1.mlp.up_proj.weight has 1 non-finite value (+inf)" in result.stdout
-    assert "1 of 2 blocks present" in result.stdout
+    assert result.exit_code == 1 and "streamprune run failed; 1 of 2 blocks present" in result.stdout
+    assert "problem: the streamprune run failed: model.layers.1.mlp.up_proj.weight has 1 non-finite value (+inf)" in result.stdout
+    result = invoke("eval", out, "--ppl", WIKITEXT_HELD_OUT, "--seqlen", "32", "--quiet")
+    assert only_line(result.stderr, "Error:") == (
+        f"Error: {out} holds an unfinished streamprune run (failed, 1 of 2 blocks done: model.layers.1.mlp.up_proj.weight "
+        f"has 1 non-finite value (+inf) (in {damaged}/model-00006-of-00007.safetensors); streamprune will not prune or "
+        "evaluate a damaged checkpoint); rerun its prune command to finish it"
+    )
+
+
+def test_another_model_of_the_same_shape_does_not_resume_a_run(tiny_checkpoint, tmp_path):
+    source = tiny_checkpoint("llama", dtype="float32", layers=2)
+    first = edited_copy(source, tmp_path / "first", {"model.layers.1.mlp.up_proj.weight": set_entry(float("nan"))})
+    second = edited_copy(source, tmp_path / "second", {"model.layers.0.mlp.up_proj.weight": lambda t: t * 1.01})
+    out = tmp_path / "out"
+    invoke(*prune_args(first, out))
+    assert manifest(out)["blocks_done"] == 1
+    result = invoke(*prune_args(second, out))  # same config, index and file sizes; other weights
+    assert only_line(result.stderr, "Error:").startswith(
+        f"Error: output directory {out} holds an unfinished run with other options: the model differs"
+    )
+
+
+def test_a_pattern_and_another_sparsity_are_refused(tiny_checkpoint, tmp_path):
+    result = invoke(*prune_args(tiny_checkpoint("llama", dtype="float32", layers=2), tmp_path / "o", "--pattern", "2:4", "--sparsity", "0.3"))
+    assert only_line(result.stderr, "Error:") == "Error: --pattern 2:4 prunes 50% by itself; give --sparsity or --pattern, not both"
 
 
 # -- calibration overlap, versions, sweeps ----------------------------------------------------------
@@ -338,9 +362,13 @@ def test_a_sweep_records_a_failed_configuration_and_goes_on(tiny_checkpoint, tmp
             "--geometries", "modified", "--calib", WIKI, "--nsamples", "2", "--calib-seqlen", "16",
             "--ppl", WIKITEXT_HELD_OUT, "--seqlen", "32", "--max-windows", "2", "--quiet"]
     result = invoke(*args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     assert only_line(result.stderr, "Warning:") == (
         "Warning: EN-Modified a=1 50% failed: the activations overflowed float16 in block 1 (mlp.down_proj input)"
+    )
+    assert only_line(result.stderr, "Error:") == (
+        "Error: 1 of 2 configurations failed (EN-Modified a=1 50%: the activations overflowed float16 in block 1 "
+        f"(mlp.down_proj input)); the reasons are listed in {tmp_path / 'sweep' / 'results.md'}"
     )
     rows = json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"]
     assert [("failed" in r, r.get("ppl") is not None) for r in rows] == [(False, True), (False, True), (True, False)]
@@ -349,7 +377,7 @@ def test_a_sweep_records_a_failed_configuration_and_goes_on(tiny_checkpoint, tmp
     assert "| 1 | failed |" in table and "- EN-Modified a=1 50%: the activations overflowed" in table
     assert not (tmp_path / "sweep" / "checkpoints").exists()  # the failed pruning's output is removed too
     monkeypatch.setattr(streamprune.sweep, "prune", lambda *a, **k: pytest.fail("a recorded configuration was redone"))
-    assert invoke(*args).exit_code == 0
+    assert invoke(*args).exit_code == 1
 
 
 # -- progress and message lines ----------------------------------------------------------------------

@@ -77,6 +77,8 @@ def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = No
 
 def slice_ranges(total_windows: int, slices: int, max_windows: int | None) -> list[range]:
     """S runs of k consecutive window indices, evenly spaced from the first window to the last."""
+    if max_windows is not None and max_windows < slices:
+        raise StreamPruneError(f"--max-windows {max_windows} cannot make {slices} slices: give at least one window per slice")
     per_slice = (max_windows if max_windows is not None else total_windows) // slices
     per_slice = min(per_slice, total_windows // slices)
     if per_slice == 0:
