@@ -306,12 +306,12 @@ class DecoderStack:
         with self._base_without_blocks() as record:
 
             @torch.inference_mode()
-            def embed(input_ids: torch.Tensor, batch_size: int, placement: str | None = None) -> Activations:
+            def embed(input_ids: torch.Tensor, batch_size: int, placement: str | None = None, reserve_bytes: int = 0) -> Activations:
                 rows, seqlen = input_ids.shape
                 self.base(input_ids=input_ids[:1].to(self.device), use_cache=False)
                 block_kwargs = dict(record["kwargs"])  # later calls record into the same dict
                 shape = (rows, seqlen, record["hidden_states"].shape[-1])
-                placement = placement or self.placement_for(torch.Size(shape).numel(), batch_size * seqlen)
+                placement = placement or self.placement_for(torch.Size(shape).numel(), batch_size * seqlen, reserve_bytes)
                 hidden = make_states(shape, self.dtype, self.device, placement, self.budget.offload_dir)
                 for start in range(0, rows, batch_size):
                     self.base(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
@@ -320,20 +320,21 @@ class DecoderStack:
 
             yield embed
 
-    def embed(self, input_ids: torch.Tensor, batch_size: int) -> Activations:
-        """Inputs of block 0 for rows of equal length, and how every block is to be called on them."""
+    def embed(self, input_ids: torch.Tensor, batch_size: int, reserve_bytes: int = 0) -> Activations:
+        """Inputs of block 0 for rows of equal length, and how every block is to be called on them;
+        `reserve_bytes` more device memory is kept free for the block's work (statistics)."""
         with self.embedder() as embed:
-            return embed(input_ids, batch_size)
+            return embed(input_ids, batch_size, reserve_bytes=reserve_bytes)
 
-    def placement_for(self, hidden_values: int, batch_tokens: int) -> str:
+    def placement_for(self, hidden_values: int, batch_tokens: int, reserve_bytes: int = 0) -> str:
         """Where `hidden_values` hidden-state entries go (all that are resident at once), given the budget
-        and room for a block at work on `batch_tokens` tokens (one batch)."""
+        and room for a block at work on `batch_tokens` tokens (one batch), plus `reserve_bytes`."""
         itemsize = self.dtype.itemsize
         hidden = self.config.hidden_size
         block_bytes = itemsize * sum(torch.Size(self.reader.shapes[k]).numel() for k in self.block_keys(0))
         intermediate = getattr(self.config, "intermediate_size", 4 * hidden)
         activations = itemsize * batch_tokens * (4 * hidden + 3 * intermediate)
-        return choose_placement(itemsize * hidden_values, 2 * block_bytes + activations, self.device, self.budget)
+        return choose_placement(itemsize * hidden_values, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget)
 
     def run_block(self, index: int, acts: Activations, batch_size: int, write_back: bool) -> None:
         """Calls block `index` on every row in batches; with write_back its outputs replace its inputs.

@@ -14,7 +14,8 @@ from . import progress
 from .config import DTYPES, STAT_NORMS, PruneConfig
 from .errors import StreamPruneError, one_line
 from .placement import PLACEMENTS, Budget, parse_size
-from .scoring import METHODS
+from .methods import METHODS, all_options
+from .obs import OPTIONS as OBS_OPTIONS
 
 
 class _Group(click.Group):
@@ -106,6 +107,17 @@ def memory_options(command):
     return command
 
 
+def method_options(command):
+    """--alpha, --percdamp, ...: every option of every method (and of --reconstruct), from the registry."""
+    for option, users in reversed(list(all_options(extra=OBS_OPTIONS).values())):
+        where = ", ".join(users + (["--reconstruct"] if option in OBS_OPTIONS else []))
+        command = click.option(
+            option.flag, option.name, type=int if option.integer else float, default=None,
+            help=f"{option.help} [{where}; default {option.default:g}]",
+        )(command)
+    return command
+
+
 def _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir) -> Budget:
     return Budget(offload, parse_size(max_gpu_memory), parse_size(max_cpu_memory), offload_dir)
 
@@ -113,16 +125,18 @@ def _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir) -> Budget:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streamprune")
 def main():
-    """Prune LLaMA-family models one decoder block at a time (Wanda and Elastic-Net Wanda)."""
+    """Prune LLaMA-family models one decoder block at a time (Wanda, Elastic-Net Wanda, SparseGPT)."""
 
 
 @main.command()
 @click.argument("model")
 @click.argument("output", type=click.Path(file_okay=True, dir_okay=True, path_type=Path))
 @click.option("--method", type=click.Choice(list(METHODS)), default="en-modified", show_default=True,
-              help="magnitude |W|; wanda |W| L2; en-original |W|(a L1 + (1-a) L2^2); en-modified |W|(a L1 + (1-a) L2).")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Elastic-net mix a in [0, 1].")
-@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Share of each output row to zero, in [0, 1).")
+              help="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()) + " (streamprune methods lists them).")
+@method_options
+@click.option("--reconstruct", is_flag=True,
+              help="After a mask-only method's mask, update the kept weights (OBS, mask held) to minimise the layer's output error.")
+@click.option("--sparsity", type=float, default=0.5, show_default=True, help="Share of each comparison group to zero, in [0, 1).")
 @click.option("--pattern", default=None, help="Semi-structured N:M sparsity instead, e.g. 2:4 or 4:8.")
 @click.option("--calib", default="wikitext103", show_default=True,
               help="wikitext103, c4 (from the hub), a text/.raw/.jsonl file or folder, or an input_ids .safetensors file.")
@@ -160,14 +174,15 @@ def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, overlap
             raise click.UsageError(
                 f"--pattern {options['pattern']} prunes {n / m:.0%} by itself; give --sparsity or --pattern, not both"
             )
-    config = PruneConfig(**options)
+    given = {name: value for name, value in options.items() if value is not None or name not in all_options(OBS_OPTIONS)}
+    config = PruneConfig.of(**given)
     manifest = run_prune(
         model, output, config, overwrite=overwrite, resume=not no_resume, trust_remote_code=trust_remote_code,
         progress=not quiet, budget=_budget(offload, max_gpu_memory, max_cpu_memory, offload_dir), overlap=overlap,
     )
     zeros = sum(manifest.sparsity.values()) / max(len(manifest.sparsity), 1)
-    mix = f", alpha {config.alpha:g}" if config.method.startswith("en-") else ""
-    shape = config.pattern or f"{config.sparsity:.0%} per row"
+    mix = "".join(f", {name} {value:g}" for name, value in config.options) + (", reconstructed" if config.reconstruct else "")
+    shape = config.pattern or f"{config.sparsity:.0%}"
     click.echo(
         f"Pruned {manifest.blocks_total} blocks with {config.method}{mix} ({shape}; mean sparsity of the "
         f"{len(manifest.sparsity)} linear weights {zeros:.2%}) in {manifest.timings['total_s']:.1f} s "
@@ -238,6 +253,24 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, payload)
         click.echo(f"Results: {json_path}")
+
+
+@main.command()
+def methods():
+    """The pruning methods: name, what each scores or minimises, its options, its source."""
+    click.echo(methods_table())
+
+
+def methods_table() -> str:
+    """The registry as a Markdown table (the README's method table is this)."""
+    lines = ["| method | decides by | comparison group | changes kept weights | options | source |", "|---|---|---|---|---|---|"]
+    for method in METHODS.values():
+        options = ", ".join(f"`{o.flag}` ({o.default:g})" for o in method.options) or "none"
+        group = "column blocks (all rows)" if method.updates_weights else "output row"
+        summary = method.summary.replace("|", "\\|")  # a bare | would end the Markdown cell
+        lines.append(f"| `{method.name}` | {summary} | {group}; N of M per row with --pattern | "
+                     f"{'yes' if method.updates_weights else 'no (yes with --reconstruct)'} | {options} | {method.source} |")
+    return "\n".join(lines)
 
 
 @main.command()

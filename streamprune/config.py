@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 
 from .errors import StreamPruneError
-from .scoring import METHODS
+from .masking import parse_pattern
 
 STAT_NORMS = ("mean", "sum")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 
+__all__ = ["DTYPES", "STAT_NORMS", "PruneConfig", "parse_pattern"]
+
 
 @dataclass(frozen=True)
 class PruneConfig:
+    """A pruning run's options.  `options` holds the method's own options (methods/; with reconstruct
+    also the OBS update's, obs.py) as (name, value) pairs, every one filled in with its default;
+    PruneConfig.of(**values) takes them as keywords like the other fields (alpha=0.25)."""
+
     method: str = "en-modified"
-    alpha: float = 0.5
     sparsity: float = 0.5
     pattern: str | None = None  # "N:M" semi-structured; overrides sparsity with N/M
+    reconstruct: bool = False  # update the kept weights of a mask-only method (OBS, the mask held)
     calib: str = "wikitext103"
     nsamples: int = 128
     calib_mult: int = 1  # windows drawn = nsamples * calib_mult
@@ -28,12 +33,14 @@ class PruneConfig:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 4
+    options: tuple = ()
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise StreamPruneError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise StreamPruneError(f"alpha must be in [0, 1], got {self.alpha}")
+        from .methods import get_method
+
+        method = get_method(self.method)
+        if self.reconstruct and method.updates_weights:
+            raise StreamPruneError(f"{self.method} updates the kept weights itself; --reconstruct is for mask-only methods")
         if self.pattern is None and not 0.0 <= self.sparsity < 1.0:
             raise StreamPruneError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
@@ -46,26 +53,51 @@ class PruneConfig:
             raise StreamPruneError(f"stat-norm must be one of {', '.join(STAT_NORMS)}, got {self.stat_norm!r}")
         if self.dtype not in DTYPES:
             raise StreamPruneError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        allowed = {option.name: option for option in self.allowed_options()}
+        given = dict(self.options)
+        unknown = [name for name in given if name not in allowed]
+        if unknown:
+            from .obs import OPTIONS
+
+            takes = ", ".join(option.flag for option in allowed.values()) or "no options"
+            hint = " (it is an option of --reconstruct)" if unknown[0] in {o.name for o in OPTIONS} else ""
+            raise StreamPruneError(f"--{unknown[0].replace('_', '-')} does not apply to {self.method}, which takes {takes}{hint}")
+        values = {name: option.check(given.get(name, option.default)) for name, option in allowed.items()}
+        object.__setattr__(self, "options", tuple(values.items()))
+
+    def allowed_options(self):
+        """The Option objects this configuration takes: its method's, and the OBS update's with reconstruct."""
+        from .methods import get_method
+        from .obs import OPTIONS
+
+        options = list(get_method(self.method).options)
+        if self.reconstruct:
+            options += [option for option in OPTIONS if option not in options]
+        return options
+
+    @property
+    def option_values(self) -> dict:
+        return dict(self.options)
+
+    @property
+    def statistics(self) -> frozenset:
+        """The statistics of the linears' inputs this run gathers (stats.STATISTICS); none: no forward passes."""
+        from .methods import get_method
+
+        return get_method(self.method).needs | ({"gram"} if self.reconstruct else frozenset())
 
     @property
     def nwindows(self) -> int:
         return self.nsamples * self.calib_mult
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, with the method's options as keys of their own (alpha, percdamp, ...)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**values, **self.option_values}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PruneConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def parse_pattern(pattern: str) -> tuple[int, int]:
-    """'2:4' -> (2, 4): zero the N lowest scores in every group of M consecutive inputs."""
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
-    if not match:
-        raise StreamPruneError(f"pattern must look like N:M (for example 2:4), got {pattern!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 0 < n < m:
-        raise StreamPruneError(f"pattern {pattern!r} needs 0 < N < M")
-    return n, m
+    def of(cls, **values) -> "PruneConfig":
+        """A config from keywords: the fields, and the method's options by name (alpha=0.25)."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        options = tuple((k, v) for k, v in values.items() if k not in names)
+        return cls(**{k: v for k, v in values.items() if k in names}, options=options)

@@ -95,9 +95,9 @@ def run_demo(
     dense = smollm2_checkpoint(cache)
     checkpoints = {"dense": dense}
     for method in ("magnitude", "en-modified"):
-        config = PruneConfig(
-            method=method, alpha=alpha, sparsity=0.5, calib=str(WIKITEXT_CALIBRATION), nsamples=nsamples,
-            seqlen=seqlen, device=device, dtype=dtype,
+        config = PruneConfig.of(
+            method=method, sparsity=0.5, calib=str(WIKITEXT_CALIBRATION), nsamples=nsamples,
+            seqlen=seqlen, device=device, dtype=dtype, **({"alpha": alpha} if method.startswith("en-") else {}),
         )
         label = f"{method} a={alpha:g}" if method.startswith("en-") else method
         echo(f"Pruning to 50% with {label}: {nsamples} x {seqlen} calibration tokens of WikiText-2 test ...")

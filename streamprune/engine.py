@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import checks, masking
+from . import checks
 from . import progress as progress_bars
 from .blocks import Activations, DecoderStack
 from .calibration import CalibrationSet, calibration_windows, recorded_windows, save_windows
@@ -38,49 +38,16 @@ from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files
 from .config import PruneConfig, parse_pattern
 from .errors import Interrupted, NumericalError, StreamPruneError, one_line
 from .loading import open_model, warn_beyond_context
-from .masking import n_m_mask, row_mask, verify_sparsity, zero_fraction
+from .masking import verify_sparsity, zero_fraction
+from .methods import Decision, Groups, get_method
+from .obs import obs_prune
 from .placement import Budget
-from .scoring import WEIGHT_ONLY, ActivationNorms, feature_scale, scores
 from .state import (
     CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, make_output, peak_memory, plan_run, reset_peak_memory,
 )
 from .stats import InputStatistics, input_statistics, linear_layers
 
 log = logging.getLogger("streamprune")
-
-
-def _finite_scores(weight_rows: torch.Tensor, scale: torch.Tensor, name: str) -> torch.Tensor:
-    """Scores of some rows that are all finite: in float32 where the products fit, else in float64.
-
-    Weights and statistics are finite by now (checked when read and after the statistics pass), so a
-    non-finite float32 score is a product beyond float32's range (activations near 1e19 with
-    --stat-norm sum); float64 holds it.  Raises NumericalError if even float64 does not.
-    """
-    chunk_scores = scores(weight_rows, scale)
-    if not checks.ENABLED or bool(torch.isfinite(chunk_scores.sum())):  # one reduction: NaN and inf propagate
-        return chunk_scores
-    if bool(torch.isfinite(chunk_scores).all()):  # finite, only their sum overflowed
-        return chunk_scores
-    chunk_scores = scores(weight_rows.double(), scale)
-    if not bool(torch.isfinite(chunk_scores).all()):
-        raise NumericalError(f"the scores of {name} are not finite even in float64; the statistics are out of range")
-    return chunk_scores
-
-
-def keep_mask(weight: torch.Tensor, norms: ActivationNorms | None, config: PruneConfig, name: str = "weight") -> torch.Tensor:
-    """The keep-mask (True = keep) of one linear layer's weight (out_features, in_features) under the
-    configured method and pattern, ROW_CHUNK rows at a time.  Raises NumericalError for scores that are
-    not finite in float64 (never handed to the selection)."""
-    scale = feature_scale(config.method, norms, config.alpha)
-    keep = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
-    step = masking.ROW_CHUNK
-    for start in range(0, weight.shape[0], step):
-        chunk_scores = _finite_scores(weight[start : start + step], scale, name)
-        if config.pattern:
-            keep[start : start + step] = n_m_mask(chunk_scores, *parse_pattern(config.pattern))
-        else:
-            keep[start : start + step] = row_mask(chunk_scores, config.sparsity)
-    return keep
 
 
 def _hidden_states_finite(acts: Activations, batch_size: int) -> bool:
@@ -113,7 +80,8 @@ def check_statistics(
         source = "the embeddings" if index == 0 else f"the output of block {index - 1}"
         raise NumericalError(f"the hidden states entering block {index} ({source}) overflowed {dtype}; {advice}")
     name = broken[0][1]
-    if bool(torch.isfinite(statistics[name].abs_sum).all()):
+    stat = statistics[name]
+    if not bool(torch.isfinite(stat.sq_sum).all()) and bool(torch.isfinite(stat.abs_sum).all()):
         raise NumericalError(
             f"the squares of the inputs of {name} in block {index} overflowed float32 (inputs above about 1e19); "
             "rerun with --dtype float64 and --overwrite"
@@ -121,16 +89,15 @@ def check_statistics(
     raise NumericalError(f"the activations overflowed {dtype} in block {index} ({name} input); {advice}")
 
 
-def verified_sparsity(key: str, tensor: torch.Tensor, config: PruneConfig) -> float:
+def verified_sparsity(key: str, tensor: torch.Tensor, sparsity: float, groups: Groups) -> float:
     """The share of zeros of a pruned weight about to be written, after its post-condition: finite, and
-    every comparison group as sparse as asked (masking.verify_sparsity).  Raises NumericalError naming
-    the tensor otherwise."""
+    every comparison group of its method as sparse as asked (masking.verify_sparsity).  Raises
+    NumericalError naming the tensor otherwise."""
     if not checks.ENABLED:
         return zero_fraction(tensor)
     if not checks.all_finite(tensor):
         raise NumericalError(f"{key} would be written with {checks.nonfinite_summary(tensor)}; nothing was written")
-    pattern = parse_pattern(config.pattern) if config.pattern else None
-    fraction, problem = verify_sparsity(tensor, config.sparsity, pattern)
+    fraction, problem = verify_sparsity(tensor, sparsity, groups)
     if problem:
         raise NumericalError(f"{key} is not pruned as asked: {problem}; the block was not written")
     return fraction
@@ -138,53 +105,65 @@ def verified_sparsity(key: str, tensor: torch.Tensor, config: PruneConfig) -> fl
 
 def prune_block(
     stack: DecoderStack, index: int, acts: Activations | None, config: PruneConfig, stored: dict | None = None
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Prunes block `index`, advances `acts` through it and frees it.
+) -> tuple[dict[str, torch.Tensor], dict[str, Groups]]:
+    """Prunes block `index` with the configured method, advances `acts` through it and frees it.
 
-    Returns the block's tensors as they are stored, and the names of the pruned weights among them
-    (for their post-condition, verify_and_write).  `acts` is None for weight-only methods, which need
-    no forward passes; `stored` is the block already read (by the background reader).  The returned
-    tensors are in the checkpoint's dtype: cast back from the compute dtype where that is exact
-    (float16 or bfloat16 computed in float32, or no conversion), else read again and masked, so kept
-    weights never change.  Raises NumericalError for activations that overflow.
+    Returns the block's tensors as they are stored, and the comparison groups of each pruned weight
+    among them (for its post-condition, verify_and_write).  `acts` is None for methods that need no
+    statistics, which run no forward passes; `stored` is the block already read (by the background
+    reader).  The returned tensors are in the checkpoint's dtype.  Weights a method (or --reconstruct)
+    updated are its float32 results cast to it; other weights are cast back from the compute dtype
+    where that is exact (float16 or bfloat16 computed in float32, or no conversion), else read again and
+    masked, so their kept entries are the input's bits.  Raises NumericalError for activations that
+    overflow.
     """
+    method = get_method(config.method)
     block = stack.load_block(index, stored=stored)
     statistics = {}
     if acts is not None:
-        with input_statistics(block) as statistics:
+        with input_statistics(block, config.statistics) as statistics:
             stack.run_block(index, acts, config.batch_size, write_back=False)
         check_statistics(stack, index, acts, statistics, config.batch_size)
     prefix = stack.family.block_prefix(index)
-    inexact_masks = {}
-    pruned_keys = []
+    inexact_masks, updated, groups = {}, {}, {}
+    options = config.option_values
     with torch.no_grad():
         for name, linear in linear_layers(block).items():
             key = f"{prefix}{name}.weight"
-            norms = statistics[name].norms(config.stat_norm) if statistics else None
-            keep = keep_mask(linear.weight, norms, config, key)
-            linear.weight.masked_fill_(~keep, 0)
-            pruned_keys.append(key)
-            if not stack.holds_exactly(key):
-                inexact_masks[key] = keep.cpu()
+            decision = method.decide(linear.weight, statistics.get(name), config, key)
+            if config.reconstruct:
+                new, _ = obs_prune(linear.weight, statistics[name].gram, keep=decision.keep,
+                                   blocksize=options["blocksize"], percdamp=options["percdamp"])
+                decision = Decision(decision.keep, new)
+            groups[key] = method.groups(config, linear.in_features)
+            if decision.weight is not None:
+                linear.weight.copy_(decision.weight)  # the next block sees the updated layer
+                updated[key] = decision.weight.to(device="cpu", dtype=stack.reader.dtypes[key])
+            else:
+                linear.weight.masked_fill_(~decision.keep, 0)
+                if not stack.holds_exactly(key):
+                    inexact_masks[key] = decision.keep.cpu()
+            del decision
     if acts is not None and index + 1 < stack.num_blocks:  # the last block's outputs feed nothing
         stack.run_block(index, acts, config.batch_size, write_back=True)
     pruned = stack.unload_block(index)
-    for key in [k for k in pruned if not stack.holds_exactly(k)]:
+    pruned.update(updated)
+    for key in [k for k in pruned if not stack.holds_exactly(k) and k not in updated]:
         original = stack.reader.read([key])[key]
         if key in inexact_masks:
             original.masked_fill_(~inexact_masks[key], 0)
         pruned[key] = original
-    return pruned, pruned_keys
+    return pruned, groups
 
 
-def verify_and_write(writer: CheckpointWriter, index: int, pruned: dict, pruned_keys: list[str], config: PruneConfig) -> dict:
+def verify_and_write(writer: CheckpointWriter, index: int, pruned: dict, groups: dict, config: PruneConfig) -> dict:
     """Checks every pruned weight of block `index` (verified_sparsity), then writes the block's shard.
 
     Returns {name: share of zeros} for the manifest.  It runs where the write runs (in the background
     with --overlap), so on a GPU the check overlaps the next block's computation.  Raises NumericalError
     before anything of the block is written.
     """
-    sparsity = {key: verified_sparsity(key, pruned[key], config) for key in pruned_keys}
+    sparsity = {key: verified_sparsity(key, pruned[key], config.sparsity, group) for key, group in groups.items()}
     writer.write_shard(index, pruned)
     return sparsity
 
@@ -197,14 +176,29 @@ def replay_block(stack: DecoderStack, index: int, acts: Activations, writer: Che
     stack.free_block(index)
 
 
-def _check_pattern_fits(stack: DecoderStack, config: PruneConfig) -> None:
-    if not config.pattern:
-        return
-    _, m = parse_pattern(config.pattern)
+def statistics_bytes(stack: DecoderStack, config: PruneConfig) -> int:
+    """Device memory a block's statistics take, at most: with `gram`, an in_features^2 matrix per linear in
+    float32 (float64 when computing in float64); linears fed one tensor share one, so this is an upper
+    bound (LLaMA-2-7B: 0.87 GB counted, 0.68 GB used).  The norms are vectors, not counted."""
+    if "gram" not in config.statistics:
+        return 0
+    itemsize = 8 if stack.dtype == torch.float64 else 4
+    shapes = [stack.reader.shapes[k] for k in stack.block_keys(0) if k.endswith(".weight")]
+    return itemsize * sum(shape[1] ** 2 for shape in shapes if len(shape) == 2)
+
+
+def _check_config_fits(stack: DecoderStack, config: PruneConfig) -> None:
+    """Refuses, before anything is read or written, a pattern or method option the block's weights
+    cannot take (inputs not divisible by M)."""
+    method = get_method(config.method)
     for key in stack.block_keys(0):
         shape = stack.reader.shapes[key]
-        if key.endswith(".weight") and len(shape) == 2 and shape[1] % m:
+        if not (key.endswith(".weight") and len(shape) == 2):
+            continue
+        if config.pattern and shape[1] % parse_pattern(config.pattern)[1]:
+            m = parse_pattern(config.pattern)[1]
             raise StreamPruneError(f"pattern {config.pattern}: {key} has {shape[1]} inputs, not divisible by {m}")
+        method.check_config(config, shape[1])
 
 
 @contextmanager
@@ -291,11 +285,11 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
                 block_started = time.perf_counter()
                 read_soon(index + 1)
                 stored = read_ahead.pop(index).result() if index in read_ahead else None
-                pruned, pruned_keys = prune_block(stack, index, acts, config, stored)
+                pruned, groups = prune_block(stack, index, acts, config, stored)
                 del stored
                 if pending is not None:
                     finish(*pending)
-                written = writes.submit(verify_and_write, writer, index, pruned, pruned_keys, config)
+                written = writes.submit(verify_and_write, writer, index, pruned, groups, config)
                 pending = (index, written, time.perf_counter() - block_started)
                 del pruned  # held by the writer until written, and no longer: a block must not linger
                 if not overlap:
@@ -323,13 +317,14 @@ def prune(
 ) -> RunManifest:
     """Prunes the checkpoint `model` (directory or hub id) into the directory `output`.
 
-    Options are PruneConfig's fields (method, alpha, sparsity, pattern, calib, nsamples, seqlen, ...),
-    given either as a PruneConfig or as keyword arguments.  An unfinished run in `output` with the same
+    Options are PruneConfig's fields (method, sparsity, pattern, reconstruct, calib, nsamples, seqlen,
+    ...) and the method's own options (alpha, percdamp, ...), given either as a PruneConfig or as keyword
+    arguments.  An unfinished run in `output` with the same
     options is resumed (resume=False starts it over).  `budget` says where the calibration hidden states
     may live (placement.py); `overlap` reads and writes blocks in the background (default: on CUDA).
     Neither changes the result.  Returns the final run manifest.
     """
-    config = config or PruneConfig(**options)
+    config = config or PruneConfig.of(**options)
     started = time.perf_counter()
     out = Path(output).expanduser()
     budget = budget or Budget()
@@ -338,7 +333,7 @@ def prune(
     opened = open_model(model, config.device, config.dtype, trust_remote_code, budget)
     stack, device = opened.stack, opened.stack.device
     warn_beyond_context(config.seqlen, getattr(stack.config, "max_position_embeddings", None))
-    _check_pattern_fits(stack, config)
+    _check_config_fits(stack, config)
 
     current = RunManifest(
         model=str(model), config=config.to_dict(), blocks_total=stack.num_blocks, device=str(device),
@@ -374,7 +369,7 @@ def prune(
         manifest.save(out)
 
     try:
-        acts = None if config.method in WEIGHT_ONLY else stack.embed(calibration.input_ids, config.batch_size)
+        acts = stack.embed(calibration.input_ids, config.batch_size, statistics_bytes(stack, config)) if config.statistics else None
         manifest.placement = acts.placement if acts else None
         if not plan.resumed:
             manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)

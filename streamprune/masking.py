@@ -10,8 +10,11 @@ are pruned.  Both work on any block of rows.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
+
+from .errors import StreamPruneError
 
 ROW_CHUNK = 256  # rows scored, masked and checked at once: bounds the memory of scores and selections
 
@@ -54,31 +57,53 @@ def n_m_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(rows, in_features)
 
 
-def verify_sparsity(weight: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None) -> tuple[float, str | None]:
+def verify_sparsity(weight: torch.Tensor, sparsity: float, groups) -> tuple[float, str | None]:
     """The post-condition of a pruned weight, checked on the values to be written.
 
-    weight: (out_features, in_features), any dtype.  Unstructured: every output row (the comparison
-    group of row_mask) holds at least floor(sparsity * in_features) zeros; N:M: every group of M
-    consecutive inputs of a row holds at least N.  "At least": zeros the input already had count too.
-    Returns the share of zeros (for the manifest; -0.0 counts as zero, NaN does not) and None, or a
-    description of the first group that falls short.  Rows are counted ROW_CHUNK at a time
-    ((chunk == 0).sum per row is 4x faster than on the whole matrix, which leaves the cache).
+    weight: (out_features, in_features), any dtype.  `groups` (methods.Groups) are the method's
+    comparison groups: `columns` consecutive inputs of a row (the whole row for Wanda, M for N:M), or of
+    all rows at once (SparseGPT's column blocks); each must hold at least `n` zeros, or
+    floor(sparsity * its size).  "At least": zeros the input already had count too.  Returns the share
+    of zeros (for the manifest; -0.0 counts as zero, NaN does not) and None, or a description of the
+    first group that falls short.  Per-row groups are counted ROW_CHUNK rows at a time ((chunk == 0).sum
+    per row is 4x faster than on the whole matrix, which leaves the cache).
     """
     rows, in_features = weight.shape
-    if pattern:
-        need, m = pattern
-    else:
-        need, m = pruned_per_row(in_features, sparsity), in_features
+    width = min(groups.columns, in_features)
+    if groups.all_rows:
+        zeros, first_short = 0, None
+        for start in range(0, in_features, width):
+            block = weight[:, start : start + width]
+            have = int((block == 0).sum())
+            need = groups.n if groups.n is not None else pruned_per_row(block.numel(), sparsity)
+            zeros += have
+            if have < need and first_short is None:
+                first_short = f"inputs {start} to {start + block.shape[1] - 1} (all rows) hold {have} zeros, fewer than the {need} asked"
+        return zeros / weight.numel(), first_short
+    if in_features % width:
+        raise ValueError(f"groups of {width} inputs do not divide {in_features}")
+    need = groups.n if groups.n is not None else pruned_per_row(width, sparsity)
     zeros = torch.zeros((), dtype=torch.int64, device=weight.device)
     short = torch.zeros((), dtype=torch.int64, device=weight.device)
     for start in range(0, rows, ROW_CHUNK):
         chunk = weight[start : start + ROW_CHUNK]
-        per_group = (chunk.reshape(chunk.shape[0], in_features // m, m) == 0).sum(dim=2, dtype=torch.int32)
+        per_group = (chunk.reshape(chunk.shape[0], in_features // width, width) == 0).sum(dim=2, dtype=torch.int32)
         zeros += per_group.sum()
         short += (per_group < need).sum()
     if int(short):  # only now look for where, to say it
-        per_group = (weight.reshape(rows, in_features // m, m) == 0).sum(dim=2)
+        per_group = (weight.reshape(rows, in_features // width, width) == 0).sum(dim=2)
         row, group = (per_group < need).nonzero()[0].tolist()
-        where = f"row {row}" if not pattern else f"row {row}, inputs {group * m} to {group * m + m - 1},"
+        where = f"row {row}" if width == in_features else f"row {row}, inputs {group * width} to {group * width + width - 1},"
         return int(zeros) / weight.numel(), f"{where} has {int(per_group[row, group])} zeros, fewer than the {need} asked"
     return int(zeros) / weight.numel(), None
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4): zero the N lowest scores in every group of M consecutive inputs."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+    if not match:
+        raise StreamPruneError(f"pattern must look like N:M (for example 2:4), got {pattern!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise StreamPruneError(f"pattern {pattern!r} needs 0 < N < M")
+    return n, m

@@ -145,7 +145,7 @@ class GridPoint:
         return f"{geometry}-a{self.alpha:g}-{shape}"
 
     def prune_config(self, spec: SweepSpec, calib: str) -> PruneConfig:
-        return PruneConfig(
+        return PruneConfig.of(
             method=GEOMETRIES[self.geometry], alpha=self.alpha, sparsity=self.sparsity, pattern=self.pattern,
             calib=calib, nsamples=spec.nsamples, seqlen=spec.calib_seqlen, seed=spec.seed, stat_norm=spec.stat_norm,
             device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size,

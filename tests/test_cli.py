@@ -56,7 +56,12 @@ def test_pattern_sets_the_sparsity(tiny_checkpoint, tmp_path):
         (["--pattern", "4:2"], ["0 < N < M"]),
         (["--pattern", "2-4"], ["N:M"]),
         (["--pattern", "3:7"], ["not divisible by 7"]),
-        (["--method", "sparsegpt"], ["--method"]),
+        (["--method", "sparse-gpt"], ["--method"]),
+        (["--method", "wanda", "--alpha", "0.3"], ["--alpha does not apply to wanda, which takes no options"]),
+        (["--method", "wanda", "--percdamp", "0.1"], ["--percdamp does not apply to wanda", "option of --reconstruct"]),
+        (["--method", "sparsegpt", "--reconstruct"], ["sparsegpt updates the kept weights itself"]),
+        (["--method", "sparsegpt", "--blocksize", "0"], ["--blocksize must be in [1, "]),
+        (["--method", "sparsegpt", "--pattern", "2:4", "--blocksize", "6"], ["--blocksize 6 is not a multiple of M = 4"]),
         (["--nsamples", "0"], ["nsamples must be at least 1"]),
         (["--calib", "no-such-corpus"], ["calibration source"]),
         (["--device", "cuda:0"], ["CUDA is not available"]),
@@ -218,3 +223,13 @@ def test_debug_shows_the_traceback(tmp_path):
     result = invoke("prune", tmp_path / "nope", tmp_path / "out", "--debug")
     assert result.exit_code != 0
     assert "does not exist" in str(result.exception)
+
+
+def test_the_readme_method_table_is_the_registry():
+    from pathlib import Path
+
+    from streamprune.cli import methods_table
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert methods_table() in readme  # regenerate with: streamprune methods
+    assert invoke("methods").stdout.strip() == methods_table()

@@ -17,11 +17,10 @@ import streamprune.sweep
 from streamprune import checks, masking
 from streamprune.cli import main
 from streamprune.data import WIKITEXT_CALIBRATION, WIKITEXT_HELD_OUT
-from streamprune.engine import keep_mask
-from streamprune.config import PruneConfig
 from streamprune.errors import NumericalError, StreamPruneError
 from streamprune.masking import verify_sparsity
-from streamprune.scoring import ActivationNorms
+from streamprune.methods import Groups
+from streamprune.methods.scaled import keep_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -203,8 +202,8 @@ def test_scores_beyond_float32_are_ranked_in_float64_never_as_infinities(monkeyp
     l2sq = torch.tensor([1e80, 4e80, 1e78, 1e79], dtype=torch.float64)  # wanda scale 1e40, 2e40, 1e39, 3.2e39
     handed = []
     real = masking.row_mask
-    monkeypatch.setattr("streamprune.engine.row_mask", lambda s, sp: handed.append(s) or real(s, sp))
-    keep = keep_mask(weight, ActivationNorms(l1=l2sq, l2sq=l2sq), PruneConfig(method="wanda", sparsity=0.5))
+    monkeypatch.setattr("streamprune.methods.scaled.row_mask", lambda s, sp: handed.append(s) or real(s, sp))
+    keep = keep_mask(weight, l2sq.sqrt(), 0.5, None)
     assert all(torch.isfinite(s).all() for s in handed)
     # scores: row 0 = 1e40, 4e40, 3e39, 1.26e40; row 1 = 4e40, 6e40, 2e39, 3.2e39
     assert keep.tolist() == [[False, True, False, True], [True, True, False, False]]
@@ -213,13 +212,18 @@ def test_scores_beyond_float32_are_ranked_in_float64_never_as_infinities(monkeyp
 def test_sparsity_post_condition_on_hand_made_weights():
     w = torch.tensor([[0.0, -0.0, 3.0, 4.0, 0.0, 6.0, 7.0, 8.0],
                       [1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 7.0, 8.0]], dtype=torch.float16)
-    assert verify_sparsity(w, 0.375, None) == (7 / 16, None)  # 3 and 4 zeros per row, 3 asked
-    assert verify_sparsity(w, 0.5, None) == (7 / 16, "row 0 has 3 zeros, fewer than the 4 asked")
+    rows = Groups(columns=8)
+    assert verify_sparsity(w, 0.375, rows) == (7 / 16, None)  # 3 and 4 zeros per row, 3 asked
+    assert verify_sparsity(w, 0.5, rows) == (7 / 16, "row 0 has 3 zeros, fewer than the 4 asked")
     # 2:4: row 0 groups hold 2 and 1 zeros; the second group of row 0 is short
-    assert verify_sparsity(w, 0.5, (2, 4)) == (7 / 16, "row 0, inputs 4 to 7, has 1 zeros, fewer than the 2 asked")
-    assert verify_sparsity(w, 0.25, (1, 4)) == (7 / 16, None)
+    assert verify_sparsity(w, 0.5, Groups(columns=4, n=2)) == (7 / 16, "row 0, inputs 4 to 7, has 1 zeros, fewer than the 2 asked")
+    assert verify_sparsity(w, 0.25, Groups(columns=4, n=1)) == (7 / 16, None)
+    # SparseGPT's column blocks: all rows at once; inputs 0-2 hold 3 zeros of 6 entries, 3-5 hold 3, 6-7 none
+    blocks = Groups(columns=3, all_rows=True)
+    assert verify_sparsity(w, 0.5, blocks) == (7 / 16, "inputs 6 to 7 (all rows) hold 0 zeros, fewer than the 2 asked")
+    assert verify_sparsity(w[:, :6], 0.5, blocks) == (7 / 12, None)  # per row, row 0 would have only 2 of 3
     nan = torch.tensor([[float("nan"), 0.0]])
-    assert verify_sparsity(nan, 0.5, None) == (0.5, None)  # NaN is not a zero; one zero of the one asked
+    assert verify_sparsity(nan, 0.5, Groups(columns=2)) == (0.5, None)  # NaN is not a zero; one zero of the one asked
 
 
 def test_a_tensor_left_unpruned_fails_the_run_with_its_name(tiny_checkpoint, tmp_path, monkeypatch):
@@ -231,7 +235,7 @@ def test_a_tensor_left_unpruned_fails_the_run_with_its_name(tiny_checkpoint, tmp
             keep[0] = True
         return keep
 
-    monkeypatch.setattr("streamprune.engine.row_mask", forgets_a_row)
+    monkeypatch.setattr("streamprune.methods.scaled.row_mask", forgets_a_row)
     out = tmp_path / "out"
     with pytest.raises(NumericalError, match=r"model.layers.0.mlp.down_proj.weight is not pruned as asked: row 0 has 0 zeros, fewer than the 80 asked"):
         streamprune.prune(tiny_checkpoint("llama", dtype="float32", layers=2), out, calib=WIKI, nsamples=2, seqlen=16, progress=False)
@@ -248,7 +252,7 @@ def test_row_chunk_boundaries_do_not_change_masks_or_checks(tiny_checkpoint, tmp
     rows_seen = []
     for name in ("row_mask", "n_m_mask"):
         real = getattr(masking, name)
-        monkeypatch.setattr(f"streamprune.engine.{name}", lambda s, *a, real=real: rows_seen.append(s.shape[0]) or real(s, *a))
+        monkeypatch.setattr(f"streamprune.methods.scaled.{name}", lambda s, *a, real=real: rows_seen.append(s.shape[0]) or real(s, *a))
     streamprune.prune(model, tmp_path / "chunked", **options)
     streamprune.prune(model, tmp_path / "chunked-24", pattern="2:4", **{**options, "sparsity": 0.5})
     assert max(rows_seen) == 7 and 64 % 7 in rows_seen
@@ -353,7 +357,7 @@ def test_a_sweep_records_a_failed_configuration_and_goes_on(tiny_checkpoint, tmp
     real = streamprune.engine.prune_block
 
     def overflows_in_block_one_at_alpha_one(stack, index, acts, config, stored=None):
-        if config.alpha == 1.0 and index == 1:  # inside the real pruning run, after block 0 is written
+        if config.option_values["alpha"] == 1.0 and index == 1:  # inside the real pruning run, after block 0 is written
             raise NumericalError("the activations overflowed float16 in block 1 (mlp.down_proj input)")
         return real(stack, index, acts, config, stored)
 

@@ -5,22 +5,23 @@ import torch
 from torch import nn
 
 from streamprune.config import PruneConfig
-from streamprune.engine import keep_mask
 from streamprune.masking import n_m_mask, pruned_per_row, row_mask, zero_fraction
-from streamprune.scoring import ActivationNorms
-from streamprune.stats import input_statistics
+from streamprune.methods import get_method
+from streamprune.stats import ActivationNorms, input_statistics
 
 
 def mask_for(weight, inputs, **options):
-    """The keep-mask of a linear layer `weight` after the tokens `inputs` went through it (hooks and all)."""
+    """The keep-mask of a linear layer `weight` after the tokens `inputs` went through it (hooks and all),
+    as the method of the registry decides it."""
     weight = torch.tensor(weight, dtype=torch.float32)
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    with input_statistics(linear) as statistics:
+    config = PruneConfig.of(calib="unused", **options)
+    with input_statistics(linear, config.statistics) as statistics:
         linear(torch.tensor(inputs, dtype=torch.float32))
-    config = PruneConfig(calib="unused", **options)
-    return keep_mask(linear.weight, statistics[""].norms(config.stat_norm), config).int().tolist()
+    decision = get_method(config.method).decide(linear.weight, statistics[""], config, "weight")
+    return decision.keep.int().tolist()
 
 
 def test_wanda_uses_the_unsquared_l2_norm():
@@ -203,9 +204,10 @@ def test_hooks_are_removed_when_the_forward_fails():
 
 
 def test_en_modified_at_zero_is_wanda_bit_for_bit():
-    from streamprune.scoring import feature_scale
+    def scale(method, alpha=None):
+        return get_method(method).scale(norms, {} if alpha is None else {"alpha": alpha})
 
     norms = ActivationNorms(l1=torch.rand(64, dtype=torch.float64), l2sq=torch.rand(64, dtype=torch.float64))
-    assert torch.equal(feature_scale("en-modified", norms, 0.0), feature_scale("wanda", norms, 0.0))
-    assert torch.equal(feature_scale("en-modified", norms, 1.0), feature_scale("en-original", norms, 1.0))
-    assert not torch.equal(feature_scale("en-original", norms, 0.0), feature_scale("wanda", norms, 0.0))
+    assert torch.equal(scale("en-modified", 0.0), scale("wanda"))
+    assert torch.equal(scale("en-modified", 1.0), scale("en-original", 1.0))
+    assert not torch.equal(scale("en-original", 0.0), scale("wanda"))

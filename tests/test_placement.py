@@ -116,3 +116,15 @@ def test_evaluation_places_a_whole_round_of_hidden_states_against_the_limit(tiny
     stack.budget = Budget(max_cpu_bytes=reserve + 3 * batch_bytes)
     streamed_logprobs(stack, requests, batch_size=2)
     assert made == ["device"] * 3
+
+
+def test_the_gram_matrices_count_against_the_memory_limit(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama")  # float64: hidden 64, MLP 160
+    stack = open_model(model, device="cpu").stack
+    hidden_bytes = 4 * 16 * 64 * 8  # 4 windows of 16 tokens
+    reserve = 2 * 8 * sum(torch.Size(stack.reader.shapes[k]).numel() for k in stack.block_keys(0)) + 8 * 2 * 16 * (4 * 64 + 3 * 160)
+    grams = 8 * (6 * 64 * 64 + 160 * 160)  # one per linear, an upper bound: q, k, v, o, gate, up take 64 inputs
+    budget = Budget(max_cpu_bytes=hidden_bytes + reserve + grams // 2)
+    common = dict(calib=str(WIKITEXT_CALIBRATION), nsamples=4, seqlen=16, batch_size=2, device="cpu", progress=False, budget=budget)
+    assert streamprune.prune(model, tmp_path / "wanda", method="wanda", **common).placement == "device"
+    assert streamprune.prune(model, tmp_path / "sparsegpt", method="sparsegpt", **common).placement == "disk"

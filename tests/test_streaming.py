@@ -67,9 +67,10 @@ def test_block_outputs_equal_the_whole_model_hidden_states(tiny_checkpoint, fami
 def test_streamed_masks_equal_the_whole_model_reference(tiny_checkpoint, tmp_path, family, method, alpha, options):
     model_dir = tiny_checkpoint(family)
     out = tmp_path / "out"
+    method_options = {"alpha": alpha} if method.startswith("en-") else {}
     manifest = streamprune.prune(
-        model_dir, out, method=method, alpha=alpha, calib=WIKI, nsamples=5, seqlen=32, batch_size=2,
-        device="cpu", progress=False, **options,
+        model_dir, out, method=method, calib=WIKI, nsamples=5, seqlen=32, batch_size=2,
+        device="cpu", progress=False, **options, **method_options,
     )
     config = manifest.config
     reference = reference_masks(

@@ -32,7 +32,7 @@ def counted_prunes(monkeypatch):
     real = streamprune.sweep.prune
 
     def counting(model, out, config, **kwargs):
-        calls.append((config.method, config.alpha, config.sparsity, config.pattern))
+        calls.append((config.method, config.option_values["alpha"], config.sparsity, config.pattern))
         return real(model, out, config, **kwargs)
 
     monkeypatch.setattr(streamprune.sweep, "prune", counting)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""An independent, whole-model reference for streamprune's masks, and a checker for a pruned output.
+"""An independent, whole-model reference for streamprune's masks (and SparseGPT's weights), and a checker.
 
 The reference loads the entire model with transformers, and for block i = 0, 1, ...: puts forward
 hooks on the block's linears, runs the model (its blocks 0..i, earlier ones already pruned) on all the
@@ -53,6 +53,26 @@ def _mask(score: torch.Tensor, sparsity: float, pattern: str | None) -> torch.Te
     return keep.scatter_(1, lowest, False)
 
 
+def _inputs_of_block(model, i, input_ids, add) -> dict:
+    """Runs the model's blocks 0..i on all the windows at once, calling add(linear name, its input as
+    (tokens, in_features) float64) for every linear of block i; returns block i's linears by name."""
+    layers = model.model.layers
+    linears = {n: m for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)}
+
+    def hook(name, inputs):
+        add(name, inputs[0].reshape(-1, inputs[0].shape[-1]).double())
+
+    handles = [m.register_forward_pre_hook(lambda mod, inputs, n=n: hook(n, inputs)) for n, m in linears.items()]
+    try:
+        model.model.layers = layers[: i + 1]
+        model.model(input_ids=input_ids, use_cache=False)
+    finally:
+        model.model.layers = layers
+        for handle in handles:
+            handle.remove()
+    return linears
+
+
 @torch.no_grad()
 def reference_masks(model_dir, input_ids, method, alpha, sparsity, pattern=None, stat_norm="mean", dtype=torch.float32, blocks=None):
     """{tensor name: keep-mask} for the first `blocks` blocks (all by default), pruned sequentially."""
@@ -62,23 +82,13 @@ def reference_masks(model_dir, input_ids, method, alpha, sparsity, pattern=None,
     count = len(layers) if blocks is None else blocks
     masks = {}
     for i in range(count):
-        linears = {n: m for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)}
-        sums = {n: [0.0, 0.0, 0] for n in linears}
+        sums = {}
 
-        def hook(module, inputs, output, name):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-            sums[name][0] = sums[name][0] + x.abs().sum(0)
-            sums[name][1] = sums[name][1] + (x * x).sum(0)
-            sums[name][2] += x.shape[0]
+        def add(name, x):
+            s1, s2, tokens = sums.get(name, (0.0, 0.0, 0))
+            sums[name] = (s1 + x.abs().sum(0), s2 + (x * x).sum(0), tokens + x.shape[0])
 
-        handles = [m.register_forward_hook(lambda mod, i_, o, n=n: hook(mod, i_, o, n)) for n, m in linears.items()]
-        try:
-            model.model.layers = layers[: i + 1]
-            model.model(input_ids=input_ids, use_cache=False)
-        finally:
-            model.model.layers = layers
-            for handle in handles:
-                handle.remove()
+        linears = _inputs_of_block(model, i, input_ids, add)
         for name, linear in linears.items():
             s1, s2, tokens = sums[name]
             score = linear.weight.abs().double() * _scale(method, s1, s2, tokens, alpha, stat_norm)
@@ -86,6 +96,68 @@ def reference_masks(model_dir, input_ids, method, alpha, sparsity, pattern=None,
             linear.weight[~keep] = 0
             masks[f"model.layers.{i}.{name}.weight"] = keep
     return masks
+
+
+def _sparsegpt_unblocked(weight, gram, sparsity, pattern, blocksize, percdamp, keep=None):
+    """SparseGPT (Frantar & Alistarh 2023, Algorithm 1) written out plainly in float64: every column's
+    OBS update applied to all later columns at once (no lazy batches), the inverse by torch.linalg.inv,
+    masks by stable argsort.  Returns the new weight."""
+    w = weight.double().clone()
+    h = gram.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += percdamp * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    u = torch.linalg.cholesky(torch.linalg.inv(h)).T  # upper, u^T u = H^-1
+    rows, columns = w.shape
+    pruned = torch.zeros_like(w, dtype=torch.bool) if keep is None else ~keep
+    for i in range(columns):
+        if keep is None and not pattern and i % blocksize == 0:
+            end = min(i + blocksize, columns)
+            saliency = (w[:, i:end] ** 2 / torch.diag(u)[i:end] ** 2).flatten()
+            k = math.floor(sparsity * saliency.numel() + 1e-9)
+            chosen = torch.zeros(saliency.numel(), dtype=torch.bool)
+            chosen[torch.argsort(saliency, stable=True)[:k]] = True
+            pruned[:, i:end] = chosen.reshape(rows, end - i)
+        if pattern:
+            n, m = (int(v) for v in pattern.split(":"))
+            if i % m == 0:
+                saliency = w[:, i : i + m] ** 2 / torch.diag(u)[i : i + m] ** 2
+                lowest = torch.argsort(saliency, dim=1, stable=True)[:, :n]
+                pruned[:, i : i + m].scatter_(1, lowest, True)
+        q = torch.where(pruned[:, i], torch.zeros_like(w[:, i]), w[:, i])
+        error = (w[:, i] - q) / u[i, i]
+        w[:, i:] -= torch.outer(error, u[i, i:])
+        w[:, i] = q
+    return w
+
+
+@torch.no_grad()
+def reference_sparsegpt(model_dir, input_ids, sparsity, pattern=None, blocksize=128, percdamp=0.01, blocks=None,
+                        masks_from=None):
+    """{tensor name: new weight (float64)} of SparseGPT on the whole model in float64, block by block:
+    the Gram matrices X^T X of each block's linears from one dense pass of the (already pruned) earlier
+    blocks, every linear pruned, then the next block.  With masks_from ({name: keep-mask}), the masks
+    are held and only the kept weights updated (reconstruction)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    model.eval()
+    layers = model.model.layers
+    count = len(layers) if blocks is None else blocks
+    weights = {}
+    for i in range(count):
+        grams = {}
+
+        def add(name, x):
+            grams[name] = grams.get(name, 0.0) + x.T @ x
+
+        linears = _inputs_of_block(model, i, input_ids, add)
+        for name, linear in linears.items():
+            key = f"model.layers.{i}.{name}.weight"
+            keep = None if masks_from is None else masks_from[key]
+            new = _sparsegpt_unblocked(linear.weight, grams[name], sparsity, pattern, blocksize, percdamp, keep)
+            linear.weight.copy_(new)
+            weights[key] = new
+    return weights
 
 
 def pruned_masks(pruned_dir: Path, names) -> dict:
@@ -123,7 +195,7 @@ def main() -> int:
     with safe_open(pruned_dir / manifest["calibration_ids"], framework="pt") as handle:
         input_ids = handle.get_tensor("input_ids")
     reference = reference_masks(
-        args.model, input_ids, options["method"], options["alpha"], options["sparsity"], options["pattern"],
+        args.model, input_ids, options["method"], options.get("alpha", 0.0), options["sparsity"], options["pattern"],
         options["stat_norm"], getattr(torch, args.dtype), args.blocks,
     )
     pruned = pruned_masks(pruned_dir, reference)

@@ -1,0 +1,142 @@
+"""Pruning methods: one object per method, in one registry.
+
+A method says which statistics of each linear layer's inputs it needs (stats.STATISTICS), how it
+decides the keep-mask of a weight and over which comparison group (the post-condition before a block is
+written checks that group), whether it changes the weights it keeps, and its own options with their
+defaults.  The engine knows nothing else of it.
+
+A new method is one file in this folder that defines `METHODS = [...]`: every module of the package is
+imported and its methods registered by name.  `--method`, the method options of `streamprune prune` and
+`streamprune methods` (the README's table) come from here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import pkgutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import StreamPruneError
+
+if TYPE_CHECKING:
+    from ..config import PruneConfig
+    from ..stats import InputStatistics
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method: `--name` on the command line (underscores as dashes), a keyword of
+    streamprune.prune(), a key of the manifest's config.  Values are checked against [low, high]."""
+
+    name: str
+    default: float
+    help: str
+    low: float | None = None
+    high: float | None = None
+    integer: bool = False
+    open_high: bool = False  # high itself is not allowed
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value):
+        """The value as the option's type; StreamPruneError if it is not one or out of range."""
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise StreamPruneError(f"{self.flag} must be a number, got {value!r}") from None
+        if self.integer:
+            if number != int(number):
+                raise StreamPruneError(f"{self.flag} must be a whole number, got {value!r}")
+            number = int(number)
+        too_high = self.high is not None and (number > self.high or (self.open_high and number == self.high))
+        if (self.low is not None and number < self.low) or too_high or not math.isfinite(number):
+            closing = ")" if self.open_high else "]"
+            bounds = f"[{self.low:g}, {self.high:g}{closing}" if self.high is not None else f"at least {self.low:g}"
+            raise StreamPruneError(f"{self.flag} must be {'in ' if self.high is not None else ''}{bounds}, got {value}")
+        return number
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The comparison groups a method ranks weights within, for its sparsity promise.
+
+    A group is `columns` consecutive inputs of one output row, or, with all_rows, of every row at once
+    (the last group of a row may be narrower).  It must hold at least `n` zeros, or with n None at least
+    floor(sparsity * its size).
+    """
+
+    columns: int
+    all_rows: bool = False
+    n: int | None = None
+
+
+@dataclass
+class Decision:
+    """What a method decided for one weight (out_features, in_features): the keep-mask (bool, True =
+    keep), and for methods that change the kept weights the new weight (float32 or wider, pruned
+    entries exactly 0), else None."""
+
+    keep: torch.Tensor
+    weight: torch.Tensor | None = None
+
+
+class Method:
+    """A pruning method.  Subclasses set the attributes and implement decide() and groups()."""
+
+    name: str = ""
+    summary: str = ""  # one line: what it scores or minimises (CLI help, README table)
+    source: str = ""  # the paper, and the equation or algorithm
+    needs: frozenset = frozenset()  # statistics (stats.STATISTICS); empty: no calibration passes at all
+    updates_weights: bool = False
+    options: tuple[Option, ...] = ()
+
+    def decide(self, weight: torch.Tensor, stats: "InputStatistics | None", config: "PruneConfig", name: str) -> Decision:
+        """The decision for `weight` (the linear's weight in the compute dtype, not changed here) from
+        the statistics of its inputs (None when `needs` is empty).  `name` is for messages."""
+        raise NotImplementedError
+
+    def groups(self, config: "PruneConfig", in_features: int) -> Groups:
+        """The comparison groups of this method under `config` (unstructured or N:M)."""
+        raise NotImplementedError
+
+    def check_config(self, config: "PruneConfig", in_features: int) -> None:
+        """Refuses (StreamPruneError) a configuration this method cannot honour for a weight of
+        `in_features` inputs; nothing by default."""
+
+
+def _discover() -> dict[str, Method]:
+    registry: dict[str, Method] = {}
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+        for method in importlib.import_module(f"{__name__}.{module}").METHODS:
+            if method.name in registry:
+                raise RuntimeError(f"two methods named {method.name!r}")
+            registry[method.name] = method
+    return registry
+
+
+METHODS: dict[str, Method] = _discover()
+
+
+def get_method(name: str) -> Method:
+    """The registered method called `name`; StreamPruneError listing the known ones otherwise."""
+    if name not in METHODS:
+        raise StreamPruneError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def all_options(extra: tuple[Option, ...] = ()) -> dict[str, tuple[Option, list[str]]]:
+    """Every method option by name, with the methods that take it (an option shared by several methods
+    must mean the same in each: the first one declared is kept)."""
+    options: dict[str, tuple[Option, list[str]]] = {}
+    for method in METHODS.values():
+        for option in method.options:
+            options.setdefault(option.name, (option, []))[1].append(method.name)
+    for option in extra:
+        options.setdefault(option.name, (option, []))
+    return options
