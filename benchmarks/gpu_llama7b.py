@@ -6,7 +6,8 @@ One run, for a CUDA machine (it also runs on a CPU with small shapes, to check t
      32 heads, vocab 32000, float16) with tools/make_checkpoint.py, drawing the numbers on the GPU;
   2. prune it with `streamprune prune` in a child process (EN-Modified, a = 0.5, 50%) on seeded random
      token ids, so the child's peak host RSS and GPU memory are the pruning's alone: once with the
-     hidden states on the GPU, once with --max-gpu-memory 3GiB (they go to pinned host memory);
+     hidden states on the GPU, once with --max-gpu-memory 3GiB (they go to pinned host memory); then
+     with SparseGPT under --max-gpu-memory 4GiB (its Gram matrices take about 0.7 GB per block);
   3. measure a floor for the same work: two forward passes of one block over all calibration tokens
      (times the number of blocks), plus reading and writing the checkpoint's bytes at the disk's speed;
   4. print a table and write JSON.
@@ -123,10 +124,16 @@ def main() -> int:
     save_file({"input_ids": ids}, ids_file)
 
     results["prune"] = {}
-    for variant, extra in (("hidden on GPU", ["--offload", "device"]), ("GPU budget 3GiB", ["--max-gpu-memory", "3GiB"])):
+    en_modified = ["--method", "en-modified", "--alpha", "0.5"]
+    variants = (
+        ("hidden on GPU", en_modified + ["--offload", "device"]),
+        ("GPU budget 3GiB", en_modified + ["--max-gpu-memory", "3GiB"]),
+        ("sparsegpt, GPU budget 4GiB", ["--method", "sparsegpt", "--max-gpu-memory", "4GiB"]),
+    )
+    for variant, extra in variants:
         command = [
             sys.executable, "-m", "streamprune.cli", "prune", str(model_dir), str(out_dir), "--overwrite",
-            "--method", "en-modified", "--alpha", "0.5", "--sparsity", "0.5", "--calib", str(ids_file),
+            "--sparsity", "0.5", "--calib", str(ids_file),
             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
             "--device", args.device, *extra,
         ]

@@ -25,6 +25,8 @@ Both compute in float32 unless said (float16 products on a CPU are about 100x sl
 the floor, peak RSS (each child's own VmHWM), seconds per block, their ratios, and how many mask entries differ.
 
   python benchmarks/prune_cpu.py --workdir /tmp/prunebench --json benchmarks/results/prune_cpu.json
+  python benchmarks/prune_cpu.py --workdir /tmp/prunebench --jobs 7b-4,7b-8 --other-methods sparsegpt \
+      --check-repeats 1 --json benchmarks/results/prune_cpu_sparsegpt.json
 """
 
 from __future__ import annotations
@@ -138,15 +140,18 @@ def run_floor(model_dir: Path, ids_file: Path, dtype: str, batch_size: int) -> d
     return _child_json(COMPUTE_FLOOR, model_dir, ids_file, dtype, batch_size)
 
 
+EN_MODIFIED = ("--method", "en-modified", "--alpha", "0.5")
+
+
 def run_streamed(model_dir: Path, ids_file: Path, out_dir: Path, nsamples: int, seqlen: int, batch_size: int,
-                 dtype: str, checks: bool = True) -> dict:
+                 dtype: str, checks: bool = True, method: tuple[str, ...] = EN_MODIFIED) -> dict:
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if not checks:
         env["_STREAMPRUNE_UNCHECKED"] = "1"
     subprocess.run(
         [sys.executable, "-m", "streamprune.cli", "prune", str(model_dir), str(out_dir), "--overwrite",
-         "--method", "en-modified", "--alpha", "0.5", "--sparsity", "0.5", "--calib", str(ids_file),
+         *method, "--sparsity", "0.5", "--calib", str(ids_file),
          "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--batch-size", str(batch_size),
          "--device", "cpu", "--dtype", dtype, "--quiet"],
         check=True, env=env, stdout=subprocess.DEVNULL,
@@ -192,6 +197,7 @@ def main() -> int:
     parser.add_argument("--jobs", default="smollm2,smollm2-bf16,7b-4,7b-8")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--check-repeats", type=int, default=2, help="pairs of checked and unchecked runs per job")
+    parser.add_argument("--other-methods", default="", help="e.g. sparsegpt: also streamed with these methods (one run each)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
 
@@ -230,6 +236,11 @@ def main() -> int:
             "calibration": list(ids.shape),
             "streamed_dtype": dtype,
             "streamed": streamed,
+            "other_methods": {
+                method: run_streamed(model_dir, ids_file, args.workdir / f"{job}-{method}", ids.shape[0], ids.shape[1],
+                                     args.batch_size, dtype, method=("--method", method))
+                for method in filter(None, args.other_methods.split(","))
+            },
             "checks": {
                 "checked_runs": runs[True], "unchecked_runs": runs[False],
                 "mean_ratio": (sum(checked_s) / len(checked_s)) / (sum(unchecked_s) / len(unchecked_s)),
@@ -257,6 +268,14 @@ def main() -> int:
         peaks = [max(r["peak_rss_bytes"] for r in c[f"{k}_runs"]) / GIB for k in ("checked", "unchecked")]
         print(f"{job:<13}{times[0]:>16}{times[1]:>16}{c['mean_ratio']:>11.3f}{c['fastest_ratio']:>14.3f}"
               f"{peaks[0]:>8.2f}/{peaks[1]:<7.2f}{str(c['same_bytes']):>11}")
+    if args.other_methods:
+        print("\nother methods, streamed, against en-modified (a = 0.5) streamed in the same job")
+        print(f"{'job':<13}{'method':>12}{'wall s':>9}{'ratio':>7}{'peak RSS GiB':>14}{'ratio':>7}")
+        for job, row in jobs.items():
+            for method, run in row["other_methods"].items():
+                s = row["streamed"]
+                print(f"{job:<13}{method:>12}{run['wall_s']:>9.1f}{run['wall_s'] / s['wall_s']:>7.2f}"
+                      f"{run['peak_rss_bytes'] / GIB:>14.2f}{run['peak_rss_bytes'] / s['peak_rss_bytes']:>7.2f}")
     header = f"{'job':<13}{'tokens':>10}{'ckpt GiB':>9}{'wall s':>16}{'ratio':>7}{'floor s':>8}{'ratio':>7}" \
              f"{'peak RSS GiB':>18}{'ratio':>7}{'s/block':>16}{'masks differ':>14}"
     print(header)

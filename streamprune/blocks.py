@@ -212,10 +212,13 @@ class DecoderStack:
         check_fits(key, reader.magnitudes.get(key), self.dtype)
         return tensor.to(device=self.device, dtype=self.dtype, non_blocking=True)
 
-    def read_block(self, index: int) -> dict[str, torch.Tensor]:
-        """The block's tensors as stored, read now into host memory (pinned when the device is CUDA)."""
+    def read_block(self, index: int, reader: CheckpointReader | None = None) -> dict[str, torch.Tensor]:
+        """The block's tensors as stored (by `reader`, default the model's), read now into host memory
+        (pinned when the device is CUDA)."""
         pin = self.device.type == "cuda"
-        return {key: t.pin_memory() if pin else t.clone() for key, t in self.reader.iter_tensors(self.block_keys(index))}
+        reader = reader or self.reader
+        keys = reader.keys_with_prefix(self.family.block_prefix(index))
+        return {key: t.pin_memory() if pin else t.clone() for key, t in reader.iter_tensors(keys)}
 
     def load_block(self, index: int, reader: CheckpointReader | None = None, stored: dict | None = None) -> nn.Module:
         """Block `index` on the device in the compute dtype.

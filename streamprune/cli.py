@@ -199,6 +199,17 @@ def _names(ctx, param, value) -> tuple[str, ...] | None:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _option_grid(ctx, param, value) -> dict:
+    """('percdamp=0.01,0.1', ...) -> {'percdamp': (0.01, 0.1)}."""
+    grid = {}
+    for item in value:
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not NAME=V1,V2,...")
+        grid[name.strip().replace("-", "_")] = _numbers(ctx, param, values)
+    return grid
+
+
 def _numbers(ctx, param, value) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -266,9 +277,8 @@ def methods_table() -> str:
     lines = ["| method | decides by | comparison group | changes kept weights | options | source |", "|---|---|---|---|---|---|"]
     for method in METHODS.values():
         options = ", ".join(f"`{o.flag}` ({o.default:g})" for o in method.options) or "none"
-        group = "column blocks (all rows)" if method.updates_weights else "output row"
         summary = method.summary.replace("|", "\\|")  # a bare | would end the Markdown cell
-        lines.append(f"| `{method.name}` | {summary} | {group}; N of M per row with --pattern | "
+        lines.append(f"| `{method.name}` | {summary} | {method.group}; N of M per row with --pattern | "
                      f"{'yes' if method.updates_weights else 'no (yes with --reconstruct)'} | {options} | {method.source} |")
     return "\n".join(lines)
 
@@ -300,8 +310,14 @@ def inspect(directory, json_path, trust_remote_code):
 @click.argument("outdir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--spec", "spec_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="A JSON or YAML file with any of the sweep's settings; options given here win.")
-@click.option("--alphas", callback=_numbers, help="Comma-separated alphas (default 0,0.25,0.5,0.75,1).")
-@click.option("--geometries", callback=_names, help="original,modified (EN-Original, EN-Modified).")
+@click.option("--methods", callback=_names, help=f"Comma-separated methods ({', '.join(METHODS)}); default: the EN geometries.")
+@click.option("--alphas", callback=_numbers, help="Comma-separated alphas (default 0,0.25,0.5,0.75,1), for every method taking --alpha.")
+@click.option("--geometries", callback=_names, help="original,modified (EN-Original, EN-Modified), when --methods is not given.")
+@click.option("--option", "options", multiple=True, callback=_option_grid,
+              help="NAME=V1,V2,...: values of another method option, e.g. --option percdamp=0.01,0.1 (repeatable).")
+@click.option("--reconstruct", type=click.Choice(["no", "yes", "both"]), default=None,
+              help="Mask-only methods without --reconstruct (no, the default), with it, or both.")
+@click.option("--seeds", type=int, default=None, help="Calibration draws per configuration (default 1): tables give mean ± std.")
 @click.option("--sparsities", callback=_numbers, help="Comma-separated sparsities (default 0.5).")
 @click.option("--patterns", callback=_names, help="unstructured and/or N:M patterns, e.g. unstructured,2:4.")
 @click.option("--tasks", callback=_names, help="Zero-shot tasks to evaluate: boolq,hellaswag,phishing.")
@@ -325,13 +341,16 @@ def inspect(directory, json_path, trust_remote_code):
 @memory_options
 @reports_errors
 def sweep(model, outdir, spec_file, overwrite, quiet, offload, max_gpu_memory, max_cpu_memory, offload_dir, **options):
-    """Prune and evaluate MODEL over alpha x geometry x sparsity into OUTDIR; rerun to continue.
+    """Prune and evaluate MODEL over a grid (methods, alpha and other options, reconstruction, sparsity,
+    patterns, calibration draws) into OUTDIR; rerun to continue.
 
     Writes results.json, results.csv, results.md (the paper's table) and plots/*.png.
     """
     from .sweep import SweepSpec, run_sweep
 
-    given = {name: value for name, value in options.items() if value is not None}
+    given = {name: value for name, value in options.items() if value is not None and value != {}}
+    if "reconstruct" in given:
+        given["reconstruct"] = {"no": (False,), "yes": (True,), "both": (False, True)}[given["reconstruct"]]
     spec = SweepSpec.from_file(spec_file, **given) if spec_file else SweepSpec(**given)
     rows = run_sweep(model, outdir, spec, overwrite=overwrite, progress=not quiet,
                      budget=_budget(offload, max_gpu_memory, max_cpu_memory, offload_dir), echo=click.echo)

@@ -1,9 +1,12 @@
-"""The one orchestrator: checkpoint -> block -> statistics -> scores -> masks -> writer -> manifest.
+"""The one orchestrator: checkpoint -> block -> statistics -> decision -> writer -> manifest.
 
-For each decoder block: load it, run the calibration hidden states through it with statistics hooks,
-prune every linear from those dense statistics, run the pruned block again so the next block sees
-pruned outputs (as the reference Wanda code does; not after the last block), check the pruned tensors
-against their promise, write them, free the block.
+The blocks are visited in order by the one block walker (walker.py, also used to replay and to
+evaluate).  Each block goes through six phases: collect (the statistics the method needs, from one pass
+of the dense block over the calibration hidden states, with hooks), reduce (across processes; one today),
+decide and apply (the method decides each linear's mask, and new weights if it updates them; the layer
+is changed in place), propagate (the pruned block runs again, so the next block sees pruned outputs, as
+the reference Wanda and SparseGPT code do; not after the last block) and export (the tensors as they are
+to be stored); then each pruned tensor is checked against its promise and the block is written.
 
 Nothing wrong is marked complete (checks.py): tensors that are not finite are refused as they are
 read, activations that overflow the compute dtype stop the run at their block, scores reach the
@@ -46,6 +49,7 @@ from .state import (
     CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, make_output, peak_memory, plan_run, reset_peak_memory,
 )
 from .stats import InputStatistics, input_statistics, linear_layers
+from .walker import BlockWalker
 
 log = logging.getLogger("streamprune")
 
@@ -103,30 +107,43 @@ def verified_sparsity(key: str, tensor: torch.Tensor, sparsity: float, groups: G
     return fraction
 
 
-def prune_block(
-    stack: DecoderStack, index: int, acts: Activations | None, config: PruneConfig, stored: dict | None = None
-) -> tuple[dict[str, torch.Tensor], dict[str, Groups]]:
-    """Prunes block `index` with the configured method, advances `acts` through it and frees it.
+# The block step, in phases: collect -> reduce -> decide -> apply -> propagate -> export.
 
-    Returns the block's tensors as they are stored, and the comparison groups of each pruned weight
-    among them (for its post-condition, verify_and_write).  `acts` is None for methods that need no
-    statistics, which run no forward passes; `stored` is the block already read (by the background
-    reader).  The returned tensors are in the checkpoint's dtype.  Weights a method (or --reconstruct)
-    updated are its float32 results cast to it; other weights are cast back from the compute dtype
-    where that is exact (float16 or bfloat16 computed in float32, or no conversion), else read again and
-    masked, so their kept entries are the input's bits.  Raises NumericalError for activations that
-    overflow.
+
+def collect(stack: DecoderStack, index: int, block, acts: Activations | None, config: PruneConfig) -> dict[str, InputStatistics]:
+    """Phase 1: the statistics the run needs of every linear's inputs, from one pass of the dense block
+    over the calibration hidden states (none, and no pass, for methods that need none).  Raises
+    NumericalError where the activations overflowed (check_statistics)."""
+    if acts is None:
+        return {}
+    with input_statistics(block, config.statistics) as statistics:
+        stack.run_block(index, acts, config.batch_size, write_back=False)
+    check_statistics(stack, index, acts, statistics, config.batch_size)
+    return statistics
+
+
+def reduce(statistics: dict[str, InputStatistics]) -> dict[str, InputStatistics]:
+    """Phase 2: the statistics combined across processes.  One process holds all the calibration windows
+    today, so they are returned as they are; with several, each process's sums and Gram matrices (over
+    its share of the windows) are added up here, and every process then decides the same."""
+    return statistics
+
+
+def decide_and_apply(
+    stack: DecoderStack, index: int, block, statistics: dict[str, InputStatistics], config: PruneConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Groups]]:
+    """Phases 3 and 4, one linear at a time (so that one decision is held at once): the method decides
+    (and --reconstruct updates the kept weights with the mask held), then the block's weight is masked or
+    replaced by the updated one, so that the pruned pass sees the pruned layer.
+
+    Returns the updated weights in the checkpoint's dtype on the CPU, the keep-masks of masked weights
+    the compute dtype cannot hand back exactly (export reads those again), and each weight's comparison
+    groups for its post-condition.
     """
     method = get_method(config.method)
-    block = stack.load_block(index, stored=stored)
-    statistics = {}
-    if acts is not None:
-        with input_statistics(block, config.statistics) as statistics:
-            stack.run_block(index, acts, config.batch_size, write_back=False)
-        check_statistics(stack, index, acts, statistics, config.batch_size)
     prefix = stack.family.block_prefix(index)
-    inexact_masks, updated, groups = {}, {}, {}
     options = config.option_values
+    updated, inexact_masks, groups = {}, {}, {}
     with torch.no_grad():
         for name, linear in linear_layers(block).items():
             key = f"{prefix}{name}.weight"
@@ -137,23 +154,52 @@ def prune_block(
                 decision = Decision(decision.keep, new)
             groups[key] = method.groups(config, linear.in_features)
             if decision.weight is not None:
-                linear.weight.copy_(decision.weight)  # the next block sees the updated layer
+                linear.weight.copy_(decision.weight)
                 updated[key] = decision.weight.to(device="cpu", dtype=stack.reader.dtypes[key])
             else:
                 linear.weight.masked_fill_(~decision.keep, 0)
                 if not stack.holds_exactly(key):
                     inexact_masks[key] = decision.keep.cpu()
             del decision
-    if acts is not None and index + 1 < stack.num_blocks:  # the last block's outputs feed nothing
+    return updated, inexact_masks, groups
+
+
+def propagate(stack: DecoderStack, index: int, acts: Activations | None, config: PruneConfig) -> None:
+    """Phase 5: the pruned block's outputs replace the hidden states, as the next block's inputs (as the
+    reference Wanda and SparseGPT code do); not after the last block, whose outputs feed nothing."""
+    if acts is not None and index + 1 < stack.num_blocks:
         stack.run_block(index, acts, config.batch_size, write_back=True)
-    pruned = stack.unload_block(index)
-    pruned.update(updated)
-    for key in [k for k in pruned if not stack.holds_exactly(k) and k not in updated]:
+
+
+def export(stack: DecoderStack, index: int, updated: dict, inexact_masks: dict) -> dict[str, torch.Tensor]:
+    """Phase 6: the block's tensors as they are to be stored, in the checkpoint's dtype, its device
+    memory released.  Updated weights are their float32 results rounded once to the checkpoint's dtype;
+    the others are cast back from the compute dtype where that is exact (float16 or bfloat16 computed in
+    float32, or no conversion), else read again and masked, so their kept entries are the input's bits."""
+    stored = stack.unload_block(index)
+    stored.update(updated)
+    for key in [k for k in stored if not stack.holds_exactly(k) and k not in updated]:
         original = stack.reader.read([key])[key]
         if key in inexact_masks:
             original.masked_fill_(~inexact_masks[key], 0)
-        pruned[key] = original
-    return pruned, groups
+        stored[key] = original
+    return stored
+
+
+def prune_block(
+    stack: DecoderStack, index: int, block, acts: Activations | None, config: PruneConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, Groups]]:
+    """Prunes block `index` (loaded: `block`) with the configured method and advances `acts` through it.
+
+    Returns the block's tensors as they are to be stored and each pruned weight's comparison groups (for
+    its post-condition, verify_and_write).  `acts` is None for methods that need no statistics, which
+    run no forward passes.  Raises NumericalError for activations that overflow.
+    """
+    statistics = reduce(collect(stack, index, block, acts, config))
+    updated, inexact_masks, groups = decide_and_apply(stack, index, block, statistics, config)
+    del statistics  # Gram matrices: gone before the pruned pass needs its memory
+    propagate(stack, index, acts, config)
+    return export(stack, index, updated, inexact_masks), groups
 
 
 def verify_and_write(writer: CheckpointWriter, index: int, pruned: dict, groups: dict, config: PruneConfig) -> dict:
@@ -166,14 +212,6 @@ def verify_and_write(writer: CheckpointWriter, index: int, pruned: dict, groups:
     sparsity = {key: verified_sparsity(key, pruned[key], config.sparsity, group) for key, group in groups.items()}
     writer.write_shard(index, pruned)
     return sparsity
-
-
-def replay_block(stack: DecoderStack, index: int, acts: Activations, writer: CheckpointWriter, batch_size: int) -> None:
-    """Advances `acts` through block `index` as already pruned and written by an earlier session."""
-    shard = CheckpointReader(writer.out_dir, files=[writer.shard_path(index).name])
-    stack.load_block(index, reader=shard)
-    stack.run_block(index, acts, batch_size, write_back=True)
-    stack.free_block(index)
 
 
 def statistics_bytes(stack: DecoderStack, config: PruneConfig) -> int:
@@ -247,15 +285,14 @@ class _Background:
 def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, show_progress, overlap) -> None:
     """Replays the blocks an earlier session wrote, then prunes and writes the rest, one at a time.
 
-    With overlap, block i+1 is read from disk while block i computes, and block i is written while
-    block i+1 computes; a block counts as done (in the manifest) only once its shard is in place.
+    With overlap, block i+1 is read from disk while block i computes (BlockWalker), and block i is
+    checked and written while block i+1 computes; a block counts as done (in the manifest) only once its
+    shard is in place.
     """
-    reads, writes = _Background(overlap), _Background(overlap)
-    read_ahead: dict[int, Future] = {}
+    writes = _Background(overlap)
 
-    def read_soon(index: int) -> None:
-        if overlap and index < stack.num_blocks:
-            read_ahead[index] = reads.submit(stack.read_block, index)
+    def written_shard(index: int) -> CheckpointReader:
+        return CheckpointReader(writer.out_dir, files=[writer.shard_path(index).name])
 
     def finish(index: int, written: Future, block_seconds: float) -> None:
         sparsity = written.result()  # raises what the check or the write raised (a full disk)
@@ -269,28 +306,27 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
                 f"stopped after block {index + 1} of {stack.num_blocks}; rerun the same command to resume where it stopped"
             )
 
-    with stop_requests() as stop_asked, progress_bars.bar(total=stack.num_blocks, desc="Pruning blocks", unit="block", enabled=show_progress) as bar:
+    with stop_requests() as stop_asked, BlockWalker(stack, read_ahead=overlap) as walker, progress_bars.bar(
+        total=stack.num_blocks, desc="Pruning blocks", unit="block", enabled=show_progress
+    ) as bar:
         if acts is not None and 0 < start_block < stack.num_blocks:  # with every block written, nothing to replay
             bar.set_description_str("Replaying written blocks")
-            for index in range(start_block):
-                replay_block(stack, index, acts, writer, config.batch_size)
+            for index, _ in walker.blocks(range(start_block), reader_for=written_shard):
+                stack.run_block(index, acts, config.batch_size, write_back=True)
                 bar.update()
         else:
             bar.update(start_block)
         bar.set_description_str("Pruning blocks")
         pending = None
-        read_soon(start_block)
         try:
-            for index in range(start_block, stack.num_blocks):
-                block_started = time.perf_counter()
-                read_soon(index + 1)
-                stored = read_ahead.pop(index).result() if index in read_ahead else None
-                pruned, groups = prune_block(stack, index, acts, config, stored)
-                del stored
+            lap = time.perf_counter()
+            for index, block in walker.blocks(range(start_block, stack.num_blocks)):
+                pruned, groups = prune_block(stack, index, block, acts, config)
                 if pending is not None:
                     finish(*pending)
                 written = writes.submit(verify_and_write, writer, index, pruned, groups, config)
-                pending = (index, written, time.perf_counter() - block_started)
+                pending = (index, written, time.perf_counter() - lap)  # since the last block: loading included
+                lap = time.perf_counter()
                 del pruned  # held by the writer until written, and no longer: a block must not linger
                 if not overlap:
                     finish(*pending)
@@ -298,7 +334,6 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
             if pending is not None:
                 finish(*pending)
         finally:
-            reads.shutdown()
             writes.shutdown()
 
 

@@ -98,6 +98,7 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
         "dtypes": sorted(dtypes),
         "complete": complete and not problems,
         "run_status": manifest.status if manifest else None,
+        "run_method": run_method(manifest.config) if manifest else None,
         "run_error": manifest.error if manifest else None,
         "run_checked": manifest.checked if manifest else None,
         "blocks_total": blocks_total,
@@ -110,8 +111,25 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
     }
 
 
+def run_method(config: dict) -> str:
+    """'sparsegpt (percdamp 0.01, blocksize 128), 50%': the method of a run and its options, from the
+    registry (an unknown method, from another version, is named as recorded)."""
+    from .methods import METHODS
+    from .obs import OPTIONS
+
+    method = METHODS.get(config.get("method"))
+    names = [o.name for o in method.options] if method else []
+    names += [o.name for o in OPTIONS if config.get("reconstruct") and o.name not in names]
+    options = ", ".join(f"{name} {config[name]:g}" for name in names if name in config)
+    shape = config.get("pattern") or f"{config.get('sparsity', 0):.0%}"
+    rebuilt = " + reconstruct" if config.get("reconstruct") else ""
+    return f"{config.get('method')}{rebuilt}{f' ({options})' if options else ''}, {shape}"
+
+
 def format_report(report: dict) -> str:
     run = f"; streamprune run {report['run_status']}" if report["run_status"] else ""
+    if report.get("run_method"):
+        run += f" ({report['run_method']})"
     if report.get("run_checked") is False:
         run += ", made with its checks off"
     lines = [

@@ -1,27 +1,38 @@
-"""`streamprune sweep`: the paper's experiment, alpha x geometry x sparsity (x pattern), in one command.
+"""`streamprune sweep`: a grid of prune configurations, each pruned and evaluated, in one command.
 
-Every configuration is pruned with the same calibration token ids (drawn once, kept in OUTDIR) and
-evaluated with the same options as the dense model (evaluated once).  Each configuration's results go
-to OUTDIR/results/<name>.json as soon as it is done, so a rerun of the same command skips finished
-configurations and resumes an interrupted one inside its pruning (see engine.py).  Configurations that
-are the same pruning are done once: EN-Original and EN-Modified coincide at alpha = 1.  A configuration
-whose numbers fail (activations that overflow, a log-likelihood that is not finite: NumericalError) is
-recorded as failed with the reason, and the sweep goes on; other errors stop it.
+The spec is a prune configuration and an evaluation configuration plus grids of values: the methods
+(any registered one; by default the paper's two Elastic-Net geometries), alpha (for every method that
+takes it), any other method option (`options`), with and without --reconstruct, sparsities and N:M
+patterns, and the number of calibration draws (`seeds`).  Every configuration of one draw is pruned with
+the same calibration token ids (drawn once, kept in OUTDIR) and evaluated with the same options as the
+dense model (evaluated once).  Each configuration's results go to OUTDIR/results/<name>.json as soon as
+it is done, so a rerun of the same command skips finished configurations and resumes an interrupted one
+inside its pruning (see engine.py).  Configurations that prune identically are done once: options a
+method does not take are not part of its configuration, and EN-Original and EN-Modified coincide at
+alpha = 1.  A configuration whose numbers fail (activations that overflow, a log-likelihood that is not
+finite: NumericalError) is recorded as failed with the reason, and the sweep goes on; other errors stop it.
 
-Outputs: results.json, results.csv (one row per configuration, the dense model first), results.md (a
-table in the paper's layout per sparsity or pattern, dense row and best pruned row marked, then every
-metric), and plots/*.png (perplexity and macro accuracy against alpha, perplexity against sparsity).
+With several draws (seeds), a row is a configuration's mean over its draws, with the standard deviation
+and the extremes of perplexity and macro accuracy beside it (`ppl_std`, `ppl_min`, `ppl_max`, and each
+draw's value in `ppl_seeds`); tables show mean ± std and plots error bars.
+
+Outputs: results.json, results.csv (one row per configuration, the dense model first), results.md (the
+paper's table, alpha down and the geometries across, per sparsity or pattern, for the Elastic-Net rows;
+a table per sparsity or pattern for the other methods; then every metric), and plots/*.png (perplexity
+and macro accuracy against alpha, perplexity against sparsity).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import json
 import logging
+import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .calibration import calibration_windows, save_windows
@@ -31,6 +42,8 @@ from .engine import prune
 from .errors import NumericalError, StreamPruneError, one_line
 from .evaluate.runner import EvalConfig, evaluate
 from .loading import load_tokenizer
+from .methods import METHODS, get_method
+from .obs import OPTIONS as OBS_OPTIONS
 from .placement import Budget
 from .state import CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, version_difference, versions
 
@@ -43,12 +56,16 @@ SPEC_FILE = "sweep.json"
 @dataclass(frozen=True)
 class SweepSpec:
     # the grid (may grow between runs of the same sweep)
-    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    methods: tuple[str, ...] = ()  # registered methods; empty: the Elastic-Net geometries below
     geometries: tuple[str, ...] = ("original", "modified")
+    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # for every method that takes --alpha
+    options: dict = field(default_factory=dict)  # grid values of other options: {"percdamp": [0.01, 0.1]}
+    reconstruct: tuple[bool, ...] = (False,)  # (False, True): mask-only methods also with --reconstruct
     sparsities: tuple[float, ...] = (0.5,)
     patterns: tuple[str, ...] = ("unstructured",)  # "unstructured" uses the sparsities; "2:4" is 50% by itself
+    seeds: int = 1  # calibration draws (seed, seed + 1, ...); each configuration is pruned once per draw
     keep: bool = False  # keep the pruned checkpoints (else deleted once evaluated)
-    # calibration: one set for every configuration
+    # calibration: one set per draw, the same for every configuration
     calib: str = "wikitext103"
     nsamples: int = 128
     calib_seqlen: int = 2048
@@ -67,22 +84,31 @@ class SweepSpec:
     dtype: str = "auto"
     batch_size: int = 4
 
-    GRID = ("alphas", "geometries", "sparsities", "patterns", "keep")
+    GRID = ("methods", "geometries", "alphas", "options", "reconstruct", "sparsities", "patterns", "seeds", "keep")
 
     def __post_init__(self):
-        for name in ("alphas", "geometries", "sparsities", "patterns", "tasks"):
+        for name in ("methods", "alphas", "geometries", "sparsities", "patterns", "tasks", "reconstruct"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "options", {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in dict(self.options).items()})
         unknown = [g for g in self.geometries if g not in GEOMETRIES]
         if unknown:
             raise StreamPruneError(f"unknown geometry {unknown[0]!r}; choose from {', '.join(GEOMETRIES)}")
+        for name in self.methods:
+            get_method(name)
+        known = {o.name for m in METHODS.values() for o in m.options} | {o.name for o in OBS_OPTIONS}
+        for name in self.options:
+            if name not in known or name == "alpha":
+                raise StreamPruneError(f"unknown option {name!r} in the sweep's options; known: {', '.join(sorted(known - {'alpha'}))} (alpha: --alphas)")
         for pattern in self.patterns:
             if pattern != "unstructured":
                 parse_pattern(pattern)
-        if not (self.alphas and self.geometries and self.patterns) or ("unstructured" in self.patterns and not self.sparsities):
-            raise StreamPruneError("the grid is empty: give alphas, geometries and sparsities or patterns")
+        if self.seeds < 1:
+            raise StreamPruneError(f"seeds must be at least 1, got {self.seeds}")
+        if not self.points():
+            raise StreamPruneError("the grid is empty: give methods (or geometries), alphas, and sparsities or patterns")
         self.eval_config()  # validates the evaluation options
         for point in self.points():
-            point.prune_config(self, calib="unused")  # validates alpha, sparsity and the rest
+            point.prune_config(self, calib="unused", seed=self.seed)  # validates every option and the rest
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "SweepSpec":
@@ -111,10 +137,30 @@ class SweepSpec:
         """The options every configuration shares; a sweep cannot continue under other ones."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.GRID}
 
+    def method_names(self) -> tuple[str, ...]:
+        return self.methods or tuple(GEOMETRIES[g] for g in self.geometries)
+
     def points(self) -> list["GridPoint"]:
+        """Every configuration of the grid: per sparsity or pattern, per method, with and without
+        reconstruction (mask-only methods only), over the values of the options the method takes."""
         shapes = [(s, None) for s in self.sparsities] if "unstructured" in self.patterns else []
         shapes += [(parse_pattern(p)[0] / parse_pattern(p)[1], p) for p in self.patterns if p != "unstructured"]
-        return [GridPoint(g, float(a), float(s), p) for s, p in shapes for g in self.geometries for a in self.alphas]
+        points = []
+        for (sparsity, pattern), name in itertools.product(shapes, self.method_names()):
+            method = get_method(name)
+            for rebuilt in self.reconstruct:
+                if rebuilt and method.updates_weights:
+                    continue  # it updates its weights itself
+                takes = list(method.options) + [o for o in OBS_OPTIONS if rebuilt and o not in method.options]
+                axes = [self.alphas if o.name == "alpha" else self.options.get(o.name, (o.default,)) for o in takes]
+                for values in itertools.product(*axes):
+                    options = tuple((o.name, float(v)) for o, v in zip(takes, values))
+                    points.append(GridPoint(name, options, float(sparsity), pattern, bool(rebuilt)))
+        return points
+
+    def draws(self) -> list[int]:
+        """The calibration seeds: seed, seed + 1, ... (one per draw)."""
+        return [self.seed + k for k in range(self.seeds)]
 
     def eval_config(self) -> EvalConfig:
         return EvalConfig(ppl=self.ppl, ppl_slices=self.ppl_slices, tasks=self.tasks, seqlen=self.seqlen,
@@ -124,10 +170,22 @@ class SweepSpec:
 
 @dataclass(frozen=True)
 class GridPoint:
-    geometry: str
-    alpha: float
-    sparsity: float
+    """One configuration of the grid: a method, the values of its options, a sparsity or pattern."""
+
+    method: str
+    options: tuple = ()  # ((name, value), ...): every option the method (and --reconstruct) takes
+    sparsity: float = 0.5
     pattern: str | None = None
+    reconstruct: bool = False
+
+    @property
+    def geometry(self) -> str | None:
+        """'original' or 'modified' for the Elastic-Net methods (the paper's table), else None."""
+        return next((g for g, m in GEOMETRIES.items() if m == self.method), None)
+
+    @property
+    def alpha(self) -> float | None:
+        return dict(self.options).get("alpha")
 
     @property
     def shape(self) -> str:
@@ -135,21 +193,40 @@ class GridPoint:
 
     @property
     def label(self) -> str:
-        return f"EN-{self.geometry.capitalize()} a={self.alpha:g} {self.pattern or f'{self.sparsity:.0%}'}"
+        shape = self.pattern or f"{self.sparsity:.0%}"
+        rebuilt = " + reconstruct" if self.reconstruct else ""
+        if self.geometry:
+            return f"EN-{self.geometry.capitalize()} a={self.alpha:g}{rebuilt} {shape}"
+        defaults = {o.name: o.default for o in [*get_method(self.method).options, *OBS_OPTIONS]}
+        changed = " ".join(f"{k}={v:g}" for k, v in self.options if v != defaults.get(k))
+        return f"{self.method}{' ' + changed if changed else ''}{rebuilt} {shape}"
 
     @property
     def prune_key(self) -> str:
         """The same name for configurations that prune identically (both geometries at alpha = 1)."""
-        geometry = "modified" if self.alpha == 1 else self.geometry
         shape = self.pattern.replace(":", "of") if self.pattern else f"s{self.sparsity:g}"
-        return f"{geometry}-a{self.alpha:g}-{shape}"
+        rebuilt = "-rec" if self.reconstruct else ""
+        if self.geometry:
+            geometry = "modified" if self.alpha == 1 else self.geometry
+            others = "".join(f"-{k}{v:g}" for k, v in self.options if k != "alpha")
+            return f"{geometry}-a{self.alpha:g}{others}{rebuilt}-{shape}"
+        return f"{self.method}{''.join(f'-{k}{v:g}' for k, v in self.options)}{rebuilt}-{shape}"
 
-    def prune_config(self, spec: SweepSpec, calib: str) -> PruneConfig:
+    def prune_config(self, spec: SweepSpec, calib: str, seed: int) -> PruneConfig:
         return PruneConfig.of(
-            method=GEOMETRIES[self.geometry], alpha=self.alpha, sparsity=self.sparsity, pattern=self.pattern,
-            calib=calib, nsamples=spec.nsamples, seqlen=spec.calib_seqlen, seed=spec.seed, stat_norm=spec.stat_norm,
-            device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size,
+            method=self.method, sparsity=self.sparsity, pattern=self.pattern, reconstruct=self.reconstruct,
+            calib=calib, nsamples=spec.nsamples, seqlen=spec.calib_seqlen, seed=seed, stat_norm=spec.stat_norm,
+            device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size, **dict(self.options),
         )
+
+
+def _per_draw(name: str, seed: int, spec: SweepSpec) -> str:
+    """A file or folder name for one draw; the first draw keeps the plain name (sweeps before --seeds)."""
+    return name if seed == spec.seed else f"{name}-seed{seed}"
+
+
+def _ids_file(outdir: Path, seed: int, spec: SweepSpec) -> Path:
+    return outdir / (CALIBRATION_IDS_FILE if seed == spec.seed else f"calibration_ids-seed{seed}.safetensors")
 
 
 def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool) -> None:
@@ -181,18 +258,10 @@ def _as_json(value):
     return json.loads(json.dumps(value))
 
 
-def _row(label: str, point: GridPoint | None, result: dict) -> dict:
-    row = {
-        "label": label,
-        "method": point and GEOMETRIES[point.geometry],
-        "geometry": point and point.geometry,
-        "alpha": point and point.alpha,
-        "sparsity": point.sparsity if point else 0.0,
-        "pattern": (point.pattern or "unstructured") if point else None,
-    }
-    if "failed" in result:  # no metrics: why is in the row instead
-        return {**row, "failed": result["failed"], "prune_s": None, "eval_s": None}
+def _metrics(result: dict) -> dict:
+    """The numbers of one evaluated pruning (or of the dense model)."""
     evaluation = result["eval"]
+    row = {}
     if "ppl" in evaluation:
         row["ppl"] = evaluation["ppl"]["value"]
         row["ppl_slices"] = evaluation["ppl"]["slices"]
@@ -211,19 +280,87 @@ def _row(label: str, point: GridPoint | None, result: dict) -> dict:
     return row
 
 
+SPREAD = ("ppl", "macro_mean")  # the metrics whose spread over draws is reported
+
+
+def _row(label: str, point: GridPoint | None, results: list[dict]) -> dict:
+    """One row: the configuration, and its metrics averaged over its draws (with the spread of SPREAD)."""
+    row = {
+        "label": label,
+        "method": point and point.method,
+        "geometry": point and point.geometry,
+        "alpha": point and point.alpha,
+        "reconstruct": point.reconstruct if point else None,
+        "options": dict(point.options) if point else None,
+        "sparsity": point.sparsity if point else 0.0,
+        "pattern": (point.pattern or "unstructured") if point else None,
+    }
+    failed = [result["failed"] for result in results if "failed" in result]
+    if failed:  # no metrics: why is in the row instead
+        return {**row, "failed": failed[0], "prune_s": None, "eval_s": None}
+    draws = [_metrics(result) for result in results]
+    for key, first in draws[0].items():
+        values = [draw[key] for draw in draws]
+        if isinstance(first, list):
+            row[key] = [sum(column) / len(column) for column in zip(*values)]
+        elif first is None:
+            row[key] = None
+        else:
+            row[key] = sum(values) / len(values)
+        if key in SPREAD and len(values) > 1:
+            mean = row[key]
+            row[f"{key}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            row[f"{key}_min"], row[f"{key}_max"], row[f"{key}_seeds"] = min(values), max(values), values
+    if len(draws) > 1:
+        row["seeds"] = len(draws)
+    return row
+
+
+def _prune_and_evaluate(model_dir, outdir, point, spec, seed, result_file, progress, budget) -> None:
+    """One configuration for one draw: pruned (resumed if interrupted), evaluated, written to result_file;
+    a NumericalError is recorded there as the configuration's failure."""
+    key = _per_draw(point.prune_key, seed, spec)
+    checkpoint = outdir / "checkpoints" / key
+    started = time.perf_counter()
+    try:
+        earlier = RunManifest.load(checkpoint) if checkpoint.is_dir() else None
+        if earlier is not None and earlier.status == "complete":
+            manifest = earlier  # pruned before an interruption, not yet evaluated
+        else:
+            # an unfinished pruning from before a torch or transformers upgrade cannot resume bitwise
+            resume = earlier is None or version_difference(earlier.versions, versions()) is None
+            config = point.prune_config(spec, str(_ids_file(outdir, seed, spec)), seed)
+            manifest = prune(model_dir, checkpoint, config, progress=progress, budget=budget, resume=resume)
+        evaluation = evaluate(checkpoint, spec.eval_config(), progress=progress, budget=budget)
+        write_json(result_file, {
+            "prune_s": manifest.timings["total_s"], "prune_peak": manifest.peak_memory, "eval": evaluation,
+            "sparsity": manifest.config["sparsity"], "pattern": manifest.config["pattern"], "seed": seed,
+            "elapsed_s": round(time.perf_counter() - started, 3),
+        })
+    except NumericalError as exc:  # this configuration's numbers, not the sweep's: record it and go on
+        log.warning("%s failed: %s", point.label, exc)
+        write_json(result_file, {"failed": one_line(exc), "seed": seed, "elapsed_s": round(time.perf_counter() - started, 3)})
+    if not spec.keep and checkpoint.exists():
+        shutil.rmtree(checkpoint)
+        if not any(checkpoint.parent.iterdir()):
+            checkpoint.parent.rmdir()
+
+
 def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: bool = False, progress: bool = True,
               budget: Budget | None = None, echo=print) -> list[dict]:
-    """Prunes and evaluates every configuration of `spec` plus the dense model; returns the result rows."""
+    """Prunes and evaluates every configuration of `spec` (once per draw) plus the dense model; returns
+    the result rows."""
     outdir = Path(outdir)
     model_dir = resolve_model_dir(model)
     _open_sweep(outdir, model_dir, spec, overwrite)
     results_dir = outdir / "results"
     results_dir.mkdir(exist_ok=True)
 
-    ids_file = outdir / CALIBRATION_IDS_FILE
-    if not ids_file.is_file():
-        calibration = calibration_windows(spec.calib, load_tokenizer(model_dir), spec.nsamples, spec.calib_seqlen, spec.seed, progress)
-        save_windows(ids_file, calibration)
+    for seed in spec.draws():
+        ids_file = _ids_file(outdir, seed, spec)
+        if not ids_file.is_file():
+            calibration = calibration_windows(spec.calib, load_tokenizer(model_dir), spec.nsamples, spec.calib_seqlen, seed, progress)
+            save_windows(ids_file, calibration)
 
     dense_file = results_dir / "dense.json"
     if not dense_file.is_file():
@@ -232,38 +369,20 @@ def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: boo
 
     points = spec.points()
     unique = {point.prune_key: point for point in points}
-    for number, (key, point) in enumerate(unique.items(), 1):
-        result_file = results_dir / f"{key}.json"
+    jobs = [(key, point, seed) for key, point in unique.items() for seed in spec.draws()]
+    for number, (key, point, seed) in enumerate(jobs, 1):
+        result_file = results_dir / f"{_per_draw(key, seed, spec)}.json"
         if result_file.is_file():
             continue
-        echo(f"[{number}/{len(unique)}] {point.label}: pruning and evaluating ...")
-        checkpoint = outdir / "checkpoints" / key
-        started = time.perf_counter()
-        try:
-            earlier = RunManifest.load(checkpoint) if checkpoint.is_dir() else None
-            if earlier is not None and earlier.status == "complete":
-                manifest = earlier  # pruned before an interruption, not yet evaluated
-            else:
-                # an unfinished pruning from before a torch or transformers upgrade cannot resume bitwise
-                resume = earlier is None or version_difference(earlier.versions, versions()) is None
-                manifest = prune(model_dir, checkpoint, point.prune_config(spec, str(ids_file)), progress=progress,
-                                 budget=budget, resume=resume)
-            evaluation = evaluate(checkpoint, spec.eval_config(), progress=progress, budget=budget)
-            write_json(result_file, {
-                "prune_s": manifest.timings["total_s"], "prune_peak": manifest.peak_memory, "eval": evaluation,
-                "sparsity": manifest.config["sparsity"], "pattern": manifest.config["pattern"],
-                "elapsed_s": round(time.perf_counter() - started, 3),
-            })
-        except NumericalError as exc:  # this configuration's numbers, not the sweep's: record it and go on
-            log.warning("%s failed: %s", point.label, exc)
-            write_json(result_file, {"failed": one_line(exc), "elapsed_s": round(time.perf_counter() - started, 3)})
-        if not spec.keep and checkpoint.exists():
-            shutil.rmtree(checkpoint)
-            if not any(checkpoint.parent.iterdir()):
-                checkpoint.parent.rmdir()
+        draw = f", calibration seed {seed}" if spec.seeds > 1 else ""
+        echo(f"[{number}/{len(jobs)}] {point.label}{draw}: pruning and evaluating ...")
+        _prune_and_evaluate(model_dir, outdir, point, spec, seed, result_file, progress, budget)
 
-    rows = [_row("dense", None, json.loads(dense_file.read_text()))]
-    rows += [_row(point.label, point, json.loads((results_dir / f"{point.prune_key}.json").read_text())) for point in points]
+    def results_of(point: GridPoint) -> list[dict]:
+        return [json.loads((results_dir / f"{_per_draw(point.prune_key, seed, spec)}.json").read_text()) for seed in spec.draws()]
+
+    rows = [_row("dense", None, [json.loads(dense_file.read_text())])]
+    rows += [_row(point.label, point, results_of(point)) for point in points]
     write_results(outdir, rows, spec)
     return rows
 
@@ -275,7 +394,7 @@ def write_results(outdir: Path, rows: list[dict], spec: SweepSpec) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
     (outdir / "results.md").write_text(markdown_tables(rows, spec), encoding="utf-8")
     plot_results(outdir / "plots", rows)
 
@@ -284,14 +403,36 @@ def _fmt(value, digits: int) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _cell(row: dict, metric: str, digits: int) -> str:
+    """A metric as a table cell: 'failed', the value, or with several draws 'mean ± std'."""
+    if "failed" in row:
+        return "failed"
+    value = _fmt(row.get(metric), digits)
+    spread = row.get(f"{metric}_std")
+    return f"{value} ± {spread:.{digits}f}" if spread is not None else value
+
+
+def _paper_geometries(spec: SweepSpec) -> list[str]:
+    """The Elastic-Net geometries of the grid, in its order (the paper's table has a column pair each)."""
+    names = spec.method_names()
+    return [g for g in sorted(GEOMETRIES, key=lambda g: names.index(GEOMETRIES[g]) if GEOMETRIES[g] in names else 99)
+            if GEOMETRIES[g] in names]
+
+
 def markdown_tables(rows: list[dict], spec: SweepSpec) -> str:
-    """Per sparsity or pattern: alpha down, geometry across (ppl, macro accuracy), as the paper lays it out."""
+    """Per sparsity or pattern: the paper's table for the Elastic-Net rows (alpha down, geometry across:
+    ppl and macro accuracy), a table of the other configurations; then every metric of every row."""
     dense, pruned = rows[0], rows[1:]
     has_ppl, has_acc = "ppl" in dense, "macro_mean" in dense
+    metrics = [("ppl", 2)] * has_ppl + [("macro_mean", 4)] * has_acc
+    geometries = _paper_geometries(spec)
     lines = ["# Sweep results", ""]
     if has_ppl and dense.get("ppl_slices"):
         lines += [f"ppl: over all the windows of the {len(dense['ppl_slices'])} slices, pooled (exp of the mean token "
                   "NLL); each slice's perplexity and their mean are in results.csv.", ""]
+    if spec.seeds > 1:
+        lines += [f"Each configuration pruned with {spec.seeds} calibration draws (seeds {', '.join(map(str, spec.draws()))}): "
+                  "mean ± standard deviation over the draws.", ""]
     for shape in dict.fromkeys((r["pattern"], r["sparsity"]) for r in pruned):
         group = [r for r in pruned if (r["pattern"], r["sparsity"]) == shape]
         title = f"{shape[1]:.0%} unstructured" if shape[0] == "unstructured" else f"{shape[0]} semi-structured"
@@ -299,32 +440,43 @@ def markdown_tables(rows: list[dict], spec: SweepSpec) -> str:
         best = None
         if done:
             best = min(done, key=lambda r: r["ppl"]) if has_ppl else max(done, key=lambda r: r["macro_mean"])
-        header = ["alpha"]
-        for geometry in spec.geometries:
-            name = f"EN-{geometry.capitalize()}"
-            header += [f"{name} ppl"] * has_ppl + [f"{name} macro acc"] * has_acc
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        dense_cells = (["dense (0%)"] + ([_fmt(dense.get("ppl"), 2)] * has_ppl + [_fmt(dense.get("macro_mean"), 4)] * has_acc)
-                       * len(spec.geometries))
-        lines.append("| " + " | ".join(f"*{c}*" for c in dense_cells) + " |")
-        for alpha in spec.alphas:
-            cells = [f"{alpha:g}"]
-            for geometry in spec.geometries:
-                row = next(r for r in group if r["geometry"] == geometry and r["alpha"] == alpha)
-                if "failed" in row:
-                    cells += ["failed"] * (has_ppl + has_acc)
-                    continue
-                mark = "**" if row is best else ""
-                cells += [f"{mark}{_fmt(row.get('ppl'), 2)}{mark}"] * has_ppl + [f"{mark}{_fmt(row.get('macro_mean'), 4)}{mark}"] * has_acc
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"Best pruned: **{best['label']}** (bold); dense in italics." if best else "Every configuration failed.", ""]
+        lines += [f"## {title}", ""]
+
+        def cells_of(row):
+            mark = "**" if row is best else ""
+            return [c if c == "failed" else f"{mark}{c}{mark}" for c in (_cell(row, m, d) for m, d in metrics)]
+
+        paper = [r for r in group if r["geometry"] in geometries and not r["reconstruct"]]
+        if paper:
+            header = ["alpha"]
+            for geometry in geometries:
+                name = f"EN-{geometry.capitalize()}"
+                header += [f"{name} ppl"] * has_ppl + [f"{name} macro acc"] * has_acc
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            dense_cells = ["dense (0%)"] + [_cell(dense, m, d) for m, d in metrics] * len(geometries)
+            lines.append("| " + " | ".join(f"*{c}*" for c in dense_cells) + " |")
+            for alpha in dict.fromkeys(r["alpha"] for r in paper):
+                cells = [f"{alpha:g}"]
+                for geometry in geometries:
+                    row = next((r for r in paper if r["geometry"] == geometry and r["alpha"] == alpha), None)
+                    cells += cells_of(row) if row else [""] * len(metrics)
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+        others = [r for r in group if r not in paper]
+        if others:
+            header = ["configuration"] + [{"ppl": "ppl", "macro_mean": "macro acc"}[m] for m, _ in metrics]
+            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            lines.append("| " + " | ".join(f"*{c}*" for c in ["dense"] + [_cell(dense, m, d) for m, d in metrics]) + " |")
+            lines += ["| " + " | ".join([r["label"]] + cells_of(r)) + " |" for r in others]
+            lines.append("")
+        lines += [f"Best pruned: **{best['label']}** (bold); dense in italics." if best else "Every configuration failed.", ""]
     metric_columns = [k for k in rows[0] if k.endswith(("_acc", "_acc_norm"))] + ["macro_mean"] * has_acc
     lines += ["## Every configuration", "",
               "| configuration | " + " | ".join((["ppl"] if has_ppl else []) + metric_columns + ["prune s", "eval s"]) + " |",
               "|" + "---|" * (1 + has_ppl + len(metric_columns) + 2)]
     for row in rows:
-        cells = [row["label"]] + ([_fmt(row.get("ppl"), 2)] if has_ppl else [])
-        cells += [_fmt(row.get(c), 4) for c in metric_columns] + [_fmt(row["prune_s"], 0), _fmt(row["eval_s"], 0)]
+        cells = [row["label"]] + ([_cell(row, "ppl", 2)] if has_ppl else [])
+        cells += [_cell(row, c, 4) for c in metric_columns] + [_fmt(row["prune_s"], 0), _fmt(row["eval_s"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [row for row in rows if "failed" in row]
     if failed:
@@ -360,28 +512,47 @@ def plot_results(directory: Path, rows: list[dict]) -> list[Path]:
         plt.close(figure)
         written.append(directory / name)
 
+    def draw(axis, points, metric, label):
+        """A line through (x, row) points, with error bars when the rows have a spread over draws."""
+        points = sorted(points, key=lambda p: p[0])
+        spread = [row.get(f"{metric}_std") for _, row in points]
+        errors = [e or 0.0 for e in spread] if any(e is not None for e in spread) else None
+        axis.errorbar([x for x, _ in points], [row[metric] for _, row in points], yerr=errors, marker="o", capsize=3, label=label)
+
     metrics = [(m, label) for m, label in (("ppl", "perplexity"), ("macro_mean", "macro accuracy")) if m in dense]
     for pattern, sparsity in dict.fromkeys((r["pattern"], r["sparsity"]) for r in pruned):
-        group = [r for r in pruned if (r["pattern"], r["sparsity"]) == (pattern, sparsity)]
+        group = [r for r in pruned if (r["pattern"], r["sparsity"]) == (pattern, sparsity) and r["alpha"] is not None]
+        if not group:
+            continue
         shape = f"{sparsity:.0%} unstructured" if pattern == "unstructured" else pattern
         slug = f"s{sparsity:g}" if pattern == "unstructured" else pattern.replace(":", "of")
         for metric, label in metrics:
             figure, axis = plt.subplots(figsize=(6, 4))
-            for geometry in dict.fromkeys(r["geometry"] for r in group):
-                line = sorted((r["alpha"], r[metric]) for r in group if r["geometry"] == geometry)
-                axis.plot([a for a, _ in line], [v for _, v in line], marker="o", label=f"EN-{geometry.capitalize()}")
+            for line in dict.fromkeys(_line_name(r) for r in group):
+                name = line.rsplit(" a=", 1)[0] + (" + reconstruct" if line.endswith(" + reconstruct") else "")
+                draw(axis, [(r["alpha"], r) for r in group if _line_name(r) == line], metric, name)
             finish(figure, axis, f"{label.capitalize()} vs alpha, {shape}", label, "alpha (L1 share)",
                    f"{metric}_vs_alpha_{slug}.png", dense[metric])
     if "ppl" in dense:
         unstructured = [r for r in pruned if r["pattern"] == "unstructured"]
         figure, axis = plt.subplots(figsize=(6, 4))
-        for geometry, alpha in dict.fromkeys((r["geometry"], r["alpha"]) for r in unstructured):
-            if alpha == 1 and geometry != "modified" and any(r["alpha"] == 1 and r["geometry"] == "modified" for r in unstructured):
-                continue  # the same line as EN-Modified at alpha = 1
-            label = "a=1 (both geometries)" if alpha == 1 else f"EN-{geometry.capitalize()} a={alpha:g}"
-            line = [(0.0, dense["ppl"])] + sorted(
-                (r["sparsity"], r["ppl"]) for r in unstructured if (r["geometry"], r["alpha"]) == (geometry, alpha)
-            )
-            axis.plot([s for s, _ in line], [p for _, p in line], marker="o", label=label)
+        names = {id(r): _sparsity_line(r, unstructured) for r in unstructured}
+        for line in dict.fromkeys(names.values()):
+            points = [(0.0, dense)] + [(r["sparsity"], r) for r in unstructured if names[id(r)] == line]
+            draw(axis, points, "ppl", line)
         finish(figure, axis, "Perplexity vs sparsity (dense at 0)", "perplexity", "sparsity", "ppl_vs_sparsity.png", dense["ppl"])
     return written
+
+
+def _line_name(row: dict) -> str:
+    """A row's configuration without its sparsity or pattern: 'EN-Modified a=0.5', 'sparsegpt + reconstruct'."""
+    return row["label"].rsplit(" ", 1)[0]
+
+
+def _sparsity_line(row: dict, rows: list[dict]) -> str:
+    """The line of the perplexity-vs-sparsity plot a row belongs to: both geometries at alpha = 1 are one
+    pruning, so one line, when both are in the grid."""
+    both = {r["geometry"] for r in rows if r["alpha"] == 1 and r["reconstruct"] == row["reconstruct"]} >= set(GEOMETRIES)
+    if row["geometry"] and row["alpha"] == 1 and both:
+        return "a=1 (both geometries)" + (" + reconstruct" if row["reconstruct"] else "")
+    return _line_name(row)

@@ -285,7 +285,7 @@ def test_inspect_reports_non_finite_tensors_and_why_a_run_failed(tiny_checkpoint
     out = tmp_path / "out"
     invoke(*prune_args(damaged, out))
     result = invoke("inspect", out)
-    assert result.exit_code == 1 and "streamprune run failed; 1 of 2 blocks present" in result.stdout
+    assert result.exit_code == 1 and "streamprune run failed (wanda, 50%); 1 of 2 blocks present" in result.stdout
     assert "problem: the streamprune run failed: model.layers.1.mlp.up_proj.weight has 1 non-finite value (+inf)" in result.stdout
     result = invoke("eval", out, "--ppl", WIKITEXT_HELD_OUT, "--seqlen", "32", "--quiet")
     assert only_line(result.stderr, "Error:") == (
@@ -356,10 +356,10 @@ def test_a_sweep_records_a_failed_configuration_and_goes_on(tiny_checkpoint, tmp
 
     real = streamprune.engine.prune_block
 
-    def overflows_in_block_one_at_alpha_one(stack, index, acts, config, stored=None):
+    def overflows_in_block_one_at_alpha_one(stack, index, block, acts, config):
         if config.option_values["alpha"] == 1.0 and index == 1:  # inside the real pruning run, after block 0 is written
             raise NumericalError("the activations overflowed float16 in block 1 (mlp.down_proj input)")
-        return real(stack, index, acts, config, stored)
+        return real(stack, index, block, acts, config)
 
     monkeypatch.setattr(streamprune.engine, "prune_block", overflows_in_block_one_at_alpha_one)
     args = ["sweep", tiny_checkpoint("llama", dtype="float32", layers=2), tmp_path / "sweep", "--alphas", "0,1",
@@ -431,10 +431,10 @@ def test_a_sweep_starts_a_configuration_over_after_a_library_upgrade(tiny_checkp
 
     real = streamprune.engine.prune_block
 
-    def disk_trouble_in_block_one(stack, index, acts, config, stored=None):
+    def disk_trouble_in_block_one(stack, index, block, acts, config):
         if index == 1:
             raise streamprune.StreamPruneError("no space left on the device")  # stops the sweep, resumable
-        return real(stack, index, acts, config, stored)
+        return real(stack, index, block, acts, config)
 
     monkeypatch.setattr(streamprune.engine, "prune_block", disk_trouble_in_block_one)
     args = ["sweep", tiny_checkpoint("llama", dtype="float32", layers=2), tmp_path / "sweep", "--alphas", "0",

@@ -149,7 +149,7 @@ def test_inspect_reports_sparsity_progress_and_damage(model_and_reference, tmp_p
     assert killed.returncode == -signal.SIGKILL
     result = run_cli(["inspect", str(out)])
     assert result.exit_code == 0, result.output
-    assert "streamprune run running; 2 of 4 blocks present" in result.stdout
+    assert "streamprune run running (en-original (alpha 0.25), 60%); 2 of 4 blocks present" in result.stdout
     assert "not finished (no index yet)" in result.stdout
     assert run_cli(prune_args(model, out)).exit_code == 0
     report_file = tmp_path / "report.json"

@@ -32,7 +32,7 @@ def counted_prunes(monkeypatch):
     real = streamprune.sweep.prune
 
     def counting(model, out, config, **kwargs):
-        calls.append((config.method, config.option_values["alpha"], config.sparsity, config.pattern))
+        calls.append((config.method, config.option_values.get("alpha"), config.sparsity, config.pattern))
         return real(model, out, config, **kwargs)
 
     monkeypatch.setattr(streamprune.sweep, "prune", counting)
@@ -106,3 +106,40 @@ def test_sweep_command_and_spec_file(tiny_checkpoint, tmp_path):
     assert "macro_mean" not in rows[0] and (out / "plots" / "ppl_vs_alpha_2of4.png").exists()
     bad = CliRunner().invoke(main, ["sweep", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--geometries", "squared"])
     assert bad.exit_code == 1 and bad.stderr.startswith("Error: unknown geometry 'squared'")
+
+
+def test_a_grid_over_any_method_its_options_and_reconstruction_prunes_each_distinct_configuration_once(tiny_checkpoint, tmp_path):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, [
+        "sweep", str(tiny_checkpoint("llama")), str(out), "--methods", "wanda,sparsegpt", "--alphas", "0,0.5",
+        "--option", "percdamp=0.01,0.1", "--reconstruct", "both", "--calib", str(WIKITEXT_CALIBRATION), "--nsamples", "2",
+        "--calib-seqlen", "16", "--ppl", str(WIKITEXT_HELD_OUT), "--seqlen", "32", "--max-windows", "2", "--device", "cpu",
+        "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    # alpha is no option of these methods: it multiplies nothing; sparsegpt is never "reconstructed"
+    assert [r["label"] for r in rows[1:]] == [
+        "wanda 50%", "wanda + reconstruct 50%", "wanda percdamp=0.1 + reconstruct 50%", "sparsegpt 50%", "sparsegpt percdamp=0.1 50%",
+    ]
+    assert len(list((out / "results").glob("*.json"))) == 1 + 5
+    assert rows[4]["options"] == {"percdamp": 0.01, "blocksize": 128} and rows[3]["options"] == {"percdamp": 0.1, "blocksize": 128}
+    assert rows[1]["options"] == {} and rows[1]["reconstruct"] is False and rows[2]["reconstruct"] is True
+    ppl = {r["label"]: r["ppl"] for r in rows}
+    assert ppl["wanda 50%"] != ppl["wanda + reconstruct 50%"] != ppl["wanda percdamp=0.1 + reconstruct 50%"]
+    table = (out / "results.md").read_text()
+    assert "| configuration | ppl |" in table and "| sparsegpt percdamp=0.1 50% |" in table and "| alpha |" not in table
+
+
+def test_several_calibration_draws_give_the_mean_and_the_spread(tiny_checkpoint, tmp_path, counted_prunes):
+    settings = dict(methods=("wanda",), sparsities=(0.5,), ppl=str(WIKITEXT_HELD_OUT), tasks=())
+    rows = run_sweep(str(tiny_checkpoint("llama")), tmp_path / "sweep", spec(seeds=2, **settings), progress=False, echo=lambda *_: None)
+    row = rows[1]
+    assert len(counted_prunes) == 2 and row["seeds"] == 2
+    first, second = row["ppl_seeds"]
+    assert first != second and row["ppl"] == pytest.approx((first + second) / 2)
+    assert row["ppl_std"] == pytest.approx(abs(first - second) / 2 ** 0.5) and row["ppl_min"] == min(first, second)
+    assert (tmp_path / "sweep" / "calibration_ids-seed1.safetensors").exists()
+    assert f"{row['ppl']:.2f} ± {row['ppl_std']:.2f}" in (tmp_path / "sweep" / "results.md").read_text()
+    rows = run_sweep(str(tiny_checkpoint("llama")), tmp_path / "sweep", spec(seeds=3, **settings), progress=False, echo=lambda *_: None)
+    assert len(counted_prunes) == 3 and len(rows[1]["ppl_seeds"]) == 3  # a third draw, the first two kept

@@ -160,14 +160,19 @@ def reference_sparsegpt(model_dir, input_ids, sparsity, pattern=None, blocksize=
     return weights
 
 
-def pruned_masks(pruned_dir: Path, names) -> dict:
-    """{tensor name: weight != 0} read from a pruned checkpoint's shards."""
+def _pruned_weights(pruned_dir: Path, names) -> dict:
+    """{tensor name: weight} read from a pruned checkpoint's shards."""
     index = json.loads((pruned_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    masks = {}
+    weights = {}
     for name in names:
         with safe_open(pruned_dir / index[name], framework="pt") as handle:
-            masks[name] = handle.get_tensor(name) != 0
-    return masks
+            weights[name] = handle.get_tensor(name)
+    return weights
+
+
+def pruned_masks(pruned_dir: Path, names) -> dict:
+    """{tensor name: weight != 0} read from a pruned checkpoint's shards."""
+    return {name: weight != 0 for name, weight in _pruned_weights(pruned_dir, names).items()}
 
 
 def agreement(reference: dict, pruned: dict) -> tuple[float, dict]:
@@ -194,10 +199,22 @@ def main() -> int:
     options = manifest["config"]
     with safe_open(pruned_dir / manifest["calibration_ids"], framework="pt") as handle:
         input_ids = handle.get_tensor("input_ids")
-    reference = reference_masks(
-        args.model, input_ids, options["method"], options.get("alpha", 0.0), options["sparsity"], options["pattern"],
-        options["stat_norm"], getattr(torch, args.dtype), args.blocks,
-    )
+    if options["method"] == "sparsegpt" or options.get("reconstruct"):
+        # the weights are the result: SparseGPT's own masks, or (reconstruction) the output's masks held
+        names = [n for n in json.loads((pruned_dir / "model.safetensors.index.json").read_text())["weight_map"]
+                 if ".layers." in n and n.endswith("proj.weight")]
+        held = pruned_masks(pruned_dir, names) if options.get("reconstruct") else None
+        weights = reference_sparsegpt(args.model, input_ids, options["sparsity"], options["pattern"], options["blocksize"],
+                                      options["percdamp"], args.blocks, masks_from=held)
+        written = _pruned_weights(pruned_dir, weights)
+        worst = max((written[n].double() - w).abs().max().item() / max(w.abs().max().item(), 1e-30) for n, w in weights.items())
+        print(f"largest difference of the weights, relative to each tensor's largest: {worst:.3e}")
+        reference = {name: weight != 0 for name, weight in weights.items()}
+    else:
+        reference = reference_masks(
+            args.model, input_ids, options["method"], options.get("alpha", 0.0), options["sparsity"], options["pattern"],
+            options["stat_norm"], getattr(torch, args.dtype), args.blocks,
+        )
     pruned = pruned_masks(pruned_dir, reference)
     overall, per_tensor = agreement(reference, pruned)
     for name, share in per_tensor.items():

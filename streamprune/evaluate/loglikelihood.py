@@ -21,6 +21,7 @@ import torch
 
 from .. import progress as progress_bars
 from ..blocks import DecoderStack
+from ..walker import BlockWalker
 
 PAD_TO_MULTIPLE = 8
 HEAD_POSITIONS = 512  # positions per LM-head call: bounds the logits' memory
@@ -114,17 +115,16 @@ def streamed_logprobs(
     results: list = [None] * len(requests)
     chunks = _batches(_rows(requests), batch_size, max_resident_tokens)
     steps = len(chunks) * (stack.num_blocks + 1)
-    with progress_bars.bar(total=steps, desc=desc, unit="block", enabled=progress, leave=False) as bar:
+    with progress_bars.bar(total=steps, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
+            BlockWalker(stack, read_ahead=stack.device.type == "cuda") as walker:
         for chunk in chunks:
             resident = sum(len(batch) * _padded_length(batch) for batch in chunk) * stack.config.hidden_size
             placement = stack.placement_for(resident, batch_size * max(_padded_length(batch) for batch in chunk))
             with stack.embedder() as embed:
                 activations = [embed(_padded_ids(batch), batch_size, placement) for batch in chunk]
-            for index in range(stack.num_blocks):
-                stack.load_block(index)
+            for index, _ in walker.blocks(range(stack.num_blocks)):
                 for acts in activations:
                     stack.run_block(index, acts, batch_size, write_back=True)
-                stack.free_block(index)
                 bar.update()
             with stack.output_head() as logits_of:
                 for batch, acts in zip(chunk, activations):

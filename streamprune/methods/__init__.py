@@ -92,6 +92,8 @@ class Method:
     name: str = ""
     summary: str = ""  # one line: what it scores or minimises (CLI help, README table)
     source: str = ""  # the paper, and the equation or algorithm
+    order: int = 100  # place in listings (--method, the README table); then by file name
+    group: str = "output row"  # the comparison group of unstructured pruning, in words (README table)
     needs: frozenset = frozenset()  # statistics (stats.STATISTICS); empty: no calibration passes at all
     updates_weights: bool = False
     options: tuple[Option, ...] = ()
@@ -111,13 +113,13 @@ class Method:
 
 
 def _discover() -> dict[str, Method]:
-    registry: dict[str, Method] = {}
+    found: list[Method] = []
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
-        for method in importlib.import_module(f"{__name__}.{module}").METHODS:
-            if method.name in registry:
-                raise RuntimeError(f"two methods named {method.name!r}")
-            registry[method.name] = method
-    return registry
+        found += importlib.import_module(f"{__name__}.{module}").METHODS
+    names = [method.name for method in found]
+    if len(set(names)) != len(names):
+        raise RuntimeError(f"two methods share a name: {sorted(n for n in names if names.count(n) > 1)[0]!r}")
+    return {method.name: method for method in sorted(found, key=lambda m: m.order)}  # stable: file order within
 
 
 METHODS: dict[str, Method] = _discover()

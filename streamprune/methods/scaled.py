@@ -77,6 +77,7 @@ class ScaledMagnitude(Method):
     """Scores |W_ij| * scale_j with scale a function of the input norms (and the method's options)."""
 
     updates_weights = False
+    order = 0
 
     def __init__(self, name: str, summary: str, source: str, scale: Callable, options: tuple[Option, ...] = (), needs=("norms",)):
         self.name, self.summary, self.source, self.options = name, summary, source, options

@@ -21,6 +21,8 @@ class SparseGPT(Method):
     name = "sparsegpt"
     summary = "min ||W X - W' X||^2: OBS updates of the kept weights (second order)"
     source = "Frantar & Alistarh 2023, Algorithm 1"
+    order = 10
+    group = "a block of --blocksize inputs, all rows"
     needs = frozenset({"gram"})
     updates_weights = True
     options = OPTIONS
