@@ -14,6 +14,7 @@ One run, for a CUDA machine (it also runs on a CPU with small shapes, to check t
 
   python benchmarks/gpu_llama7b.py --workdir /tmp/bench --json results.json
   python benchmarks/gpu_llama7b.py --workdir /tmp/bench --small   # a quick check of the script itself
+  python benchmarks/gpu_llama7b.py --workdir /tmp/bench --layers 8 --variants sparsegpt   # one variant, 8 blocks
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--variants", default=None, help="comma-separated words: run only the variants whose names hold one")
     parser.add_argument("--small", action="store_true", help="tiny shapes: check the script, not the machine")
     args = parser.parse_args()
 
@@ -130,6 +132,9 @@ def main() -> int:
         ("GPU budget 3GiB", en_modified + ["--max-gpu-memory", "3GiB"]),
         ("sparsegpt, GPU budget 4GiB", ["--method", "sparsegpt", "--max-gpu-memory", "4GiB"]),
     )
+    if args.variants:
+        words = args.variants.split(",")
+        variants = tuple(v for v in variants if any(word in v[0] for word in words))
     for variant, extra in variants:
         command = [
             sys.executable, "-m", "streamprune.cli", "prune", str(model_dir), str(out_dir), "--overwrite",

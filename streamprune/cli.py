@@ -58,10 +58,21 @@ def reports_errors(command):
         except Exception as exc:  # a bug or an environment problem: still one line, unless --debug
             if debug:
                 raise
+            if _is_gpu_out_of_memory(exc):
+                raise click.ClickException(
+                    f"the GPU ran out of memory ({'. '.join(one_line(exc).split('. ')[:2])}); lower --batch-size, set --offload cpu "
+                    "(hidden states in host memory), or raise --max-gpu-memory if you gave one"
+                ) from None
             message = f"{type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)"
             raise click.ClickException(message) from None
 
     return wrapper
+
+
+def _is_gpu_out_of_memory(exc: Exception) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
 
 
 def _quiet_libraries() -> None:
@@ -98,7 +109,7 @@ def memory_options(command):
         click.option("--offload", type=click.Choice(PLACEMENTS), default="auto", show_default=True,
                      help="Where the hidden states live: on the device, in host memory (streamed to the GPU), "
                           "or on disk; auto picks the first that fits the limits."),
-        click.option("--max-gpu-memory", default=None, help="GPU memory the hidden states may use, e.g. 3GiB (default: 90% of free)."),
+        click.option("--max-gpu-memory", default=None, help="GPU memory this run may use, e.g. 3GiB (default: 90% of free): the hidden states go to host memory when they and a block at work do not fit, and PyTorch's allocator is capped there."),
         click.option("--max-cpu-memory", default=None, help="Host memory the hidden states may use, e.g. 8GiB (default: 80% of available)."),
         click.option("--offload-dir", type=click.Path(file_okay=False), default=None,
                      help="Folder for --offload disk (default: the output directory; for eval the system's temporary folder)."),
@@ -210,6 +221,18 @@ def _option_grid(ctx, param, value) -> dict:
     return grid
 
 
+def _field_grid(ctx, param, value) -> dict:
+    """('nsamples=64,128', 'tasks=boolq+hellaswag,boolq') -> {'nsamples': ['64', '128'], 'tasks': [...]};
+    the sweep turns each value into its field's type."""
+    grid = {}
+    for item in value:
+        name, sep, values = item.partition("=")
+        if not sep or not name.strip() or not values.strip():
+            raise click.BadParameter(f"{item!r} is not NAME=V1,V2,...")
+        grid[name.strip().replace("-", "_")] = [v.strip() for v in values.split(",") if v.strip()]
+    return grid
+
+
 def _numbers(ctx, param, value) -> tuple[float, ...] | None:
     if value is None:
         return None
@@ -317,6 +340,9 @@ def inspect(directory, json_path, trust_remote_code):
               help="NAME=V1,V2,...: values of another method option, e.g. --option percdamp=0.01,0.1 (repeatable).")
 @click.option("--reconstruct", type=click.Choice(["no", "yes", "both"]), default=None,
               help="Mask-only methods without --reconstruct (no, the default), with it, or both.")
+@click.option("--grid", "grid", multiple=True, callback=_field_grid,
+              help="NAME=V1,V2,...: values of any other setting below, e.g. --grid nsamples=32,128 or "
+                   "--grid seqlen=512,2048 (tasks: boolq+hellaswag); a section of results per setting (repeatable).")
 @click.option("--seeds", type=int, default=None, help="Calibration draws per configuration (default 1): tables give mean ± std.")
 @click.option("--sparsities", callback=_numbers, help="Comma-separated sparsities (default 0.5).")
 @click.option("--patterns", callback=_names, help="unstructured and/or N:M patterns, e.g. unstructured,2:4.")
@@ -342,7 +368,7 @@ def inspect(directory, json_path, trust_remote_code):
 @reports_errors
 def sweep(model, outdir, spec_file, overwrite, quiet, offload, max_gpu_memory, max_cpu_memory, offload_dir, **options):
     """Prune and evaluate MODEL over a grid (methods, alpha and other options, reconstruction, sparsity,
-    patterns, calibration draws) into OUTDIR; rerun to continue.
+    patterns, calibration draws, and any other setting with --grid) into OUTDIR; rerun to continue.
 
     Writes results.json, results.csv, results.md (the paper's table) and plots/*.png.
     """

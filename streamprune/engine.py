@@ -215,14 +215,19 @@ def verify_and_write(writer: CheckpointWriter, index: int, pruned: dict, groups:
 
 
 def statistics_bytes(stack: DecoderStack, config: PruneConfig) -> int:
-    """Device memory a block's statistics take, at most: with `gram`, an in_features^2 matrix per linear in
-    float32 (float64 when computing in float64); linears fed one tensor share one, so this is an upper
-    bound (LLaMA-2-7B: 0.87 GB counted, 0.68 GB used).  The norms are vectors, not counted."""
+    """Device memory a block's statistics and their use take, at most: with `gram`, an in_features^2
+    matrix per linear in float32 (float64 when computing in float64); linears fed one tensor share one,
+    so this is an upper bound (LLaMA-2-7B: 0.87 GB counted, 0.68 GB used).  Where weights are updated
+    (OBS), the update of the largest linear: two more in_features^2 matrices (obs.inverse_factor) and the
+    weight, its copy and its mask in the work dtype.  The norms are vectors, not counted."""
     if "gram" not in config.statistics:
         return 0
     itemsize = 8 if stack.dtype == torch.float64 else 4
     shapes = [stack.reader.shapes[k] for k in stack.block_keys(0) if k.endswith(".weight")]
-    return itemsize * sum(shape[1] ** 2 for shape in shapes if len(shape) == 2)
+    shapes = [shape for shape in shapes if len(shape) == 2]
+    grams = itemsize * sum(shape[1] ** 2 for shape in shapes)
+    update = max(2 * itemsize * shape[1] ** 2 + (2 * itemsize + 1) * shape[0] * shape[1] for shape in shapes)
+    return grams + update
 
 
 def _check_config_fits(stack: DecoderStack, config: PruneConfig) -> None:

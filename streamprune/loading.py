@@ -14,7 +14,7 @@ from .blocks import DecoderStack
 from .checkpoint import CheckpointReader, resolve_model_dir
 from .errors import StreamPruneError
 from .families import family_for
-from .placement import Budget
+from .placement import Budget, apply_gpu_limit
 from .state import RunManifest
 
 log = logging.getLogger("streamprune")
@@ -115,6 +115,7 @@ def open_model(
     if not first_keys:
         raise StreamPruneError(f"no tensors under {family.block_prefix(0)} in {model_dir}")
     device = choose_device(device)
+    apply_gpu_limit(device, budget)
     dtype = compute_dtype(reader, first_keys[0], dtype, device)
     stack = DecoderStack(config, family, reader, device, dtype, trust_remote_code, budget)
     problems = stack.checkpoint_problems()

@@ -41,16 +41,21 @@ OPTIONS = (
 
 def inverse_factor(gram: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, dead): U the upper Cholesky factor of (H + damp I)^-1 with dead inputs' H_jj set to 1, in
-    H's dtype; dead a bool vector of the inputs no calibration token used.  Raises NumericalError when
+    H's dtype; dead a bool vector of the inputs no calibration token used.  Working memory: two
+    (columns, columns) matrices besides H.  Raises NumericalError when
     H + damp I is not positive definite (percdamp 0 with linearly dependent inputs)."""
     h = gram.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     h.diagonal().add_(percdamp * torch.mean(torch.diag(h)))
     factor, info = torch.linalg.cholesky_ex(h)
+    del h  # at most two (columns, columns) temporaries at once: on a GPU these are the block's largest
     if int(info):
         raise NumericalError("the damped Gram matrix is not positive definite; raise --percdamp")
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     if int(info):
         raise NumericalError("the inverse Gram matrix is not positive definite; raise --percdamp")
     return upper, dead

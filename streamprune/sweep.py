@@ -3,13 +3,16 @@
 The spec is a prune configuration and an evaluation configuration plus grids of values: the methods
 (any registered one; by default the paper's two Elastic-Net geometries), alpha (for every method that
 takes it), any other method option (`options`), with and without --reconstruct, sparsities and N:M
-patterns, and the number of calibration draws (`seeds`).  Every configuration of one draw is pruned with
+patterns, the number of calibration draws (`seeds`), and `grid`: values of any other field of the spec
+(the calibration's source, size and window, the statistics' norm, the evaluation's texts, tasks and
+window, the dtype...), each combination a *setting* with its own section of results.md.  Every
+configuration of one draw (and calibration setting) is pruned with
 the same calibration token ids (drawn once, kept in OUTDIR) and evaluated with the same options as the
 dense model (evaluated once).  Each configuration's results go to OUTDIR/results/<name>.json as soon as
 it is done, so a rerun of the same command skips finished configurations and resumes an interrupted one
 inside its pruning (see engine.py).  Configurations that prune identically are done once: options a
-method does not take are not part of its configuration, and EN-Original and EN-Modified coincide at
-alpha = 1.  A configuration whose numbers fail (activations that overflow, a log-likelihood that is not
+method does not take are not part of its configuration, EN-Original and EN-Modified coincide at
+alpha = 1, and settings that differ only in evaluation fields evaluate one pruned checkpoint.  A configuration whose numbers fail (activations that overflow, a log-likelihood that is not
 finite: NumericalError) is recorded as failed with the reason, and the sweep goes on; other errors stop it.
 
 With several draws (seeds), a row is a configuration's mean over its draws, with the standard deviation
@@ -26,10 +29,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -51,6 +56,51 @@ log = logging.getLogger("streamprune")
 
 GEOMETRIES = {"original": "en-original", "modified": "en-modified"}
 SPEC_FILE = "sweep.json"
+# which fields of the spec a setting changes the pruning, the calibration draw or the evaluation with
+CALIBRATION_FIELDS = ("calib", "nsamples", "calib_seqlen")
+PRUNE_FIELDS = CALIBRATION_FIELDS + ("stat_norm", "device", "dtype", "batch_size")
+EVAL_FIELDS = ("ppl", "ppl_slices", "seqlen", "max_windows", "tasks", "limit", "data_dir", "device", "dtype", "batch_size")
+EVAL_ONLY_FIELDS = tuple(f for f in EVAL_FIELDS if f not in PRUNE_FIELDS)  # a result file's name has the others already
+_INTEGER_FIELDS = ("nsamples", "calib_seqlen", "ppl_slices", "seqlen", "max_windows", "limit", "batch_size")
+
+
+def _listed(values) -> list:
+    return list(values) if isinstance(values, (list, tuple)) else [values]
+
+
+def _field_value(name: str, value):
+    """A grid value as the field takes it: the command line gives strings ('64', 'none', 'boolq+hellaswag')."""
+    if isinstance(value, str):
+        if value.lower() in ("none", "null"):
+            return None
+        if name in _INTEGER_FIELDS:
+            try:
+                return int(value)
+            except ValueError:
+                raise StreamPruneError(f"the sweep's grid gives {name} the value {value!r}, not a whole number") from None
+        if name == "tasks":
+            return tuple(t for t in value.split("+") if t)
+    if name == "tasks":
+        return tuple(_listed(value))
+    return value
+
+
+def _slug(value) -> str:
+    """A value as part of a file name: itself when short and plain, else a digest (paths, long lists)."""
+    text = "+".join(map(str, value)) if isinstance(value, tuple) else str(value)
+    if re.fullmatch(r"[A-Za-z0-9._+]{1,24}", text):
+        return text
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _suffix(setting: dict, fields: tuple[str, ...]) -> str:
+    """The part of a file name that tells the `fields` of a setting apart ('' without a grid)."""
+    return "".join(f"-{name}{_slug(value)}" for name, value in setting.items() if name in fields)
+
+
+def setting_label(setting: dict) -> str:
+    """'nsamples=64 seqlen=512' (tasks joined by +)."""
+    return " ".join(f"{k}={'+'.join(v) if isinstance(v, tuple) else v}" for k, v in setting.items())
 
 
 @dataclass(frozen=True)
@@ -65,6 +115,7 @@ class SweepSpec:
     patterns: tuple[str, ...] = ("unstructured",)  # "unstructured" uses the sparsities; "2:4" is 50% by itself
     seeds: int = 1  # calibration draws (seed, seed + 1, ...); each configuration is pruned once per draw
     keep: bool = False  # keep the pruned checkpoints (else deleted once evaluated)
+    grid: dict = field(default_factory=dict)  # values of any field below: {"nsamples": [64, 128], "seqlen": [512, 2048]}
     # calibration: one set per draw, the same for every configuration
     calib: str = "wikitext103"
     nsamples: int = 128
@@ -84,11 +135,23 @@ class SweepSpec:
     dtype: str = "auto"
     batch_size: int = 4
 
-    GRID = ("methods", "geometries", "alphas", "options", "reconstruct", "sparsities", "patterns", "seeds", "keep")
+    GRID = ("methods", "geometries", "alphas", "options", "reconstruct", "sparsities", "patterns", "seeds", "keep", "grid")
 
     def __post_init__(self):
         for name in ("methods", "alphas", "geometries", "sparsities", "patterns", "tasks", "reconstruct"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "grid", {name: tuple(_field_value(name, v) for v in _listed(values))
+                                          for name, values in dict(self.grid).items()})
+        gridded = [f.name for f in dataclasses.fields(self) if f.name not in self.GRID and f.name != "seed"]
+        for name, values in self.grid.items():
+            if name not in gridded:
+                axis = {"seed": "seeds"}.get(name, name)
+                raise StreamPruneError(
+                    f"the sweep's grid cannot vary {name!r}" + (f" (it is an axis of its own: {axis})" if name in self.GRID or name == "seed" else "")
+                    + f"; it varies {', '.join(gridded)}"
+                )
+            if not values:
+                raise StreamPruneError(f"the sweep's grid gives no value for {name!r}")
         object.__setattr__(self, "options", {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in dict(self.options).items()})
         unknown = [g for g in self.geometries if g not in GEOMETRIES]
         if unknown:
@@ -109,6 +172,9 @@ class SweepSpec:
         self.eval_config()  # validates the evaluation options
         for point in self.points():
             point.prune_config(self, calib="unused", seed=self.seed)  # validates every option and the rest
+        if self.grid:
+            for setting in self.settings():
+                self.at(setting)  # validates each setting's values
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "SweepSpec":
@@ -135,7 +201,16 @@ class SweepSpec:
 
     def fixed(self) -> dict:
         """The options every configuration shares; a sweep cannot continue under other ones."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.GRID}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.GRID and k not in self.grid}
+
+    def settings(self) -> list[dict]:
+        """Every combination of the `grid` values, in the order given ([{}] without a grid)."""
+        names = list(self.grid)
+        return [dict(zip(names, values)) for values in itertools.product(*(self.grid[n] for n in names))]
+
+    def at(self, setting: dict) -> "SweepSpec":
+        """This spec with one setting's values and no grid of fields."""
+        return dataclasses.replace(self, grid={}, **setting)
 
     def method_names(self) -> tuple[str, ...]:
         return self.methods or tuple(GEOMETRIES[g] for g in self.geometries)
@@ -225,8 +300,12 @@ def _per_draw(name: str, seed: int, spec: SweepSpec) -> str:
     return name if seed == spec.seed else f"{name}-seed{seed}"
 
 
-def _ids_file(outdir: Path, seed: int, spec: SweepSpec) -> Path:
-    return outdir / (CALIBRATION_IDS_FILE if seed == spec.seed else f"calibration_ids-seed{seed}.safetensors")
+def _ids_file(outdir: Path, seed: int, spec: SweepSpec, suffix: str = "") -> Path:
+    """The calibration ids of one draw and calibration setting (`suffix`: _suffix of CALIBRATION_FIELDS)."""
+    if seed == spec.seed and not suffix:
+        return outdir / CALIBRATION_IDS_FILE
+    draw = f"-seed{seed}" if seed != spec.seed else ""
+    return outdir / f"calibration_ids{draw}{suffix}.safetensors"
 
 
 def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool) -> None:
@@ -283,10 +362,11 @@ def _metrics(result: dict) -> dict:
 SPREAD = ("ppl", "macro_mean")  # the metrics whose spread over draws is reported
 
 
-def _row(label: str, point: GridPoint | None, results: list[dict]) -> dict:
-    """One row: the configuration, and its metrics averaged over its draws (with the spread of SPREAD)."""
+def _row(label: str, point: GridPoint | None, results: list[dict], setting: dict | None = None) -> dict:
+    """One row: the configuration, and its metrics averaged over its draws (with the spread of SPREAD);
+    with a grid of fields, its setting too."""
     row = {
-        "label": label,
+        "label": f"{label} [{setting_label(setting)}]" if setting else label,
         "method": point and point.method,
         "geometry": point and point.geometry,
         "alpha": point and point.alpha,
@@ -295,6 +375,8 @@ def _row(label: str, point: GridPoint | None, results: list[dict]) -> dict:
         "sparsity": point.sparsity if point else 0.0,
         "pattern": (point.pattern or "unstructured") if point else None,
     }
+    if setting:
+        row["setting"] = _as_json(setting)
     failed = [result["failed"] for result in results if "failed" in result]
     if failed:  # no metrics: why is in the row instead
         return {**row, "failed": failed[0], "prune_s": None, "eval_s": None}
@@ -316,12 +398,25 @@ def _row(label: str, point: GridPoint | None, results: list[dict]) -> dict:
     return row
 
 
-def _prune_and_evaluate(model_dir, outdir, point, spec, seed, result_file, progress, budget) -> None:
-    """One configuration for one draw: pruned (resumed if interrupted), evaluated, written to result_file;
-    a NumericalError is recorded there as the configuration's failure."""
-    key = _per_draw(point.prune_key, seed, spec)
-    checkpoint = outdir / "checkpoints" / key
+@dataclass
+class _PruneJob:
+    """One pruning (a configuration, a draw, a pruning setting) and every evaluation made of it."""
+
+    point: GridPoint
+    spec: SweepSpec  # the setting's spec: its prune fields
+    seed: int
+    ids_file: Path
+    checkpoint: Path
+    evaluations: list = field(default_factory=list)  # (EvalConfig, result file)
+
+
+def _prune_and_evaluate(model_dir: Path, job: _PruneJob, progress: bool, budget) -> None:
+    """One configuration for one draw: pruned (resumed if interrupted), evaluated once per evaluation
+    setting not yet done, each written to its result file; a NumericalError is recorded in each
+    remaining result file as the configuration's failure."""
+    todo = [(config, result_file) for config, result_file in job.evaluations if not result_file.is_file()]
     started = time.perf_counter()
+    checkpoint = job.checkpoint
     try:
         earlier = RunManifest.load(checkpoint) if checkpoint.is_dir() else None
         if earlier is not None and earlier.status == "complete":
@@ -329,18 +424,21 @@ def _prune_and_evaluate(model_dir, outdir, point, spec, seed, result_file, progr
         else:
             # an unfinished pruning from before a torch or transformers upgrade cannot resume bitwise
             resume = earlier is None or version_difference(earlier.versions, versions()) is None
-            config = point.prune_config(spec, str(_ids_file(outdir, seed, spec)), seed)
+            config = job.point.prune_config(job.spec, str(job.ids_file), job.seed)
             manifest = prune(model_dir, checkpoint, config, progress=progress, budget=budget, resume=resume)
-        evaluation = evaluate(checkpoint, spec.eval_config(), progress=progress, budget=budget)
-        write_json(result_file, {
-            "prune_s": manifest.timings["total_s"], "prune_peak": manifest.peak_memory, "eval": evaluation,
-            "sparsity": manifest.config["sparsity"], "pattern": manifest.config["pattern"], "seed": seed,
-            "elapsed_s": round(time.perf_counter() - started, 3),
-        })
+        for eval_config, result_file in todo:
+            evaluation = evaluate(checkpoint, eval_config, progress=progress, budget=budget)
+            write_json(result_file, {
+                "prune_s": manifest.timings["total_s"], "prune_peak": manifest.peak_memory, "eval": evaluation,
+                "sparsity": manifest.config["sparsity"], "pattern": manifest.config["pattern"], "seed": job.seed,
+                "elapsed_s": round(time.perf_counter() - started, 3),
+            })
     except NumericalError as exc:  # this configuration's numbers, not the sweep's: record it and go on
-        log.warning("%s failed: %s", point.label, exc)
-        write_json(result_file, {"failed": one_line(exc), "seed": seed, "elapsed_s": round(time.perf_counter() - started, 3)})
-    if not spec.keep and checkpoint.exists():
+        log.warning("%s failed: %s", job.point.label, exc)
+        for _, result_file in todo:
+            if not result_file.is_file():
+                write_json(result_file, {"failed": one_line(exc), "seed": job.seed, "elapsed_s": round(time.perf_counter() - started, 3)})
+    if not job.spec.keep and checkpoint.exists():
         shutil.rmtree(checkpoint)
         if not any(checkpoint.parent.iterdir()):
             checkpoint.parent.rmdir()
@@ -348,41 +446,55 @@ def _prune_and_evaluate(model_dir, outdir, point, spec, seed, result_file, progr
 
 def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: bool = False, progress: bool = True,
               budget: Budget | None = None, echo=print) -> list[dict]:
-    """Prunes and evaluates every configuration of `spec` (once per draw) plus the dense model; returns
-    the result rows."""
+    """Prunes and evaluates every configuration of `spec` (once per draw and setting) plus the dense
+    model (once per evaluation setting); returns the result rows (per setting: the dense row first)."""
     outdir = Path(outdir)
     model_dir = resolve_model_dir(model)
     _open_sweep(outdir, model_dir, spec, overwrite)
     results_dir = outdir / "results"
     results_dir.mkdir(exist_ok=True)
+    settings = spec.settings()
+    tokenizer = None
 
-    for seed in spec.draws():
-        ids_file = _ids_file(outdir, seed, spec)
-        if not ids_file.is_file():
-            calibration = calibration_windows(spec.calib, load_tokenizer(model_dir), spec.nsamples, spec.calib_seqlen, seed, progress)
-            save_windows(ids_file, calibration)
+    jobs: dict[str, _PruneJob] = {}
+    for setting in settings:
+        at = spec.at(setting)
+        calibration, pruning, evaluation = (_suffix(setting, f) for f in (CALIBRATION_FIELDS, PRUNE_FIELDS, EVAL_FIELDS))
+        for seed in spec.draws():
+            ids_file = _ids_file(outdir, seed, spec, calibration)
+            if not ids_file.is_file():
+                tokenizer = tokenizer or load_tokenizer(model_dir)
+                save_windows(ids_file, calibration_windows(at.calib, tokenizer, at.nsamples, at.calib_seqlen, seed, progress))
+        dense_file = results_dir / f"dense{evaluation}.json"
+        if not dense_file.is_file():
+            echo("Evaluating the dense model" + (f" [{setting_label({k: v for k, v in setting.items() if k in EVAL_FIELDS})}]" if evaluation else "") + " ...")
+            write_json(dense_file, {"eval": evaluate(model_dir, at.eval_config(), progress=progress, budget=budget)})
+        for point in {p.prune_key: p for p in at.points()}.values():
+            for seed in spec.draws():
+                name = _per_draw(point.prune_key, seed, spec) + pruning
+                job = jobs.setdefault(name, _PruneJob(point, at, seed, _ids_file(outdir, seed, spec, calibration), outdir / "checkpoints" / name))
+                job.evaluations.append((at.eval_config(), results_dir / f"{name}{_suffix(setting, EVAL_ONLY_FIELDS)}.json"))
 
-    dense_file = results_dir / "dense.json"
-    if not dense_file.is_file():
-        echo("Evaluating the dense model ...")
-        write_json(dense_file, {"eval": evaluate(model_dir, spec.eval_config(), progress=progress, budget=budget)})
+    pending = [job for job in jobs.values() if any(not file.is_file() for _, file in job.evaluations)]
+    for number, job in enumerate(pending, 1):
+        draw = f", calibration seed {job.seed}" if spec.seeds > 1 else ""
+        where = f" [{setting_label({k: getattr(job.spec, k) for k in spec.grid if k in PRUNE_FIELDS})}]" if any(k in PRUNE_FIELDS for k in spec.grid) else ""
+        evaluations = sum(not file.is_file() for _, file in job.evaluations)
+        also = f" ({evaluations} evaluation settings)" if evaluations > 1 else ""
+        echo(f"[{number}/{len(pending)}] {job.point.label}{where}{draw}: pruning and evaluating{also} ...")
+        _prune_and_evaluate(model_dir, job, progress, budget)
 
-    points = spec.points()
-    unique = {point.prune_key: point for point in points}
-    jobs = [(key, point, seed) for key, point in unique.items() for seed in spec.draws()]
-    for number, (key, point, seed) in enumerate(jobs, 1):
-        result_file = results_dir / f"{_per_draw(key, seed, spec)}.json"
-        if result_file.is_file():
-            continue
-        draw = f", calibration seed {seed}" if spec.seeds > 1 else ""
-        echo(f"[{number}/{len(jobs)}] {point.label}{draw}: pruning and evaluating ...")
-        _prune_and_evaluate(model_dir, outdir, point, spec, seed, result_file, progress, budget)
+    rows = []
+    for setting in settings:
+        at = spec.at(setting)
+        pruning, evaluation, only = _suffix(setting, PRUNE_FIELDS), _suffix(setting, EVAL_FIELDS), _suffix(setting, EVAL_ONLY_FIELDS)
 
-    def results_of(point: GridPoint) -> list[dict]:
-        return [json.loads((results_dir / f"{_per_draw(point.prune_key, seed, spec)}.json").read_text()) for seed in spec.draws()]
+        def results_of(point: GridPoint) -> list[dict]:
+            files = [results_dir / f"{_per_draw(point.prune_key, seed, spec)}{pruning}{only}.json" for seed in spec.draws()]
+            return [json.loads(file.read_text()) for file in files]
 
-    rows = [_row("dense", None, [json.loads(dense_file.read_text())])]
-    rows += [_row(point.label, point, results_of(point)) for point in points]
+        rows.append(_row("dense", None, [json.loads((results_dir / f"dense{evaluation}.json").read_text())], setting))
+        rows += [_row(point.label, point, results_of(point), setting) for point in at.points()]
     write_results(outdir, rows, spec)
     return rows
 
@@ -395,8 +507,19 @@ def write_results(outdir: Path, rows: list[dict], spec: SweepSpec) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
-    (outdir / "results.md").write_text(markdown_tables(rows, spec), encoding="utf-8")
-    plot_results(outdir / "plots", rows)
+    settings = spec.settings()
+    if len(settings) == 1:
+        (outdir / "results.md").write_text(markdown_tables(rows, spec), encoding="utf-8")
+        plot_results(outdir / "plots", rows)
+        return
+    parts = ["# Sweep results", "", f"A grid over {', '.join(spec.grid)}: a section per setting, each with its own "
+             "dense row; plots in plots/<setting>/.", ""]
+    for setting in settings:
+        ours = [row for row in rows if row.get("setting") == _as_json(setting)]
+        body = markdown_tables(ours, spec.at(setting)).split("\n", 2)[2]  # without its title
+        parts += [f"# {setting_label(setting)}", "", body]
+        plot_results(outdir / "plots" / _suffix(setting, tuple(setting)).lstrip("-"), ours)
+    (outdir / "results.md").write_text("\n".join(parts), encoding="utf-8")
 
 
 def _fmt(value, digits: int) -> str:
@@ -545,8 +668,9 @@ def plot_results(directory: Path, rows: list[dict]) -> list[Path]:
 
 
 def _line_name(row: dict) -> str:
-    """A row's configuration without its sparsity or pattern: 'EN-Modified a=0.5', 'sparsegpt + reconstruct'."""
-    return row["label"].rsplit(" ", 1)[0]
+    """A row's configuration without its sparsity or pattern (or setting): 'EN-Modified a=0.5', 'sparsegpt + reconstruct'."""
+    label = row["label"].rsplit(" [", 1)[0] if row.get("setting") else row["label"]
+    return label.rsplit(" ", 1)[0]
 
 
 def _sparsity_line(row: dict, rows: list[dict]) -> str:

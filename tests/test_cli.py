@@ -233,3 +233,19 @@ def test_the_readme_method_table_is_the_registry():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert methods_table() in readme  # regenerate with: streamprune methods
     assert invoke("methods").stdout.strip() == methods_table()
+
+
+def test_gpu_out_of_memory_is_one_line_with_what_to_do(tiny_checkpoint, tmp_path, monkeypatch):
+    import torch
+
+    import streamprune.engine as engine
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.6 GiB")
+
+    monkeypatch.setattr(engine, "_prune_blocks", out_of_memory)
+    out = tmp_path / "out"
+    result = invoke("prune", tiny_checkpoint("llama"), out, "--calib", WIKI, "--nsamples", "2", "--seqlen", "16", "--quiet")
+    assert_one_line_error(result, "GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)", "--batch-size", "--offload cpu")
+    assert "GPU 0 has" not in result.stderr  # two sentences: the rest is the allocator's detail
+    assert json.loads((out / "streamprune.json").read_text())["status"] == "failed"

@@ -168,3 +168,27 @@ def test_killed_after_a_third_of_the_blocks_resumes_bitwise_identical(smollm2, t
     assert result.exit_code == 0 and "10 of its 30 blocks are done" in result.stderr
     assert hashes(out) == hashes(tmp_path / "uninterrupted")
     assert len([name for name in hashes(out) if name.startswith("model-")]) == 31
+
+
+def test_sparsegpt_two_four_and_reconstruction_on_the_real_model(smollm2, tmp_path):
+    from reference_prune import reference_sparsegpt
+
+    out = tmp_path / "sparsegpt"
+    manifest = run(smollm2, out, method="sparsegpt", pattern="2:4", nsamples=4, seqlen=64)
+    # at least half of each weight, and hardly more: an updated weight may round to an exact 0 on writing
+    assert manifest.status == "complete" and all(0.5 <= v < 0.5001 for v in manifest.sparsity.values())
+    for tensor in block_tensors(out, 29).values():
+        if tensor.ndim == 2:  # 2 of every 4 inputs of a row, whatever the OBS updates did to the rest
+            assert torch.all((tensor.reshape(tensor.shape[0], -1, 4) == 0).sum(dim=2) >= 2)
+    with safe_open(out / "calibration_ids.safetensors", framework="pt") as handle:
+        ids = handle.get_tensor("input_ids")
+    reference = reference_sparsegpt(smollm2, ids, 0.5, "2:4", blocks=1)  # float64, unblocked
+    written = block_tensors(out, 0)
+    agree = sum((written[n] != 0).eq(w != 0).sum().item() for n, w in reference.items())
+    assert agree / sum(w.numel() for w in reference.values()) > 0.999  # float32 against float64
+    rebuilt = run(smollm2, tmp_path / "rebuilt", method="en-modified", alpha=0.5, reconstruct=True, nsamples=4, seqlen=64)
+    assert rebuilt.status == "complete" and all(0.5 <= v < 0.5001 for v in rebuilt.sparsity.values())
+    for directory in (out, tmp_path / "rebuilt"):
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=ids[:1, :32]).logits).all()

@@ -143,3 +143,43 @@ def test_several_calibration_draws_give_the_mean_and_the_spread(tiny_checkpoint,
     assert f"{row['ppl']:.2f} ± {row['ppl_std']:.2f}" in (tmp_path / "sweep" / "results.md").read_text()
     rows = run_sweep(str(tiny_checkpoint("llama")), tmp_path / "sweep", spec(seeds=3, **settings), progress=False, echo=lambda *_: None)
     assert len(counted_prunes) == 3 and len(rows[1]["ppl_seeds"]) == 3  # a third draw, the first two kept
+
+
+def test_a_grid_over_other_fields_prunes_once_per_pruning_setting_and_evaluates_each(tiny_checkpoint, tmp_path, counted_prunes):
+    model = str(tiny_checkpoint("llama"))
+    common = ["--methods", "wanda", "--calib", str(WIKITEXT_CALIBRATION), "--calib-seqlen", "16", "--ppl", str(WIKITEXT_HELD_OUT),
+              "--max-windows", "2", "--device", "cpu", "--quiet"]
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, ["sweep", model, str(out), *common, "--grid", "nsamples=2,3", "--grid", "seqlen=16,32"])
+    assert result.exit_code == 0, result.output
+    assert len(counted_prunes) == 2  # seqlen is an evaluation field: one pruning per nsamples
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == [
+        f"{name} [nsamples={n} seqlen={q}]" for n in (2, 3) for q in (16, 32) for name in ("dense", "wanda 50%")
+    ]
+    ppl = {r["label"]: r["ppl"] for r in rows}
+    assert ppl["dense [nsamples=2 seqlen=16]"] == ppl["dense [nsamples=3 seqlen=16]"] != ppl["dense [nsamples=2 seqlen=32]"]
+    assert ppl["wanda 50% [nsamples=2 seqlen=32]"] != ppl["wanda 50% [nsamples=3 seqlen=32]"]
+    assert sorted(p.name for p in out.glob("calibration_ids*")) == [
+        "calibration_ids-nsamples2.safetensors", "calibration_ids-nsamples3.safetensors"]
+    table = (out / "results.md").read_text()
+    assert "# nsamples=3 seqlen=32" in table and (out / "plots" / "nsamples3-seqlen32" / "ppl_vs_sparsity.png").exists()
+
+    # a setting's numbers are those of a sweep run with its values and no grid
+    alone = tmp_path / "alone"
+    assert CliRunner().invoke(main, ["sweep", model, str(alone), *common, "--nsamples", "3", "--seqlen", "32"]).exit_code == 0
+    plain = json.loads((alone / "results.json").read_text())["rows"]
+    assert [r["ppl"] for r in plain] == [ppl["dense [nsamples=3 seqlen=32]"], ppl["wanda 50% [nsamples=3 seqlen=32]"]]
+
+    # a rerun redoes nothing; a grown grid does only what is new
+    assert CliRunner().invoke(main, ["sweep", model, str(out), *common, "--grid", "nsamples=2,3", "--grid", "seqlen=16,32"]).exit_code == 0
+    assert len(counted_prunes) == 3
+    grown = CliRunner().invoke(main, ["sweep", model, str(out), *common, "--grid", "nsamples=2,3,4", "--grid", "seqlen=16,32"])
+    assert grown.exit_code == 0 and len(counted_prunes) == 4 and "[1/1] wanda 50% [nsamples=4]: pruning and evaluating (2 evaluation settings)" in grown.output
+
+    for grid, fragment in (("seed=1,2", "cannot vary 'seed' (it is an axis of its own: seeds)"),
+                           ("alphas=0,1", "cannot vary 'alphas' (it is an axis of its own: alphas)"),
+                           ("nsamples=two", "gives nsamples the value 'two', not a whole number"),
+                           ("colour=red", "cannot vary 'colour'")):
+        bad = CliRunner().invoke(main, ["sweep", model, str(tmp_path / "bad"), *common, "--grid", grid])
+        assert bad.exit_code == 1 and bad.stderr.startswith(f"Error: the sweep's grid {fragment}"), bad.stderr
