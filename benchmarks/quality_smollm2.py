@@ -3,13 +3,21 @@
 
 One set of calibration ids for every row (32 x 512 tokens of WikiText-2 test, seed 0), WikiText-2
 validation perplexity on 16 x 512 tokens, CPU, float32.  Rows: magnitude, wanda, en-modified (a = 0.5),
-each without and with --reconstruct, and sparsegpt; columns: 50%, 60%, 70%, 2:4, 4:8.  Each pruning and
+each without and with --reconstruct, and sparsegpt; columns: 50%, 60%, 70%, 2:4, 4:8.  With --variants,
+also the OWL rows (wanda, en-modified, sparsegpt with --budgets owl; unstructured shapes only).  Each pruning and
 each evaluation is its own process (peak memory is its own); prune time and peak host memory are given
 relative to wanda's at the same sparsity, from the same run.  Finished cells are kept in WORKDIR, so a
 rerun continues where it stopped.
 
   python benchmarks/quality_smollm2.py --workdir /tmp/quality --json benchmarks/results/quality_smollm2.json \
       --calib ../shared/data/wikitext-2-raw/wiki.test.raw --ppl ../shared/data/wikitext-2-raw/wiki.valid.raw
+  python benchmarks/quality_smollm2.py --workdir /tmp/quality --json benchmarks/results/quality_smollm2_owl.json \
+      --calib ../shared/data/wikitext-2-raw/wiki.test.raw --ppl ../shared/data/wikitext-2-raw/wiki.valid.raw \
+      --variants "wanda,wanda + OWL,en-modified a=0.5,en-modified a=0.5 + OWL" --shapes 50%,60%,70%
+  python benchmarks/quality_smollm2.py --workdir /tmp/quality-auto --json benchmarks/results/quality_smollm2_en_auto.json \
+      --calib ../shared/data/wikitext-2-raw/wiki.test.raw --ppl ../shared/data/wikitext-2-raw/wiki.valid.raw \
+      --variants "en-modified a=0,en-modified a=0.25,en-modified a=0.5,en-modified a=0.75,en-modified a=1,en-original a=0.5,en-auto,en-auto both" \
+      --shapes 50%,70%
 """
 
 from __future__ import annotations
@@ -34,7 +42,17 @@ VARIANTS = {  # label: prune options
     "en-modified a=0.5": ["--method", "en-modified", "--alpha", "0.5"],
     "en-modified a=0.5 + reconstruct": ["--method", "en-modified", "--alpha", "0.5", "--reconstruct"],
     "sparsegpt": ["--method", "sparsegpt"],
+    # OWL budgets (--budgets owl, M 5, lambda 0.08): unstructured shapes only
+    "wanda + OWL": ["--method", "wanda", "--budgets", "owl"],
+    "en-modified a=0.5 + OWL": ["--method", "en-modified", "--alpha", "0.5", "--budgets", "owl"],
+    "sparsegpt + OWL": ["--method", "sparsegpt", "--budgets", "owl"],
+    # EN-auto against the fixed alphas of its candidates
+    **{f"en-modified a={a}": ["--method", "en-modified", "--alpha", a] for a in ("0", "0.25", "0.75", "1")},
+    "en-original a=0.5": ["--method", "en-original", "--alpha", "0.5"],
+    "en-auto": ["--method", "en-auto"],
+    "en-auto both": ["--method", "en-auto", "--geometry", "both"],
 }
+DEFAULT_VARIANTS = list(VARIANTS)[:7]  # the methods table; the OWL and EN-auto rows on request
 SHAPES = {"50%": ["--sparsity", "0.5"], "60%": ["--sparsity", "0.6"], "70%": ["--sparsity", "0.7"],
           "2:4": ["--pattern", "2:4"], "4:8": ["--pattern", "4:8"]}
 
@@ -61,7 +79,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--calib", required=True, help="calibration text (WikiText-2 test)")
     parser.add_argument("--ppl", required=True, help="evaluation text (WikiText-2 validation)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +127,11 @@ def main() -> int:
             else:
                 row.append(f"{c['prune_s'] / w['prune_s']:>8.2f}x/{c['prune_peak_rss_bytes'] / w['prune_peak_rss_bytes']:.2f}x")
         print(f"{label:<34}" + "".join(f"{r:>14}" for r in row))
+    if any(label.startswith("en-auto") for label in variants) and "en-modified a=0.5" in variants:
+        print("\nEN-auto's prune time against en-modified a=0.5 at the same sparsity, same run")
+        for label in [v for v in variants if v.startswith("en-auto")]:
+            print(f"{label:<34}" + "".join(f"{cells[(label, s)]['prune_s'] / cells[('en-modified a=0.5', s)]['prune_s']:>9.2f}x"
+                                         for s in shapes))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({

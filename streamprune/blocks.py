@@ -339,6 +339,19 @@ class DecoderStack:
         activations = itemsize * batch_tokens * (4 * hidden + 3 * intermediate)
         return choose_placement(itemsize * hidden_values, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget)
 
+    def block_outputs(self, index: int, acts: Activations, rows: list[int], batch_size: int) -> torch.Tensor:
+        """Block `index`'s outputs on the given rows of the hidden states, in batches, without changing
+        them: (len(rows), seqlen, hidden) float32 on the compute device."""
+        block = self.blocks[index]
+        kwargs = acts.block_kwargs[index]
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size):
+                batch = torch.cat([acts.hidden.read(row, row + 1) for row in rows[start : start + batch_size]])
+                out = block(batch, **kwargs)
+                outputs.append((out[0] if isinstance(out, tuple) else out).float())
+        return torch.cat(outputs)
+
     def run_block(self, index: int, acts: Activations, batch_size: int, write_back: bool) -> None:
         """Calls block `index` on every row in batches; with write_back its outputs replace its inputs.
 

@@ -14,7 +14,9 @@ from . import progress
 from .config import DTYPES, STAT_NORMS, PruneConfig
 from .errors import StreamPruneError, one_line
 from .placement import PLACEMENTS, Budget, parse_size
-from .methods import METHODS, all_options
+from .methods import METHODS, all_options, option_text
+from .budgets import BUDGETS
+from .budgets import OPTIONS as OWL_OPTIONS
 from .obs import OPTIONS as OBS_OPTIONS
 
 
@@ -120,11 +122,11 @@ def memory_options(command):
 
 def method_options(command):
     """--alpha, --percdamp, ...: every option of every method (and of --reconstruct), from the registry."""
-    for option, users in reversed(list(all_options(extra=OBS_OPTIONS).values())):
-        where = ", ".join(users + (["--reconstruct"] if option in OBS_OPTIONS else []))
+    for option, users in reversed(list(all_options(extra=OBS_OPTIONS + OWL_OPTIONS).values())):
+        where = ", ".join(users + (["--reconstruct"] if option in OBS_OPTIONS else []) + (["--budgets owl"] if option in OWL_OPTIONS else []))
+        kind = click.Choice(option.choices) if option.choices else str if option.numbers else int if option.integer else float
         command = click.option(
-            option.flag, option.name, type=int if option.integer else float, default=None,
-            help=f"{option.help} [{where}; default {option.default:g}]",
+            option.flag, option.name, type=kind, default=None, help=f"{option.help} [{where}; default {option.text(option.default)}]",
         )(command)
     return command
 
@@ -149,6 +151,8 @@ def main():
               help="After a mask-only method's mask, update the kept weights (OBS, mask held) to minimise the layer's output error.")
 @click.option("--sparsity", type=float, default=0.5, show_default=True, help="Share of each comparison group to zero, in [0, 1).")
 @click.option("--pattern", default=None, help="Semi-structured N:M sparsity instead, e.g. 2:4 or 4:8.")
+@click.option("--budgets", type=click.Choice(BUDGETS), default="uniform", show_default=True,
+              help="Per-block sparsity: uniform, or owl (OWL, Yin et al. 2024: blocks with more outlier scores pruned less; mean --sparsity).")
 @click.option("--calib", default="wikitext103", show_default=True,
               help="wikitext103, c4 (from the hub), a text/.raw/.jsonl file or folder, or an input_ids .safetensors file.")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
@@ -185,20 +189,26 @@ def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, overlap
             raise click.UsageError(
                 f"--pattern {options['pattern']} prunes {n / m:.0%} by itself; give --sparsity or --pattern, not both"
             )
-    given = {name: value for name, value in options.items() if value is not None or name not in all_options(OBS_OPTIONS)}
+    given = {name: value for name, value in options.items() if value is not None or name not in all_options(OBS_OPTIONS + OWL_OPTIONS)}
     config = PruneConfig.of(**given)
     manifest = run_prune(
         model, output, config, overwrite=overwrite, resume=not no_resume, trust_remote_code=trust_remote_code,
         progress=not quiet, budget=_budget(offload, max_gpu_memory, max_cpu_memory, offload_dir), overlap=overlap,
     )
     zeros = sum(manifest.sparsity.values()) / max(len(manifest.sparsity), 1)
-    mix = "".join(f", {name} {value:g}" for name, value in config.options) + (", reconstructed" if config.reconstruct else "")
+    mix = "".join(f", {name} {option_text(value)}" for name, value in config.options) + (", reconstructed" if config.reconstruct else "")
     shape = config.pattern or f"{config.sparsity:.0%}"
     click.echo(
         f"Pruned {manifest.blocks_total} blocks with {config.method}{mix} ({shape}; mean sparsity of the "
         f"{len(manifest.sparsity)} linear weights {zeros:.2%}) in {manifest.timings['total_s']:.1f} s "
         f"on {manifest.device}, peak host memory {_gib(manifest.peak_memory['host_rss_bytes'])}."
     )
+    if manifest.block_choices:
+        click.echo(METHODS[config.method].choices_summary(manifest.block_choices))
+    if manifest.budgets:
+        budgets = manifest.budgets["sparsities"]
+        click.echo(f"OWL budgets: {min(budgets):.2%} to {max(budgets):.2%} per block (mean {sum(budgets) / len(budgets):.2%}); "
+                   "streamprune inspect OUTPUT shows each")
     click.echo(f"Output: {output}  (loads with AutoModelForCausalLM.from_pretrained; manifest in streamprune.json)")
 
 
@@ -299,7 +309,7 @@ def methods_table() -> str:
     """The registry as a Markdown table (the README's method table is this)."""
     lines = ["| method | decides by | comparison group | changes kept weights | options | source |", "|---|---|---|---|---|---|"]
     for method in METHODS.values():
-        options = ", ".join(f"`{o.flag}` ({o.default:g})" for o in method.options) or "none"
+        options = ", ".join(f"`{o.flag}` ({o.text(o.default)})" for o in method.options) or "none"
         summary = method.summary.replace("|", "\\|")  # a bare | would end the Markdown cell
         lines.append(f"| `{method.name}` | {summary} | {method.group}; N of M per row with --pattern | "
                      f"{'yes' if method.updates_weights else 'no (yes with --reconstruct)'} | {options} | {method.source} |")
@@ -358,6 +368,8 @@ def inspect(directory, json_path, trust_remote_code):
 @click.option("--calib-seqlen", type=int, default=None, help="Tokens per calibration window (default 2048).")
 @click.option("--seed", type=int, default=None)
 @click.option("--stat-norm", type=click.Choice(STAT_NORMS), default=None)
+@click.option("--budgets", type=click.Choice(BUDGETS), default=None,
+              help="uniform (default) or owl per-block sparsities; both: --grid budgets=uniform,owl (N:M patterns are skipped under owl).")
 @click.option("--device", default=None)
 @click.option("--dtype", type=click.Choice(DTYPES), default=None)
 @click.option("--batch-size", type=int, default=None)

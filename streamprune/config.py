@@ -24,6 +24,7 @@ class PruneConfig:
     sparsity: float = 0.5
     pattern: str | None = None  # "N:M" semi-structured; overrides sparsity with N/M
     reconstruct: bool = False  # update the kept weights of a mask-only method (OBS, the mask held)
+    budgets: str = "uniform"  # per-block sparsities: uniform, or owl (budgets.py)
     calib: str = "wikitext103"
     nsamples: int = 128
     calib_mult: int = 1  # windows drawn = nsamples * calib_mult
@@ -46,6 +47,14 @@ class PruneConfig:
         if self.pattern is not None:
             n, m = parse_pattern(self.pattern)
             object.__setattr__(self, "sparsity", n / m)
+        from .budgets import BUDGETS
+
+        if self.budgets not in BUDGETS:
+            raise StreamPruneError(f"--budgets must be one of {', '.join(BUDGETS)}, got {self.budgets!r}")
+        if self.budgets == "owl" and self.pattern is not None:
+            raise StreamPruneError("--budgets owl gives each block its own sparsity; an N:M pattern has one (N/M): use --sparsity")
+        if self.budgets == "owl" and not method.defines_outlier_scores:
+            raise StreamPruneError(f"--budgets owl counts outliers of the method's score, and {self.method} has no single score; use another method")
         for name in ("nsamples", "calib_mult", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
                 raise StreamPruneError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -60,19 +69,34 @@ class PruneConfig:
             from .obs import OPTIONS
 
             takes = ", ".join(option.flag for option in allowed.values()) or "no options"
+            from .budgets import OPTIONS as OWL_OPTIONS
+
             hint = " (it is an option of --reconstruct)" if unknown[0] in {o.name for o in OPTIONS} else ""
+            hint = " (it is an option of --budgets owl)" if unknown[0] in {o.name for o in OWL_OPTIONS} else hint
             raise StreamPruneError(f"--{unknown[0].replace('_', '-')} does not apply to {self.method}, which takes {takes}{hint}")
         values = {name: option.check(given.get(name, option.default)) for name, option in allowed.items()}
         object.__setattr__(self, "options", tuple(values.items()))
+        if self.budgets == "owl":  # refused now rather than after the first pass: budgets lie within s +- 2 lambda
+            lam = values["owl_lambda"]
+            if self.sparsity + 2 * lam >= 1 or self.sparsity - 2 * lam < 0:
+                raise StreamPruneError(
+                    f"--owl-lambda {lam:g} with --sparsity {self.sparsity:g} could give a block a sparsity outside [0, 1) "
+                    f"(the budgets lie within sparsity +- 2 lambda); lower --owl-lambda below {min(1 - self.sparsity, self.sparsity) / 2:g}"
+                )
 
     def allowed_options(self):
-        """The Option objects this configuration takes: its method's, and the OBS update's with reconstruct."""
+        """The Option objects this configuration takes: its method's, the OBS update's with reconstruct,
+        OWL's with budgets owl."""
         from .methods import get_method
         from .obs import OPTIONS
+
+        from .budgets import OPTIONS as OWL_OPTIONS
 
         options = list(get_method(self.method).options)
         if self.reconstruct:
             options += [option for option in OPTIONS if option not in options]
+        if self.budgets == "owl":
+            options += list(OWL_OPTIONS)
         return options
 
     @property
@@ -93,7 +117,7 @@ class PruneConfig:
     def to_dict(self) -> dict:
         """Every field, with the method's options as keys of their own (alpha, percdamp, ...)."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
-        return {**values, **self.option_values}
+        return {**values, **{name: list(v) if isinstance(v, tuple) else v for name, v in self.options}}
 
     @classmethod
     def of(cls, **values) -> "PruneConfig":

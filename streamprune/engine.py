@@ -14,6 +14,10 @@ selection finite, and a pruned tensor that misses its sparsity is never written.
 an error records `failed` and the reason in its manifest; rerunning it resumes after the last block
 written.
 
+With --budgets owl a first pass over every block, the dense blocks propagating the hidden states,
+gives each block its sparsity (budgets.py); the budgets are saved before the pruning pass starts, so a
+resumed run uses them and never repeats the first pass once it is over.
+
 Resuming (after a crash, SIGKILL, Ctrl-C or a full disk) replays the blocks already written: each is
 read back from the output and run once over the calibration hidden states, which gives bitwise the
 inputs the interrupted run had for the next block (same ids, batches, device and dtype).  The cost is
@@ -35,6 +39,7 @@ import torch
 
 from . import checks
 from . import progress as progress_bars
+from .budgets import BUDGETS_FILE, load_budgets, outlier_ratio, owl_sparsities, save_budgets
 from .blocks import Activations, DecoderStack
 from .calibration import CalibrationSet, calibration_windows, recorded_windows, save_windows
 from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files
@@ -42,7 +47,7 @@ from .config import PruneConfig, parse_pattern
 from .errors import Interrupted, NumericalError, StreamPruneError, one_line
 from .loading import open_model, warn_beyond_context
 from .masking import verify_sparsity, zero_fraction
-from .methods import Decision, Groups, get_method
+from .methods import BlockView, Decision, Groups, get_method
 from .obs import obs_prune
 from .placement import Budget
 from .state import (
@@ -196,10 +201,31 @@ def prune_block(
     run no forward passes.  Raises NumericalError for activations that overflow.
     """
     statistics = reduce(collect(stack, index, block, acts, config))
+    config, choice = choose(stack, index, block, acts, statistics, config)
     updated, inexact_masks, groups = decide_and_apply(stack, index, block, statistics, config)
     del statistics  # Gram matrices: gone before the pruned pass needs its memory
     propagate(stack, index, acts, config)
-    return export(stack, index, updated, inexact_masks), groups
+    return export(stack, index, updated, inexact_masks), groups, choice
+
+
+def choice_rows(rows: int, count: int, seed: int) -> list[int]:
+    """`count` of the `rows` calibration windows (all if fewer), drawn with `seed`, in order: the same
+    for every block of a run."""
+    if count >= rows:
+        return list(range(rows))
+    return sorted(torch.randperm(rows, generator=torch.Generator().manual_seed(seed))[:count].tolist())
+
+
+def choose(stack, index, block, acts, statistics, config) -> tuple[PruneConfig, dict | None]:
+    """Phase 3a, for methods that choose per block (en-auto): the configuration this block is pruned
+    with, and the record of the choice; other methods keep theirs."""
+    method = get_method(config.method)
+    if not method.chooses_per_block:
+        return config, None
+    rows = acts.hidden.shape[0]
+    view = BlockView(index, linear_layers(block),
+                     lambda count: stack.block_outputs(index, acts, choice_rows(rows, count, config.seed), config.batch_size))
+    return method.choose(view, statistics, config)
 
 
 def verify_and_write(writer: CheckpointWriter, index: int, pruned: dict, groups: dict, config: PruneConfig) -> dict:
@@ -287,7 +313,36 @@ class _Background:
             self.pool.shutdown(wait=True)
 
 
-def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, show_progress, overlap) -> None:
+def owl_pass(stack: DecoderStack, acts: Activations | None, config: PruneConfig, show_progress: bool, overlap: bool) -> list[float]:
+    """OWL's first pass (budgets.py): each block's outlier ratio, with the run's method's outlier scores
+    from the statistics of the dense block's inputs; the hidden states go through the dense blocks, so
+    afterwards they are the last block's inputs (the caller embeds again for the pruning pass).  Holds
+    what a pruning pass holds: one block and its statistics.  Raises NumericalError where the
+    activations overflow (check_statistics)."""
+    method = get_method(config.method)
+    m = config.option_values["owl_m"]
+    ratios = []
+    with BlockWalker(stack, read_ahead=overlap) as walker, progress_bars.bar(
+        total=stack.num_blocks, desc="Outlier ratios (OWL)", unit="block", enabled=show_progress
+    ) as bar:
+        for index, block in walker.blocks(range(stack.num_blocks)):
+            statistics: dict[str, InputStatistics] = {}
+            if acts is not None and method.outlier_needs:
+                with input_statistics(block, method.outlier_needs) as statistics:
+                    stack.run_block(index, acts, config.batch_size, write_back=False)
+                check_statistics(stack, index, acts, statistics, config.batch_size)
+            with torch.no_grad():
+                scores = [method.outlier_scores(linear.weight, statistics.get(name), config)
+                          for name, linear in linear_layers(block).items()]
+            ratios.append(outlier_ratio(scores, m))
+            del scores, statistics
+            if acts is not None and index + 1 < stack.num_blocks:
+                stack.run_block(index, acts, config.batch_size, write_back=True)
+            bar.update()
+    return ratios
+
+
+def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, show_progress, overlap, sparsities=None) -> None:
     """Replays the blocks an earlier session wrote, then prunes and writes the rest, one at a time.
 
     With overlap, block i+1 is read from disk while block i computes (BlockWalker), and block i is
@@ -296,12 +351,17 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
     """
     writes = _Background(overlap)
 
+    def config_of(index: int) -> PruneConfig:  # the block's own sparsity under --budgets owl
+        return config if sparsities is None else dataclasses.replace(config, sparsity=sparsities[index])
+
     def written_shard(index: int) -> CheckpointReader:
         return CheckpointReader(writer.out_dir, files=[writer.shard_path(index).name])
 
-    def finish(index: int, written: Future, block_seconds: float) -> None:
+    def finish(index: int, written: Future, block_seconds: float, choice: dict | None) -> None:
         sparsity = written.result()  # raises what the check or the write raised (a full disk)
         manifest.sparsity.update({key: round(fraction, 6) for key, fraction in sparsity.items()})
+        if choice is not None:
+            manifest.block_choices[str(index)] = choice
         manifest.timings["blocks_s"].append(round(block_seconds, 3))
         record(blocks_done=index + 1)
         bar.update()
@@ -326,11 +386,11 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
         try:
             lap = time.perf_counter()
             for index, block in walker.blocks(range(start_block, stack.num_blocks)):
-                pruned, groups = prune_block(stack, index, block, acts, config)
+                pruned, groups, choice = prune_block(stack, index, block, acts, config_of(index))
                 if pending is not None:
                     finish(*pending)
-                written = writes.submit(verify_and_write, writer, index, pruned, groups, config)
-                pending = (index, written, time.perf_counter() - lap)  # since the last block: loading included
+                written = writes.submit(verify_and_write, writer, index, pruned, groups, config_of(index))
+                pending = (index, written, time.perf_counter() - lap, choice)  # seconds since the last block: loading included
                 lap = time.perf_counter()
                 del pruned  # held by the writer until written, and no longer: a block must not linger
                 if not overlap:
@@ -413,10 +473,15 @@ def prune(
         manifest.placement = acts.placement if acts else None
         if not plan.resumed:
             manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
-        writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
+        overlap = device.type == "cuda" if overlap is None else overlap
         try:
-            overlap = device.type == "cuda" if overlap is None else overlap
-            _prune_blocks(stack, acts, config, plan.start_block, writer, manifest, record, progress, overlap)
+            sparsities = None
+            if config.budgets == "owl":
+                budgets, acts = _owl_budgets(stack, acts, calibration, config, out, plan.resumed, progress, overlap)
+                sparsities = budgets["sparsities"]
+                record(budgets=budgets)
+            writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
+            _prune_blocks(stack, acts, config, plan.start_block, writer, manifest, record, progress, overlap, sparsities)
         finally:
             if acts is not None:
                 acts.close()
@@ -430,6 +495,26 @@ def prune(
         raise
     record(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return manifest
+
+
+def _owl_budgets(stack, acts, calibration, config, out, resumed, progress, overlap) -> tuple[dict, Activations | None]:
+    """The run's OWL budgets: those saved by the session that started it, else from a first pass (then
+    saved, and the hidden states embedded again for the pruning pass).  Returns them and the hidden
+    states to prune with."""
+    budgets = load_budgets(out / BUDGETS_FILE, stack.num_blocks) if resumed else None
+    if budgets is not None:
+        return budgets, acts
+    ratios = owl_pass(stack, acts, config, progress, overlap)  # a run killed before this ends does it again
+    options = config.option_values
+    budgets = {
+        "budgets": "owl", "owl_m": options["owl_m"], "owl_lambda": options["owl_lambda"], "sparsity": config.sparsity,
+        "outlier_ratios": ratios, "sparsities": owl_sparsities(ratios, config.sparsity, options["owl_lambda"]),
+    }
+    save_budgets(out / BUDGETS_FILE, budgets)
+    if acts is not None:
+        acts.close()
+        acts = stack.embed(calibration.input_ids, config.batch_size, statistics_bytes(stack, config))
+    return budgets, acts
 
 
 def _record_failure(record, exc: Exception) -> None:

@@ -90,6 +90,14 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
         values = [v for k, v in sparsity.items() if k.startswith(family.block_prefix(i))]
         if values:
             per_block[i] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "tensors": len(values)}
+    budgets = (manifest.budgets or {}).get("sparsities") if manifest else None
+    choices = manifest.block_choices if manifest else {}
+    for i, row in per_block.items():
+        if budgets and i < len(budgets):
+            row["budget"] = budgets[i]
+        if str(i) in choices:
+            choice = choices[str(i)]
+            row["choice"] = f"{choice['method'].removeprefix('en-')} a={choice['alpha']:g}"
     zeros = sum(sparsity[k] * torch.Size(shapes[k]).numel() for k in sparsity)
     weights = sum(torch.Size(shapes[k]).numel() for k in sparsity)
     return {
@@ -114,15 +122,17 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
 def run_method(config: dict) -> str:
     """'sparsegpt (percdamp 0.01, blocksize 128), 50%': the method of a run and its options, from the
     registry (an unknown method, from another version, is named as recorded)."""
-    from .methods import METHODS
+    from .methods import METHODS, option_text
     from .obs import OPTIONS
 
     method = METHODS.get(config.get("method"))
     names = [o.name for o in method.options] if method else []
     names += [o.name for o in OPTIONS if config.get("reconstruct") and o.name not in names]
-    options = ", ".join(f"{name} {config[name]:g}" for name in names if name in config)
+    options = ", ".join(f"{name} {option_text(config[name])}" for name in names if name in config)
     shape = config.get("pattern") or f"{config.get('sparsity', 0):.0%}"
     rebuilt = " + reconstruct" if config.get("reconstruct") else ""
+    if config.get("budgets") == "owl":
+        shape += f" on average, OWL budgets (M {config.get('owl_m', 0):g}, lambda {config.get('owl_lambda', 0):g})"
     return f"{config.get('method')}{rebuilt}{f' ({options})' if options else ''}, {shape}"
 
 
@@ -135,10 +145,14 @@ def format_report(report: dict) -> str:
     lines = [
         f"{report['directory']}: {report['model_type']}, {report['blocks_total']} blocks, "
         f"{'/'.join(report['dtypes']) or 'no tensors'}{run}; {report['blocks_done']} of {report['blocks_total']} blocks present",
-        f"{'block':>5}  {'tensors':>7}  {'sparsity':>8}  {'min':>7}  {'max':>7}",
+        f"{'block':>5}  {'tensors':>7}  {'sparsity':>8}  {'min':>7}  {'max':>7}"
+        + ("  OWL budget" if any("budget" in row for row in report["per_block"].values()) else "")
+        + ("  EN-auto choice" if any("choice" in row for row in report["per_block"].values()) else ""),
     ]
     for block, row in report["per_block"].items():
-        lines.append(f"{block:>5}  {row['tensors']:>7}  {row['mean']:>8.2%}  {row['min']:>7.2%}  {row['max']:>7.2%}")
+        budget = f"  {row['budget']:>10.2%}" if "budget" in row else ""
+        choice = f"  {row['choice']}" if "choice" in row else ""
+        lines.append(f"{block:>5}  {row['tensors']:>7}  {row['mean']:>8.2%}  {row['min']:>7.2%}  {row['max']:>7.2%}{budget}{choice}")
     lines.append(f"overall: {report['overall_sparsity']:.2%} of {report['block_linear_weights']:,} block linear weights are zero")
     if report["problems"]:
         lines += [f"problem: {p}" for p in report["problems"]]

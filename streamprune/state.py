@@ -93,6 +93,8 @@ class RunManifest:
     calibration: dict = field(default_factory=dict)  # windows, seqlen, tokens, distinct_tokens, text_tokens
     placement: str | None = None  # where the calibration hidden states lived: device, cpu or disk
     sparsity: dict = field(default_factory=dict)  # tensor name -> fraction of zeros as written
+    budgets: dict | None = None  # with --budgets owl: outlier ratios and each block's sparsity (budgets.py)
+    block_choices: dict = field(default_factory=dict)  # block index -> what a choosing method (en-auto) chose
     timings: dict = field(default_factory=lambda: {"calibration_s": 0.0, "blocks_s": [], "total_s": 0.0})
     peak_memory: dict = field(default_factory=dict)
     versions: dict = field(default_factory=versions)

@@ -47,7 +47,8 @@ from .engine import prune
 from .errors import NumericalError, StreamPruneError, one_line
 from .evaluate.runner import EvalConfig, evaluate
 from .loading import load_tokenizer
-from .methods import METHODS, get_method
+from .methods import METHODS, get_method, option_text
+from .budgets import OPTIONS as OWL_OPTIONS
 from .obs import OPTIONS as OBS_OPTIONS
 from .placement import Budget
 from .state import CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, version_difference, versions
@@ -58,7 +59,7 @@ GEOMETRIES = {"original": "en-original", "modified": "en-modified"}
 SPEC_FILE = "sweep.json"
 # which fields of the spec a setting changes the pruning, the calibration draw or the evaluation with
 CALIBRATION_FIELDS = ("calib", "nsamples", "calib_seqlen")
-PRUNE_FIELDS = CALIBRATION_FIELDS + ("stat_norm", "device", "dtype", "batch_size")
+PRUNE_FIELDS = CALIBRATION_FIELDS + ("stat_norm", "budgets", "device", "dtype", "batch_size")
 EVAL_FIELDS = ("ppl", "ppl_slices", "seqlen", "max_windows", "tasks", "limit", "data_dir", "device", "dtype", "batch_size")
 EVAL_ONLY_FIELDS = tuple(f for f in EVAL_FIELDS if f not in PRUNE_FIELDS)  # a result file's name has the others already
 _INTEGER_FIELDS = ("nsamples", "calib_seqlen", "ppl_slices", "seqlen", "max_windows", "limit", "batch_size")
@@ -122,6 +123,7 @@ class SweepSpec:
     calib_seqlen: int = 2048
     seed: int = 0
     stat_norm: str = "mean"
+    budgets: str = "uniform"  # per-block sparsities: uniform or owl (its owl_m, owl_lambda through `options`)
     # evaluation: the same for the dense model and every configuration
     ppl: str | None = "wikitext103"
     ppl_slices: int | None = None
@@ -158,7 +160,7 @@ class SweepSpec:
             raise StreamPruneError(f"unknown geometry {unknown[0]!r}; choose from {', '.join(GEOMETRIES)}")
         for name in self.methods:
             get_method(name)
-        known = {o.name for m in METHODS.values() for o in m.options} | {o.name for o in OBS_OPTIONS}
+        known = {o.name for m in METHODS.values() for o in m.options} | {o.name for o in OBS_OPTIONS + OWL_OPTIONS}
         for name in self.options:
             if name not in known or name == "alpha":
                 raise StreamPruneError(f"unknown option {name!r} in the sweep's options; known: {', '.join(sorted(known - {'alpha'}))} (alpha: --alphas)")
@@ -219,7 +221,8 @@ class SweepSpec:
         """Every configuration of the grid: per sparsity or pattern, per method, with and without
         reconstruction (mask-only methods only), over the values of the options the method takes."""
         shapes = [(s, None) for s in self.sparsities] if "unstructured" in self.patterns else []
-        shapes += [(parse_pattern(p)[0] / parse_pattern(p)[1], p) for p in self.patterns if p != "unstructured"]
+        if self.budgets != "owl":  # OWL's budgets are sparsities; an N:M pattern has one (config.py refuses it)
+            shapes += [(parse_pattern(p)[0] / parse_pattern(p)[1], p) for p in self.patterns if p != "unstructured"]
         points = []
         for (sparsity, pattern), name in itertools.product(shapes, self.method_names()):
             method = get_method(name)
@@ -227,9 +230,10 @@ class SweepSpec:
                 if rebuilt and method.updates_weights:
                     continue  # it updates its weights itself
                 takes = list(method.options) + [o for o in OBS_OPTIONS if rebuilt and o not in method.options]
+                takes += list(OWL_OPTIONS) if self.budgets == "owl" else []
                 axes = [self.alphas if o.name == "alpha" else self.options.get(o.name, (o.default,)) for o in takes]
                 for values in itertools.product(*axes):
-                    options = tuple((o.name, float(v)) for o, v in zip(takes, values))
+                    options = tuple((o.name, o.check(v)) for o, v in zip(takes, values))
                     points.append(GridPoint(name, options, float(sparsity), pattern, bool(rebuilt)))
         return points
 
@@ -272,8 +276,8 @@ class GridPoint:
         rebuilt = " + reconstruct" if self.reconstruct else ""
         if self.geometry:
             return f"EN-{self.geometry.capitalize()} a={self.alpha:g}{rebuilt} {shape}"
-        defaults = {o.name: o.default for o in [*get_method(self.method).options, *OBS_OPTIONS]}
-        changed = " ".join(f"{k}={v:g}" for k, v in self.options if v != defaults.get(k))
+        defaults = {o.name: o.default for o in [*get_method(self.method).options, *OBS_OPTIONS, *OWL_OPTIONS]}
+        changed = " ".join(f"{k}={option_text(v)}" for k, v in self.options if v != defaults.get(k))
         return f"{self.method}{' ' + changed if changed else ''}{rebuilt} {shape}"
 
     @property
@@ -283,14 +287,14 @@ class GridPoint:
         rebuilt = "-rec" if self.reconstruct else ""
         if self.geometry:
             geometry = "modified" if self.alpha == 1 else self.geometry
-            others = "".join(f"-{k}{v:g}" for k, v in self.options if k != "alpha")
+            others = "".join(f"-{k}{option_text(v)}" for k, v in self.options if k != "alpha")
             return f"{geometry}-a{self.alpha:g}{others}{rebuilt}-{shape}"
-        return f"{self.method}{''.join(f'-{k}{v:g}' for k, v in self.options)}{rebuilt}-{shape}"
+        return f"{self.method}{''.join(f'-{k}{option_text(v)}' for k, v in self.options)}{rebuilt}-{shape}"
 
     def prune_config(self, spec: SweepSpec, calib: str, seed: int) -> PruneConfig:
         return PruneConfig.of(
             method=self.method, sparsity=self.sparsity, pattern=self.pattern, reconstruct=self.reconstruct,
-            calib=calib, nsamples=spec.nsamples, seqlen=spec.calib_seqlen, seed=seed, stat_norm=spec.stat_norm,
+            calib=calib, nsamples=spec.nsamples, seqlen=spec.calib_seqlen, seed=seed, stat_norm=spec.stat_norm, budgets=spec.budgets,
             device=spec.device, dtype=spec.dtype, batch_size=spec.batch_size, **dict(self.options),
         )
 
@@ -319,7 +323,9 @@ def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool)
             shutil.rmtree(outdir)
         else:
             recorded = json.loads(recorded_path.read_text())
-            changed = [k for k, v in current.items() if _as_json(recorded.get(k)) != _as_json(v)]
+            # a setting a sweep from an earlier version did not record had its default then
+            defaults = {f.name: f.default for f in dataclasses.fields(SweepSpec) if f.default is not dataclasses.MISSING}
+            changed = [k for k, v in current.items() if _as_json(recorded.get(k, defaults.get(k))) != _as_json(v)]
             if changed and not overwrite:
                 k = changed[0]
                 what = "the model" if k == "model_fingerprint" else f"--{k.replace('_', '-')}"

@@ -174,6 +174,9 @@ def test_a_grid_over_other_fields_prunes_once_per_pruning_setting_and_evaluates_
     # a rerun redoes nothing; a grown grid does only what is new
     assert CliRunner().invoke(main, ["sweep", model, str(out), *common, "--grid", "nsamples=2,3", "--grid", "seqlen=16,32"]).exit_code == 0
     assert len(counted_prunes) == 3
+    recorded = json.loads((out / "sweep.json").read_text())
+    del recorded["budgets"]  # as a sweep of a version before --budgets recorded it: the default then
+    (out / "sweep.json").write_text(json.dumps(recorded))
     grown = CliRunner().invoke(main, ["sweep", model, str(out), *common, "--grid", "nsamples=2,3,4", "--grid", "seqlen=16,32"])
     assert grown.exit_code == 0 and len(counted_prunes) == 4 and "[1/1] wanda 50% [nsamples=4]: pruning and evaluating (2 evaluation settings)" in grown.output
 
@@ -183,3 +186,34 @@ def test_a_grid_over_other_fields_prunes_once_per_pruning_setting_and_evaluates_
                            ("colour=red", "cannot vary 'colour'")):
         bad = CliRunner().invoke(main, ["sweep", model, str(tmp_path / "bad"), *common, "--grid", grid])
         assert bad.exit_code == 1 and bad.stderr.startswith(f"Error: the sweep's grid {fragment}"), bad.stderr
+
+
+def test_a_sweep_over_budgets_and_owl_options(tiny_checkpoint, tmp_path, counted_prunes):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, [
+        "sweep", str(tiny_checkpoint("llama")), str(out), "--methods", "wanda", "--sparsities", "0.6", "--patterns", "unstructured,2:4",
+        "--grid", "budgets=uniform,owl", "--option", "owl_lambda=0.05,0.1", "--calib", str(WIKITEXT_CALIBRATION), "--nsamples", "2",
+        "--calib-seqlen", "16", "--ppl", str(WIKITEXT_HELD_OUT), "--seqlen", "32", "--max-windows", "2", "--device", "cpu", "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == [
+        "dense [budgets=uniform]", "wanda 60% [budgets=uniform]", "wanda 2:4 [budgets=uniform]",
+        "dense [budgets=owl]", "wanda owl_lambda=0.05 60% [budgets=owl]", "wanda owl_lambda=0.1 60% [budgets=owl]",
+    ]
+    assert len(counted_prunes) == 4 and rows[0]["ppl"] == rows[3]["ppl"]  # one dense evaluation serves both
+    assert len({r["ppl"] for r in rows[1:3] + rows[4:]}) == 4
+
+
+def test_a_sweep_takes_en_auto_as_a_method(tiny_checkpoint, tmp_path):
+    out = tmp_path / "sweep"
+    result = CliRunner().invoke(main, [
+        "sweep", str(tiny_checkpoint("llama")), str(out), "--methods", "en-modified,en-auto", "--alphas", "0.5",
+        "--calib", str(WIKITEXT_CALIBRATION), "--nsamples", "2", "--calib-seqlen", "16", "--ppl", str(WIKITEXT_HELD_OUT),
+        "--seqlen", "32", "--max-windows", "2", "--device", "cpu", "--quiet",
+    ])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows[1:]] == ["EN-Modified a=0.5 50%", "en-auto 50%"]
+    assert rows[2]["options"] == {"alphas": [0.0, 0.25, 0.5, 0.75, 1.0], "geometry": "modified", "auto_windows": 8}
+    assert "| en-auto 50% |" in (out / "results.md").read_text()

@@ -16,7 +16,7 @@ import importlib
 import math
 import pkgutil
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -30,26 +30,43 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class Option:
     """One option of a method: `--name` on the command line (underscores as dashes), a keyword of
-    streamprune.prune(), a key of the manifest's config.  Values are checked against [low, high]."""
+    streamprune.prune(), a key of the manifest's config.  A number (checked against [low, high]), a list
+    of numbers (`numbers`: '0,0.5,1' on the command line, each checked), or one of `choices` (a word)."""
 
     name: str
-    default: float
+    default: object
     help: str
     low: float | None = None
     high: float | None = None
     integer: bool = False
     open_high: bool = False  # high itself is not allowed
+    numbers: bool = False  # a list of numbers
+    choices: tuple[str, ...] = ()  # a word, one of these
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
     def check(self, value):
-        """The value as the option's type; StreamPruneError if it is not one or out of range."""
+        """The value as the option's type (a number, a tuple of numbers, or a word); StreamPruneError if it
+        is not one or out of range."""
+        if self.choices:
+            if value not in self.choices:
+                raise StreamPruneError(f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}")
+            return value
+        if self.numbers:
+            items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+            checked = tuple(dict.fromkeys(self._number(item) for item in items if str(item).strip()))
+            if not checked:
+                raise StreamPruneError(f"{self.flag} needs at least one value, got {value!r}")
+            return checked
+        return self._number(value)
+
+    def _number(self, value):
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise StreamPruneError(f"{self.flag} must be a number, got {value!r}") from None
+            raise StreamPruneError(f"{self.flag} must be {'numbers' if self.numbers else 'a number'}, got {value!r}") from None
         if self.integer:
             if number != int(number):
                 raise StreamPruneError(f"{self.flag} must be a whole number, got {value!r}")
@@ -60,6 +77,22 @@ class Option:
             bounds = f"[{self.low:g}, {self.high:g}{closing}" if self.high is not None else f"at least {self.low:g}"
             raise StreamPruneError(f"{self.flag} must be {'in ' if self.high is not None else ''}{bounds}, got {value}")
         return number
+
+    def text(self, value) -> str:
+        """The value as written in names, labels and messages: '0.5', '0,0.5,1', 'both'."""
+        return option_text(value)
+
+    def as_json(self, value):
+        """The value as the manifest's config holds it (a list for numbers), so that a resumed run's
+        options compare equal to those read back."""
+        return list(value) if isinstance(value, tuple) else value
+
+
+def option_text(value) -> str:
+    """An option's value as written in names, labels and messages: '0.5', '0,0.5,1', 'both'."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" for v in value)
+    return value if isinstance(value, str) else f"{value:g}"
 
 
 @dataclass(frozen=True)
@@ -86,6 +119,18 @@ class Decision:
     weight: torch.Tensor | None = None
 
 
+@dataclass
+class BlockView:
+    """What a method that chooses per block (Method.choose) may use of the block at work: its linears
+    (name -> nn.Linear, weights in the compute dtype, changeable in place) and its outputs on a seeded
+    share of the calibration windows (outputs(rows): tensor (rows, seqlen, hidden) in float32, computed
+    with the weights as they are at the call)."""
+
+    index: int
+    linears: dict
+    outputs: Callable[[int], torch.Tensor]
+
+
 class Method:
     """A pruning method.  Subclasses set the attributes and implement decide() and groups()."""
 
@@ -106,6 +151,32 @@ class Method:
     def groups(self, config: "PruneConfig", in_features: int) -> Groups:
         """The comparison groups of this method under `config` (unstructured or N:M)."""
         raise NotImplementedError
+
+    chooses_per_block = False  # choose() picks another configuration for each block
+
+    def choose(self, view: BlockView, statistics: dict, config: "PruneConfig") -> tuple["PruneConfig", dict]:
+        """For methods with chooses_per_block: the configuration block `view.index` is pruned with (its
+        decide() and groups() are used) and a record of the choice for the manifest.  The block's weights
+        must be as they were when it returns."""
+        raise NotImplementedError
+
+    def choices_summary(self, choices: dict) -> str:
+        """The per-block choices of a run (manifest `block_choices`) in a few lines, for the CLI."""
+        return ""
+
+    @property
+    def defines_outlier_scores(self) -> bool:
+        return type(self).outlier_scores is not Method.outlier_scores
+
+    @property
+    def outlier_needs(self) -> frozenset:
+        """The statistics outlier_scores needs (the first pass of --budgets owl); by default `needs`."""
+        return self.needs
+
+    def outlier_scores(self, weight: torch.Tensor, stats: "InputStatistics | None", config: "PruneConfig") -> torch.Tensor:
+        """The scores OWL counts the outliers of (budgets.py): shape of `weight`, float32 or wider, from
+        the statistics of outlier_needs.  Raises StreamPruneError for a method that defines none."""
+        raise StreamPruneError(f"--budgets owl needs a score to count outliers of, and {self.name} defines none")
 
     def check_config(self, config: "PruneConfig", in_features: int) -> None:
         """Refuses (StreamPruneError) a configuration this method cannot honour for a weight of

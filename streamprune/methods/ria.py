@@ -29,15 +29,19 @@ class RIA(Method):
     options = (Option("act_power", 0.5, "RIA's exponent a of the input norm.", low=0.0, high=10.0),)
 
     def decide(self, weight, stats, config, name) -> Decision:
+        score = self.outlier_scores(weight, stats, config)
+        if config.pattern:
+            return Decision(n_m_mask(score, *parse_pattern(config.pattern)))
+        return Decision(row_mask(score.reshape(1, -1), config.sparsity).reshape(score.shape))
+
+    def outlier_scores(self, weight, stats, config):
+        """RIA's score of every entry (also what --budgets owl counts outliers of)."""
         magnitude = weight.detach().abs().to(torch.promote_types(weight.dtype, torch.float32))
         tiny = torch.finfo(magnitude.dtype).tiny  # an all-zero row or column scores 0, not NaN
         relative = magnitude / magnitude.sum(dim=0, keepdim=True).clamp_min(tiny)
         relative += magnitude / magnitude.sum(dim=1, keepdim=True).clamp_min(tiny)
         norm = stats.norms(config.stat_norm).l2sq.sqrt().to(relative)
-        score = relative * norm.pow(config.option_values["act_power"])[None, :]
-        if config.pattern:
-            return Decision(n_m_mask(score, *parse_pattern(config.pattern)))
-        return Decision(row_mask(score.reshape(1, -1), config.sparsity).reshape(score.shape))
+        return relative * norm.pow(config.option_values["act_power"])[None, :]
 
     def groups(self, config, in_features: int) -> Groups:
         if config.pattern:

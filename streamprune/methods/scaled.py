@@ -98,6 +98,10 @@ class ScaledMagnitude(Method):
             return Groups(columns=m, n=n)
         return Groups(columns=in_features)
 
+    def outlier_scores(self, weight, stats, config) -> torch.Tensor:
+        norms = stats.norms(config.stat_norm) if stats is not None and "norms" in self.needs else None
+        return _finite_scores(weight, self.scale(norms, config.option_values), self.name)
+
 
 METHODS = [
     ScaledMagnitude("magnitude", "|W|; no calibration data", "Han et al. 2015", lambda norms, o: torch.ones((), dtype=torch.float64), needs=()),

@@ -15,6 +15,7 @@ from ..config import parse_pattern
 from ..errors import StreamPruneError
 from ..obs import OPTIONS, obs_prune
 from . import Decision, Groups, Method
+from .scaled import scores
 
 
 class SparseGPT(Method):
@@ -35,6 +36,13 @@ class SparseGPT(Method):
             blocksize=options["blocksize"], percdamp=options["percdamp"],
         )
         return Decision(keep, new)
+
+    outlier_needs = frozenset({"norms"})
+
+    def outlier_scores(self, weight, stats, config):
+        """Wanda's |W_ij| ||X_j||_2, as OWL's code scores SparseGPT's blocks (its own saliency needs the
+        inverse Gram matrix and changes as columns are pruned)."""
+        return scores(weight, stats.norms(config.stat_norm).l2sq.sqrt())
 
     def groups(self, config, in_features: int) -> Groups:
         if config.pattern:
