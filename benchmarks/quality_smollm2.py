@@ -16,7 +16,7 @@ rerun continues where it stopped.
       --variants "wanda,wanda + OWL,en-modified a=0.5,en-modified a=0.5 + OWL" --shapes 50%,60%,70%
   python benchmarks/quality_smollm2.py --workdir /tmp/quality-auto --json benchmarks/results/quality_smollm2_en_auto.json \
       --calib ../shared/data/wikitext-2-raw/wiki.test.raw --ppl ../shared/data/wikitext-2-raw/wiki.valid.raw \
-      --variants "en-modified a=0,en-modified a=0.25,en-modified a=0.5,en-modified a=0.75,en-modified a=1,en-original a=0.5,en-auto,en-auto both" \
+      --variants "en-modified a=0,en-modified a=0.25,en-modified a=0.5,en-modified a=0.75,en-modified a=1,en-original a=0,en-original a=0.25,en-original a=0.5,en-original a=0.75,en-auto,en-auto both" \
       --shapes 50%,70%
 """
 
@@ -48,7 +48,7 @@ VARIANTS = {  # label: prune options
     "sparsegpt + OWL": ["--method", "sparsegpt", "--budgets", "owl"],
     # EN-auto against the fixed alphas of its candidates
     **{f"en-modified a={a}": ["--method", "en-modified", "--alpha", a] for a in ("0", "0.25", "0.75", "1")},
-    "en-original a=0.5": ["--method", "en-original", "--alpha", "0.5"],
+    **{f"en-original a={a}": ["--method", "en-original", "--alpha", a] for a in ("0", "0.25", "0.5", "0.75")},
     "en-auto": ["--method", "en-auto"],
     "en-auto both": ["--method", "en-auto", "--geometry", "both"],
 }
