@@ -220,27 +220,24 @@ def _names(ctx, param, value) -> tuple[str, ...] | None:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-def _option_grid(ctx, param, value) -> dict:
-    """('percdamp=0.01,0.1', ...) -> {'percdamp': (0.01, 0.1)}."""
-    grid = {}
+def _assignments(value, need_values: bool):
+    """('name=v1,v2', ...) -> (name with dashes as underscores, 'v1,v2') pairs; BadParameter for others."""
     for item in value:
         name, sep, values = item.partition("=")
-        if not sep or not name.strip():
+        if not sep or not name.strip() or (need_values and not values.strip()):
             raise click.BadParameter(f"{item!r} is not NAME=V1,V2,...")
-        grid[name.strip().replace("-", "_")] = _numbers(ctx, param, values)
-    return grid
+        yield name.strip().replace("-", "_"), values
+
+
+def _option_grid(ctx, param, value) -> dict:
+    """('percdamp=0.01,0.1', ...) -> {'percdamp': (0.01, 0.1)}."""
+    return {name: _numbers(ctx, param, values) for name, values in _assignments(value, need_values=False)}
 
 
 def _field_grid(ctx, param, value) -> dict:
     """('nsamples=64,128', 'tasks=boolq+hellaswag,boolq') -> {'nsamples': ['64', '128'], 'tasks': [...]};
     the sweep turns each value into its field's type."""
-    grid = {}
-    for item in value:
-        name, sep, values = item.partition("=")
-        if not sep or not name.strip() or not values.strip():
-            raise click.BadParameter(f"{item!r} is not NAME=V1,V2,...")
-        grid[name.strip().replace("-", "_")] = [v.strip() for v in values.split(",") if v.strip()]
-    return grid
+    return {name: [v.strip() for v in values.split(",") if v.strip()] for name, values in _assignments(value, need_values=True)}
 
 
 def _numbers(ctx, param, value) -> tuple[float, ...] | None:

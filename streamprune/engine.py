@@ -115,13 +115,16 @@ def verified_sparsity(key: str, tensor: torch.Tensor, sparsity: float, groups: G
 # The block step, in phases: collect -> reduce -> decide -> apply -> propagate -> export.
 
 
-def collect(stack: DecoderStack, index: int, block, acts: Activations | None, config: PruneConfig) -> dict[str, InputStatistics]:
-    """Phase 1: the statistics the run needs of every linear's inputs, from one pass of the dense block
-    over the calibration hidden states (none, and no pass, for methods that need none).  Raises
-    NumericalError where the activations overflowed (check_statistics)."""
-    if acts is None:
+def collect(
+    stack: DecoderStack, index: int, block, acts: Activations | None, config: PruneConfig, needs: frozenset | None = None
+) -> dict[str, InputStatistics]:
+    """Phase 1: the statistics the run needs (`needs`, by default config.statistics) of every linear's
+    inputs, from one pass of the dense block over the calibration hidden states (none, and no pass, when
+    none are needed).  Raises NumericalError where the activations overflowed (check_statistics)."""
+    needs = config.statistics if needs is None else needs
+    if acts is None or not needs:
         return {}
-    with input_statistics(block, config.statistics) as statistics:
+    with input_statistics(block, needs) as statistics:
         stack.run_block(index, acts, config.batch_size, write_back=False)
     check_statistics(stack, index, acts, statistics, config.batch_size)
     return statistics
@@ -326,18 +329,13 @@ def owl_pass(stack: DecoderStack, acts: Activations | None, config: PruneConfig,
         total=stack.num_blocks, desc="Outlier ratios (OWL)", unit="block", enabled=show_progress
     ) as bar:
         for index, block in walker.blocks(range(stack.num_blocks)):
-            statistics: dict[str, InputStatistics] = {}
-            if acts is not None and method.outlier_needs:
-                with input_statistics(block, method.outlier_needs) as statistics:
-                    stack.run_block(index, acts, config.batch_size, write_back=False)
-                check_statistics(stack, index, acts, statistics, config.batch_size)
+            statistics = collect(stack, index, block, acts, config, method.outlier_needs)
             with torch.no_grad():
                 scores = [method.outlier_scores(linear.weight, statistics.get(name), config)
                           for name, linear in linear_layers(block).items()]
             ratios.append(outlier_ratio(scores, m))
             del scores, statistics
-            if acts is not None and index + 1 < stack.num_blocks:
-                stack.run_block(index, acts, config.batch_size, write_back=True)
+            propagate(stack, index, acts, config)  # through the dense block
             bar.update()
     return ratios
 
@@ -469,7 +467,10 @@ def prune(
         manifest.save(out)
 
     try:
-        acts = stack.embed(calibration.input_ids, config.batch_size, statistics_bytes(stack, config)) if config.statistics else None
+        def embed() -> Activations | None:  # block 0's inputs, again after OWL's first pass
+            return stack.embed(calibration.input_ids, config.batch_size, statistics_bytes(stack, config)) if config.statistics else None
+
+        acts = embed()
         manifest.placement = acts.placement if acts else None
         if not plan.resumed:
             manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
@@ -477,7 +478,7 @@ def prune(
         try:
             sparsities = None
             if config.budgets == "owl":
-                budgets, acts = _owl_budgets(stack, acts, calibration, config, out, plan.resumed, progress, overlap)
+                budgets, acts = _owl_budgets(stack, acts, embed, config, out, plan.resumed, progress, overlap)
                 sparsities = budgets["sparsities"]
                 record(budgets=budgets)
             writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
@@ -497,7 +498,7 @@ def prune(
     return manifest
 
 
-def _owl_budgets(stack, acts, calibration, config, out, resumed, progress, overlap) -> tuple[dict, Activations | None]:
+def _owl_budgets(stack, acts, embed, config, out, resumed, progress, overlap) -> tuple[dict, Activations | None]:
     """The run's OWL budgets: those saved by the session that started it, else from a first pass (then
     saved, and the hidden states embedded again for the pruning pass).  Returns them and the hidden
     states to prune with."""
@@ -513,7 +514,7 @@ def _owl_budgets(stack, acts, calibration, config, out, resumed, progress, overl
     save_budgets(out / BUDGETS_FILE, budgets)
     if acts is not None:
         acts.close()
-        acts = stack.embed(calibration.input_ids, config.batch_size, statistics_bytes(stack, config))
+        acts = embed()
     return budgets, acts
 
 

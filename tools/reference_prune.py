@@ -74,27 +74,37 @@ def _inputs_of_block(model, i, input_ids, add) -> dict:
 
 
 @torch.no_grad()
-def reference_masks(model_dir, input_ids, method, alpha, sparsity, pattern=None, stat_norm="mean", dtype=torch.float32, blocks=None):
-    """{tensor name: keep-mask} for the first `blocks` blocks (all by default), pruned sequentially."""
+def _prune_sequentially(model_dir, input_ids, dtype, blocks, add, prune) -> None:
+    """The whole model, its first `blocks` blocks (all by default) pruned in order: for block i, one
+    dense pass of blocks 0..i (the earlier ones already pruned) calls add(stats, linear name, input) to
+    gather block i's statistics into the dict `stats`, then prune(i, name, linear, stats[name]) changes
+    each linear's weight in place."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
-    layers = model.model.layers
-    count = len(layers) if blocks is None else blocks
-    masks = {}
+    count = len(model.model.layers) if blocks is None else blocks
     for i in range(count):
-        sums = {}
-
-        def add(name, x):
-            s1, s2, tokens = sums.get(name, (0.0, 0.0, 0))
-            sums[name] = (s1 + x.abs().sum(0), s2 + (x * x).sum(0), tokens + x.shape[0])
-
-        linears = _inputs_of_block(model, i, input_ids, add)
+        stats = {}
+        linears = _inputs_of_block(model, i, input_ids, lambda name, x: add(stats, name, x))
         for name, linear in linears.items():
-            s1, s2, tokens = sums[name]
-            score = linear.weight.abs().double() * _scale(method, s1, s2, tokens, alpha, stat_norm)
-            keep = _mask(score, sparsity, pattern)
-            linear.weight[~keep] = 0
-            masks[f"model.layers.{i}.{name}.weight"] = keep
+            prune(i, name, linear, stats[name])
+
+
+def reference_masks(model_dir, input_ids, method, alpha, sparsity, pattern=None, stat_norm="mean", dtype=torch.float32, blocks=None):
+    """{tensor name: keep-mask} for the first `blocks` blocks (all by default), pruned sequentially."""
+    masks = {}
+
+    def add(sums, name, x):
+        s1, s2, tokens = sums.get(name, (0.0, 0.0, 0))
+        sums[name] = (s1 + x.abs().sum(0), s2 + (x * x).sum(0), tokens + x.shape[0])
+
+    def prune(i, name, linear, sums):
+        s1, s2, tokens = sums
+        score = linear.weight.abs().double() * _scale(method, s1, s2, tokens, alpha, stat_norm)
+        keep = _mask(score, sparsity, pattern)
+        linear.weight[~keep] = 0
+        masks[f"model.layers.{i}.{name}.weight"] = keep
+
+    _prune_sequentially(model_dir, input_ids, dtype, blocks, add, prune)
     return masks
 
 
@@ -132,31 +142,25 @@ def _sparsegpt_unblocked(weight, gram, sparsity, pattern, blocksize, percdamp, k
     return w
 
 
-@torch.no_grad()
 def reference_sparsegpt(model_dir, input_ids, sparsity, pattern=None, blocksize=128, percdamp=0.01, blocks=None,
                         masks_from=None):
     """{tensor name: new weight (float64)} of SparseGPT on the whole model in float64, block by block:
     the Gram matrices X^T X of each block's linears from one dense pass of the (already pruned) earlier
     blocks, every linear pruned, then the next block.  With masks_from ({name: keep-mask}), the masks
     are held and only the kept weights updated (reconstruction)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
-    model.eval()
-    layers = model.model.layers
-    count = len(layers) if blocks is None else blocks
     weights = {}
-    for i in range(count):
-        grams = {}
 
-        def add(name, x):
-            grams[name] = grams.get(name, 0.0) + x.T @ x
+    def add(grams, name, x):
+        grams[name] = grams.get(name, 0.0) + x.T @ x
 
-        linears = _inputs_of_block(model, i, input_ids, add)
-        for name, linear in linears.items():
-            key = f"model.layers.{i}.{name}.weight"
-            keep = None if masks_from is None else masks_from[key]
-            new = _sparsegpt_unblocked(linear.weight, grams[name], sparsity, pattern, blocksize, percdamp, keep)
-            linear.weight.copy_(new)
-            weights[key] = new
+    def prune(i, name, linear, gram):
+        key = f"model.layers.{i}.{name}.weight"
+        keep = None if masks_from is None else masks_from[key]
+        new = _sparsegpt_unblocked(linear.weight, gram, sparsity, pattern, blocksize, percdamp, keep)
+        linear.weight.copy_(new)
+        weights[key] = new
+
+    _prune_sequentially(model_dir, input_ids, torch.float64, blocks, add, prune)
     return weights
 
 
