@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from .checkpoint import CheckpointReader
 from .checks import check_fits
 from .errors import StreamPruneError
-from .families import Family
+from .families import Layout, block_index, derive_layout
 from .placement import Budget, FileStates, TensorStates, choose_placement, make_states
 
 
@@ -106,14 +106,12 @@ def reuse_freed_memory() -> None:
         _GLIBC.mallopt(_M_TRIM_THRESHOLD, 2**30)
 
 
-def blocks_beyond_config(keys, family: Family, num_blocks: int) -> list[str]:
+def blocks_beyond_config(keys, layout: Layout) -> list[str]:
     """A problem when tensors belong to blocks past the config's num_hidden_layers (none otherwise)."""
-    in_blocks = f"{family.base_prefix}{family.blocks}."
-    indices = {key[len(in_blocks) :].split(".", 1)[0] for key in keys if key.startswith(in_blocks)}
-    extra = sorted(int(i) for i in indices if i.isdigit() and int(i) >= num_blocks)
+    extra = sorted(i for i in (block_index(layout, key) for key in keys) if i is not None and i >= layout.num_blocks)
     if not extra:
         return []
-    return [f"the checkpoint has blocks up to {extra[-1]} but the config says num_hidden_layers = {num_blocks}"]
+    return [f"the checkpoint has blocks up to {extra[-1]} but the config says num_hidden_layers = {layout.num_blocks}"]
 
 
 def shape_problems(expected: dict[str, tuple[int, ...]], present: dict[str, tuple[int, ...]]) -> list[str]:
@@ -134,22 +132,58 @@ def empty_model(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code:
     return model.eval()
 
 
-def expected_shapes(model: nn.Module, config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors a checkpoint for `model` must hold, by name (a tied LM head is stored once, as the embedding)."""
-    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    if getattr(config, "tie_word_embeddings", False):
-        head = model.get_output_embeddings()
-        shapes.pop(next(f"{n}.weight" for n, m in model.named_modules() if m is head), None)
-    return shapes
+def tied_sources(model: nn.Module, config: PretrainedConfig) -> dict[str, str]:
+    """{tied tensor: the tensor it is stored as}, as transformers ties them (a tied LM head is stored
+    once, as the input embedding)."""
+    if hasattr(model, "get_expanded_tied_weights_keys"):
+        return dict(model.get_expanded_tied_weights_keys(all_submodels=True))
+    if not getattr(config, "tie_word_embeddings", False):
+        return {}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    names = {module: name for name, module in model.named_modules()}
+    return {f"{names[head]}.weight": f"{names[embedding]}.weight"}
+
+
+def expected_shapes(model: nn.Module, config: PretrainedConfig, layout: Layout) -> dict[str, tuple[int, ...]]:
+    """The tensors a checkpoint for `model` must hold, by their stored names (tied ones once)."""
+    tied = tied_sources(model, config)
+    return {layout.stored_name(name): tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
+
+
+class _ZeroEmbedding(nn.Module):
+    """Stands in for the input embedding when only the model's code after the blocks matters."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.width, self.dtype, self.device = width, dtype, device
+
+    def forward(self, input_ids, *args, **kwargs):
+        return torch.zeros(*input_ids.shape, self.width, dtype=self.dtype, device=self.device)
+
+
+class _LastHidden(nn.Module):
+    """Stands in for a block: returns its input, or for the last block the hidden states it is given."""
+
+    def __init__(self, hidden: dict | None = None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states if self.hidden is None else self.hidden["states"]
 
 
 class DecoderStack:
-    """The model skeleton plus a reader: load block i, call it, free it."""
+    """The model skeleton plus a reader: load block i, call it, free it.
+
+    Where the blocks are, and what the checkpoint calls their tensors, is derived from the model
+    (families.derive_layout).  Everything outside the blocks (embeddings, positions, norms, the LM head)
+    is read only when the model's own forward calls it, so a multimodal model's vision tower is never
+    read, and is released afterwards.
+    """
 
     def __init__(
         self,
         config: PretrainedConfig,
-        family: Family,
         reader: CheckpointReader,
         device: torch.device,
         dtype: torch.dtype,
@@ -159,7 +193,7 @@ class DecoderStack:
         reuse_freed_memory()
         self.budget = budget or Budget()
         self.config = config
-        self.family = family
+        self.text_config = config.get_text_config()
         self.reader = reader
         self.device = device
         self.dtype = dtype
@@ -168,34 +202,27 @@ class DecoderStack:
             for name, buffer in module._buffers.items():
                 if buffer is not None and buffer.device.type != "meta":
                     module._buffers[name] = buffer.to(device)
-        self.base = getattr(self.model, family.base_model)
-        self.blocks: nn.ModuleList = getattr(self.base, family.blocks)
-        if len(self.blocks) != config.num_hidden_layers:
-            raise StreamPruneError(f"model has {len(self.blocks)} blocks, config says {config.num_hidden_layers}")
+        self.layout = derive_layout(self.model, config, reader.keys())
+        self.decoder = self.model.get_submodule(self.layout.decoder)
+        self.blocks: nn.ModuleList = self.model.get_submodule(self.layout.blocks)
+        self._blocks_attribute = self.layout.blocks.rpartition(".")[2]
+        self.tied = tied_sources(self.model, config)
 
     def checkpoint_problems(self) -> list[str]:
         """Tensors the config implies that the checkpoint lacks or stores in another shape, and blocks
         beyond the config's layer count (they would be left out of any output)."""
-        return shape_problems(expected_shapes(self.model, self.config), self.reader.shapes) + blocks_beyond_config(
-            self.reader.keys(), self.family, self.num_blocks
-        )
+        expected = expected_shapes(self.model, self.config, self.layout)
+        return shape_problems(expected, self.reader.shapes) + blocks_beyond_config(self.reader.keys(), self.layout)
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
 
     def block_keys(self, index: int) -> list[str]:
-        return self.reader.keys_with_prefix(self.family.block_prefix(index))
+        return self.reader.keys_with_prefix(self.layout.block_prefix(index))
 
     def non_block_keys(self) -> list[str]:
-        in_blocks = f"{self.family.base_prefix}{self.family.blocks}."
-        return [key for key in self.reader.keys() if not key.startswith(in_blocks)]
-
-    def _read_under(self, prefix: str, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Tensors under a module prefix (all, or the given keys) on the device in the compute dtype,
-        named relative to that module."""
-        keys = self.reader.keys_with_prefix(prefix) if keys is None else keys
-        return {key[len(prefix) :]: self._to_compute(key, t, self.reader) for key, t in self.reader.iter_tensors(keys)}
+        return [key for key in self.reader.keys() if not self.layout.is_block_key(key)]
 
     def _materialise(self, module: nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
         """Loads `module`'s tensors (on the device, in the compute dtype); they must match its shapes."""
@@ -217,7 +244,7 @@ class DecoderStack:
         (pinned when the device is CUDA)."""
         pin = self.device.type == "cuda"
         reader = reader or self.reader
-        keys = reader.keys_with_prefix(self.family.block_prefix(index))
+        keys = reader.keys_with_prefix(self.layout.block_prefix(index))
         return {key: t.pin_memory() if pin else t.clone() for key, t in reader.iter_tensors(keys)}
 
     def load_block(self, index: int, reader: CheckpointReader | None = None, stored: dict | None = None) -> nn.Module:
@@ -227,7 +254,7 @@ class DecoderStack:
         reads them from elsewhere than the model (a pruned block already written, on resume); `stored`
         gives them already read (read_block, in the background).
         """
-        prefix = self.family.block_prefix(index)
+        prefix = self.layout.block_prefix(index)
         reader = reader or self.reader
         source = stored.items() if stored is not None else reader.iter_tensors(reader.keys_with_prefix(prefix))
         tensors = {key[len(prefix) :]: self._to_compute(key, tensor, reader) for key, tensor in source}
@@ -244,7 +271,7 @@ class DecoderStack:
 
         Exact for the tensors for which holds_exactly() is true; the caller handles the others.
         """
-        prefix = self.family.block_prefix(index)
+        prefix = self.layout.block_prefix(index)
         block = self.blocks[index]
         stored = {}
         for name in list(block.state_dict().keys()):
@@ -262,62 +289,108 @@ class DecoderStack:
         _release(self.blocks[index])
         return_freed_memory()
 
+    def _stored_key(self, model_name: str) -> str:
+        """The stored name a model tensor is read from (a tied tensor from its source)."""
+        key = self.layout.stored_name(model_name)
+        if key not in self.reader.shapes and model_name in self.tied:
+            key = self.layout.stored_name(self.tied[model_name])
+        return key
+
+    def _load_own_tensors(self, path: str, module: nn.Module) -> bool:
+        """Reads the parameters of `module` itself (not its children's) if they are not loaded yet;
+        True when it read any."""
+        meta = [name for name, param in module.named_parameters(recurse=False) if param.device.type == "meta"]
+        if not meta:
+            return False
+        keys = {name: self._stored_key(f"{path}.{name}" if path else name) for name in meta}
+        missing = [key for key in keys.values() if key not in self.reader.shapes]
+        if missing:
+            raise StreamPruneError(f"tensor {missing[0]} is missing from the checkpoint")
+        read = dict(self.reader.iter_tensors(list(keys.values())))
+        for name, key in keys.items():
+            tensor = self._to_compute(key, read[key], self.reader)
+            if tuple(tensor.shape) != tuple(module._parameters[name].shape):
+                raise StreamPruneError(f"tensor {key} has shape {list(tensor.shape)}; the config implies {list(module._parameters[name].shape)}")
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+        return True
+
     @contextmanager
-    def _base_without_blocks(self):
-        """The base model's own tensors (embedding, final norm) materialised, every block a recorder."""
-        prefix = self.family.base_prefix
-        in_blocks = f"{prefix}{self.family.blocks}."
-        keys = [k for k in self.reader.keys_with_prefix(prefix) if not k.startswith(in_blocks)]
+    def _outside_blocks(self, stubs: nn.ModuleList, embedding: nn.Module | None = None):
+        """The model with every block replaced by `stubs` (and the input embedding by `embedding`, if
+        given); any other module reads its tensors when the model's forward first calls it, and gives
+        them back on exit."""
         blocks = self.blocks
-        record: dict = {}
-        setattr(self.base, self.family.blocks, nn.ModuleList(_BlockInputRecorder(i, record) for i in range(len(blocks))))
+        parent = self.model.get_submodule(self.layout.blocks.rpartition(".")[0])
+        names = {module: name for name, module in self.model.named_modules()}
+        loaded: list[nn.Module] = []
+
+        def load(module, args, kwargs=None):
+            if self._load_own_tensors(names[module], module):
+                loaded.append(module)
+
+        inside = {module for module in blocks.modules()}
+        handles = [module.register_forward_pre_hook(load) for module in self.model.modules() if module not in inside]
+        original_embedding = self.model.get_input_embeddings()
+        setattr(parent, self._blocks_attribute, stubs)
+        if embedding is not None:
+            self.model.set_input_embeddings(embedding)
         try:
-            self._materialise(self.base, self._read_under(prefix, keys), "embedding or final norm")
-            yield record
+            yield
         finally:
-            setattr(self.base, self.family.blocks, blocks)
-            self._release_base_parameters()
-
-    def _release_base_parameters(self) -> None:
-        """Back to meta: the embedding is not needed again while blocks stream."""
-        for name, module in self.base.named_children():
-            if name != self.family.blocks:
-                _release(module)
-
-    def _module_name(self, module: nn.Module) -> str:
-        return next(name for name, candidate in self.model.named_modules() if candidate is module)
+            setattr(parent, self._blocks_attribute, blocks)
+            if embedding is not None:
+                self.model.set_input_embeddings(original_embedding)
+            for handle in handles:
+                handle.remove()
+            for module in loaded:
+                for name, param in module.named_parameters(recurse=False):
+                    module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
+            return_freed_memory()
 
     @contextmanager
     def output_head(self):
-        """The final norm and the LM head materialised; yields a function hidden states -> logits."""
-        norm = getattr(self.base, self.family.final_norm)
-        head = self.model.get_output_embeddings()
-        head_tensors = self._read_under(f"{self._module_name(head)}.")
-        if not head_tensors and getattr(self.config, "tie_word_embeddings", False):
-            head_tensors = self._read_under(f"{self._module_name(self.model.get_input_embeddings())}.")
-        try:
-            self._materialise(norm, self._read_under(f"{self._module_name(norm)}."), "final norm")
-            self._materialise(head, head_tensors, "LM head")
-            yield lambda hidden: head(norm(hidden))
-        finally:
-            _release(norm)
-            _release(head)
+        """Yields logits_of(hidden) -> logits, computed by the model's own forward after its last block.
+
+        The model runs with its blocks replaced by stand-ins, the last of which returns the given hidden
+        states (tokens, hidden_size), and its input embedding by zeros, so whatever the model does after
+        the blocks (final norm, LM head, Gemma 2's final logit softcapping, Cohere's logit scale,
+        Granite's logits scaling, OPT's projection) is transformers' code; what it reads is read once.
+        """
+        hidden: dict = {}
+        stubs = nn.ModuleList([_LastHidden() for _ in range(self.num_blocks - 1)] + [_LastHidden(hidden)])
+        embedding = self.model.get_input_embeddings()
+        zeros = _ZeroEmbedding(embedding.weight.shape[1], self.dtype, self.device)
+        with self._outside_blocks(stubs, zeros), torch.no_grad():
+
+            def logits_of(states: torch.Tensor) -> torch.Tensor:
+                hidden["states"] = states[None]
+                ids = torch.zeros((1, states.shape[0]), dtype=torch.long, device=self.device)
+                return self.model(input_ids=ids, use_cache=False).logits[0]
+
+            yield logits_of
 
     @contextmanager
     def embedder(self):
-        """Yields embed(input_ids, batch_size) -> Activations, with the embedding resident meanwhile."""
-        with self._base_without_blocks() as record:
+        """Yields embed(input_ids, batch_size) -> Activations, with the embedding resident meanwhile.
+
+        The decoder's own forward runs with every block replaced by a recorder, so block 0's inputs are
+        the model's (embedding scale, learned positions, projections included), and every block's
+        keyword arguments (masks, rotary embeddings) are those it builds.
+        """
+        record: dict = {}
+        recorders = nn.ModuleList(_BlockInputRecorder(i, record) for i in range(self.num_blocks))
+        with self._outside_blocks(recorders):
 
             @torch.inference_mode()
             def embed(input_ids: torch.Tensor, batch_size: int, placement: str | None = None, reserve_bytes: int = 0) -> Activations:
                 rows, seqlen = input_ids.shape
-                self.base(input_ids=input_ids[:1].to(self.device), use_cache=False)
+                self.decoder(input_ids=input_ids[:1].to(self.device), use_cache=False)
                 block_kwargs = dict(record["kwargs"])  # later calls record into the same dict
                 shape = (rows, seqlen, record["hidden_states"].shape[-1])
                 placement = placement or self.placement_for(torch.Size(shape).numel(), batch_size * seqlen, reserve_bytes)
                 hidden = make_states(shape, self.dtype, self.device, placement, self.budget.offload_dir)
                 for start in range(0, rows, batch_size):
-                    self.base(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
+                    self.decoder(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
                     hidden.write(start, record["hidden_states"])
                 return Activations(hidden, block_kwargs, placement)
 
@@ -333,9 +406,9 @@ class DecoderStack:
         """Where `hidden_values` hidden-state entries go (all that are resident at once), given the budget
         and room for a block at work on `batch_tokens` tokens (one batch), plus `reserve_bytes`."""
         itemsize = self.dtype.itemsize
-        hidden = self.config.hidden_size
+        hidden = self.text_config.hidden_size
         block_bytes = itemsize * sum(torch.Size(self.reader.shapes[k]).numel() for k in self.block_keys(0))
-        intermediate = getattr(self.config, "intermediate_size", 4 * hidden)
+        intermediate = getattr(self.text_config, "intermediate_size", None) or getattr(self.text_config, "ffn_dim", None) or 4 * hidden
         activations = itemsize * batch_tokens * (4 * hidden + 3 * intermediate)
         return choose_placement(itemsize * hidden_values, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget)
 

@@ -149,7 +149,7 @@ def decide_and_apply(
     groups for its post-condition.
     """
     method = get_method(config.method)
-    prefix = stack.family.block_prefix(index)
+    prefix = stack.layout.block_prefix(index)
     options = config.option_values
     updated, inexact_masks, groups = {}, {}, {}
     with torch.no_grad():
@@ -430,7 +430,7 @@ def prune(
         budget = dataclasses.replace(budget, offload_dir=str(out))
     opened = open_model(model, config.device, config.dtype, trust_remote_code, budget)
     stack, device = opened.stack, opened.stack.device
-    warn_beyond_context(config.seqlen, getattr(stack.config, "max_position_embeddings", None))
+    warn_beyond_context(config.seqlen, getattr(stack.text_config, "max_position_embeddings", None))
     _check_config_fits(stack, config)
 
     current = RunManifest(

@@ -1,6 +1,6 @@
 """`streamprune inspect DIR`: what a (pruned) checkpoint holds, how sparse it is, and whether it is whole.
 
-Works on any safetensors checkpoint of a supported family, finished or not: with an index it checks
+Works on any safetensors checkpoint whose decoder blocks streamprune can find, finished or not: with an index it checks
 that every tensor the index names is in its file with the shape the config implies, finite, and that
 none the config implies is missing; without one (a run still going, or interrupted) it checks the shards that
 are there and the blocks the run's manifest says are done.  Tensors are read one at a time.
@@ -17,7 +17,7 @@ from .blocks import blocks_beyond_config, empty_model, expected_shapes, shape_pr
 from .checkpoint import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from .checks import all_finite, nonfinite_summary
 from .errors import StreamPruneError
-from .families import family_for
+from .families import derive_layout
 from .loading import load_config
 from .masking import zero_fraction
 from .state import RunManifest
@@ -50,10 +50,11 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
     if not (directory / "config.json").is_file() and manifest and Path(manifest.model).is_dir():
         config_dir = Path(manifest.model)  # an unfinished run: its config comes with the last files
     config = load_config(config_dir, trust_remote_code)
-    family = family_for(config.model_type)
     problems: list[str] = []
     weight_map = _weight_map(directory, problems)
-    expected = expected_shapes(empty_model(config, torch.float32, trust_remote_code), config)
+    model = empty_model(config, torch.float32, trust_remote_code)
+    layout = derive_layout(model, config, weight_map.keys())
+    expected = expected_shapes(model, config, layout)
     complete = (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file()
 
     shapes, sparsity, dtypes = {}, {}, set()
@@ -65,29 +66,29 @@ def inspect_checkpoint(directory: str | Path, trust_remote_code: bool = False) -
                     problems.append(f"tensor {key} has {nonfinite_summary(tensor)}")
                 shapes[key] = tuple(tensor.shape)
                 dtypes.add(str(tensor.dtype).removeprefix("torch."))
-                if tensor.ndim == 2 and key.startswith(f"{family.base_prefix}{family.blocks}."):
+                if tensor.ndim == 2 and layout.is_block_key(key):
                     sparsity[key] = zero_fraction(tensor)
 
-    blocks_total = config.num_hidden_layers
+    blocks_total = layout.num_blocks
     blocks_done = [
         i for i in range(blocks_total)
-        if all(k in shapes for k in expected if k.startswith(family.block_prefix(i)))
+        if all(k in shapes for k in expected if k.startswith(layout.block_prefix(i)))
     ]
     if complete:
         wanted = expected
     else:  # only what the run says it has written
         written = manifest.blocks_done if manifest else len(blocks_done)
-        prefixes = tuple(family.block_prefix(i) for i in range(written))
+        prefixes = tuple(layout.block_prefix(i) for i in range(written))
         wanted = {k: v for k, v in expected.items() if k.startswith(prefixes)}
     if manifest and manifest.status == "failed":
         problems.append(f"the streamprune run failed: {manifest.error}")
-    problems += shape_problems(wanted, shapes) + blocks_beyond_config(shapes, family, blocks_total)
+    problems += shape_problems(wanted, shapes) + blocks_beyond_config(shapes, layout)
     problems += [f"tensor {k} has shape {list(v)}; the config implies {list(expected[k])}"
                  for k, v in shapes.items() if k in expected and k not in wanted and v != expected[k]]
 
     per_block = {}
     for i in blocks_done:
-        values = [v for k, v in sparsity.items() if k.startswith(family.block_prefix(i))]
+        values = [v for k, v in sparsity.items() if k.startswith(layout.block_prefix(i))]
         if values:
             per_block[i] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "tensors": len(values)}
     budgets = (manifest.budgets or {}).get("sparsities") if manifest else None

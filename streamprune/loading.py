@@ -13,7 +13,6 @@ from transformers import AutoConfig, AutoTokenizer
 from .blocks import DecoderStack
 from .checkpoint import CheckpointReader, resolve_model_dir
 from .errors import StreamPruneError
-from .families import family_for
 from .placement import Budget, apply_gpu_limit
 from .state import RunManifest
 
@@ -68,8 +67,13 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
         if "trust_remote_code" in str(exc):
             raise StreamPruneError(f"{model_dir} needs custom code to load; pass --trust-remote-code if you trust it") from exc
         declared_type = _declared_config(model_dir / "config.json").get("model_type")
-        if isinstance(declared_type, str):
-            family_for(declared_type)  # a type transformers does not know: say which ones we support
+        if isinstance(declared_type, str) and "does not recognize" in str(exc).replace("\n", " "):
+            import transformers
+
+            raise StreamPruneError(
+                f"model type {declared_type!r} is unknown to transformers {transformers.__version__}; a newer "
+                "transformers may know it (streamprune families lists the tested ones)"
+            ) from exc
         raise StreamPruneError(f"cannot read {model_dir / 'config.json'}: {' '.join(str(exc).split())}") from exc
 
 
@@ -80,15 +84,27 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
 
 
-def compute_dtype(reader: CheckpointReader, first_block_key: str, requested: str, device: torch.device) -> torch.dtype:
-    """'auto' computes in the checkpoint's own dtype, except float16 on a CPU: float32 there.
+def stored_dtype(reader: CheckpointReader) -> torch.dtype:
+    """The dtype of most of the checkpoint's floating-point values (its weights' dtype)."""
+    counts: dict[torch.dtype, int] = {}
+    for key, dtype in reader.dtypes.items():
+        if dtype.is_floating_point:
+            counts[dtype] = counts.get(dtype, 0) + torch.Size(reader.shapes[key]).numel()
+    if not counts:
+        raise StreamPruneError("the checkpoint holds no floating-point tensors")
+    return max(counts, key=counts.get)
+
+
+def compute_dtype(reader: CheckpointReader, requested: str, device: torch.device) -> torch.dtype:
+    """'auto' computes in the checkpoint's own dtype (that of most of its values), except float16 on a
+    CPU: float32 there.
 
     CPUs multiply float16 matrices about 100 times slower than float32 (measured: under 3 against 180
     GFLOP/s on the development machine), and float32 holds every float16 value exactly.
     """
     if requested != "auto":
         return DTYPES[requested]
-    stored = reader.dtypes[first_block_key]
+    stored = stored_dtype(reader)
     if stored not in DTYPES.values():
         raise StreamPruneError(f"checkpoint dtype {stored} cannot be computed in; pass --dtype float32 or bfloat16")
     if stored == torch.float16 and device.type == "cpu":
@@ -106,18 +122,17 @@ class OpenedModel:
 def open_model(
     model: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, budget: Budget | None = None
 ) -> OpenedModel:
-    """Config, family, lazy reader and block skeleton; no weights are read yet."""
+    """Config, lazy reader and block skeleton (where the blocks are is derived from the model); no
+    weights are read yet."""
     model_dir = resolve_model_dir(str(model))
     config = load_config(model_dir, trust_remote_code)
-    family = family_for(config.model_type)
     reader = CheckpointReader(model_dir)
-    first_keys = reader.keys_with_prefix(family.block_prefix(0))
-    if not first_keys:
-        raise StreamPruneError(f"no tensors under {family.block_prefix(0)} in {model_dir}")
     device = choose_device(device)
     apply_gpu_limit(device, budget)
-    dtype = compute_dtype(reader, first_keys[0], dtype, device)
-    stack = DecoderStack(config, family, reader, device, dtype, trust_remote_code, budget)
+    dtype = compute_dtype(reader, dtype, device)
+    stack = DecoderStack(config, reader, device, dtype, trust_remote_code, budget)
+    if not stack.block_keys(0):
+        raise StreamPruneError(f"no tensors under {stack.layout.block_prefix(0)} in {model_dir}")
     problems = stack.checkpoint_problems()
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""

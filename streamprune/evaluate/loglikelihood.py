@@ -118,7 +118,7 @@ def streamed_logprobs(
     with progress_bars.bar(total=steps, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
             BlockWalker(stack, read_ahead=stack.device.type == "cuda") as walker:
         for chunk in chunks:
-            resident = sum(len(batch) * _padded_length(batch) for batch in chunk) * stack.config.hidden_size
+            resident = sum(len(batch) * _padded_length(batch) for batch in chunk) * stack.text_config.hidden_size
             placement = stack.placement_for(resident, batch_size * max(_padded_length(batch) for batch in chunk))
             with stack.embedder() as embed:
                 activations = [embed(_padded_ids(batch), batch_size, placement) for batch in chunk]

@@ -73,7 +73,7 @@ def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, pr
         streamed_logprobs, opened.stack, batch_size=config.batch_size,
         max_resident_tokens=config.max_resident_tokens, progress=progress,
     )
-    max_length = getattr(opened.stack.config, "max_position_embeddings", None) or 2048
+    max_length = getattr(opened.stack.text_config, "max_position_embeddings", None) or 2048
     return Scorer(score, opened.tokenizer, max_length, opened.stack.device, opened.stack.dtype)
 
 
