@@ -1,4 +1,4 @@
-"""streamprune: prune LLaMA-family checkpoints one decoder block at a time (Wanda, Elastic-Net Wanda, SparseGPT)."""
+"""streamprune: prune decoder-only language models one block at a time (Wanda, Elastic-Net Wanda, SparseGPT)."""
 
 __version__ = "0.1.0"
 

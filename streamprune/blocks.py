@@ -2,11 +2,13 @@
 
 The whole model is built on the `meta` device (no memory), with its buffers real, so non-persistent
 buffers such as the rotary `inv_freq` are computed by transformers itself.  To get the inputs of the
-blocks, the base model's own forward runs with every block replaced by a recorder that returns its
-input unchanged: the recorder of block 0 keeps the hidden states (embedding scale included, where a
-family has one) and every recorder keeps the keyword arguments its block is called with (causal or
-sliding-window mask, rotary position embeddings, position ids).  Block i is then called exactly as the
-model would call it, with transformers' own decoder-layer class and the mask built by transformers.
+blocks, the decoder's own forward runs with every block replaced by a recorder that returns its
+input unchanged: the recorder of block 0 keeps the hidden states (embedding scale, learned positions
+and projections included, where a model has them) and every recorder keeps the keyword arguments its
+block is called with (causal or sliding-window mask, rotary position embeddings, position ids).  Block
+i is then called exactly as the model would call it, with transformers' own decoder-layer class and the
+mask built by transformers.  Logits come the same way from the model's own forward after its last
+block (output_head).  Where the decoder and its blocks are is derived (families.derive_layout).
 """
 
 from __future__ import annotations

@@ -39,6 +39,8 @@ METADATA_PATTERNS = (
     "*.tiktoken",
     "chat_template.*",
     "*.jinja",
+    "preprocessor_config.json",  # multimodal checkpoints (Gemma 3): the image side is copied as it is
+    "processor_config.json",
 )
 
 _TORCH_DTYPES = {

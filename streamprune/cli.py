@@ -13,6 +13,7 @@ import click
 from . import progress
 from .config import DTYPES, STAT_NORMS, PruneConfig
 from .errors import StreamPruneError, one_line
+from .families import TESTED
 from .placement import PLACEMENTS, Budget, parse_size
 from .methods import METHODS, all_options, option_text
 from .budgets import BUDGETS
@@ -138,7 +139,7 @@ def _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir) -> Budget:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="streamprune")
 def main():
-    """Prune LLaMA-family models one decoder block at a time (Wanda, Elastic-Net Wanda, SparseGPT)."""
+    """Prune decoder-only language models one block at a time (Wanda, Elastic-Net Wanda, SparseGPT, ...)."""
 
 
 @main.command()
@@ -300,6 +301,19 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
 def methods():
     """The pruning methods: name, what each scores or minimises, its options, its source."""
     click.echo(methods_table())
+
+
+@main.command()
+def families():
+    """The model families the tests check end to end (others whose blocks are found are pruned too)."""
+    click.echo(families_table())
+
+
+def families_table() -> str:
+    """The tested families as a Markdown table (the README's architecture list is this)."""
+    lines = ["| model_type | checked for |", "|---|---|"]
+    lines += [f"| `{model_type}` | {what} |" for model_type, what in TESTED.items()]
+    return "\n".join(lines)
 
 
 def methods_table() -> str:

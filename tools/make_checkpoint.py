@@ -41,29 +41,82 @@ def byte_level_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
 
 
-def build_config(family: str, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int, tie: bool, dtype: str):
-    extra = {}
-    if family in ("mistral", "qwen2", "qwen3"):
-        extra["sliding_window"] = 8  # short enough that tests on a few dozen tokens exercise it
-    if family in ("qwen2", "qwen3"):
-        extra["use_sliding_window"] = True
-        extra["max_window_layers"] = 1  # layers from this index on use the sliding window
+# What each family's tiny config sets beyond the shape, so that the tests exercise what makes it
+# different: sliding windows short enough for a few dozen tokens, local/global layers, logit and
+# embedding scales, layers without rotary embeddings, OPT's projections around the blocks.
+FAMILY_SETTINGS = {
+    "llama": {},
+    "mistral": dict(sliding_window=8),
+    "qwen2": dict(sliding_window=8, use_sliding_window=True, max_window_layers=1),
+    "qwen3": dict(sliding_window=8, use_sliding_window=True, max_window_layers=1),
+    "gemma": {},
+    "gemma2": dict(sliding_window=8, final_logit_softcapping=3.0, attn_logit_softcapping=5.0, query_pre_attn_scalar=16),
+    "gemma3_text": dict(sliding_window=8, sliding_window_pattern=2, final_logit_softcapping=3.0, query_pre_attn_scalar=16),
+    "phi3": dict(sliding_window=8),
+    "olmo2": {},
+    "granite": dict(embedding_multiplier=6.0, logits_scaling=4.0, residual_multiplier=0.5, attention_multiplier=0.2),
+    "cohere": dict(logit_scale=0.5, use_qk_norm=True),
+    "stablelm": dict(partial_rotary_factor=0.25, use_qkv_bias=True),
+    "starcoder2": dict(sliding_window=8, use_bias=True),
+    "smollm3": dict(no_rope_layer_interval=2),
+    "opt": dict(word_embed_proj_dim=32, enable_bias=True),
+    "gpt_neox": dict(rotary_pct=0.25, use_parallel_residual=True),
+}
+FAMILIES = sorted([*FAMILY_SETTINGS, "gemma3"])
+
+
+def _per_layer(family: str, layers: int, extra: dict) -> dict:
+    """Per-layer settings that depend on the number of layers."""
+    if family == "gemma3_text":  # local, global, local, ...: both kinds in three layers
+        return dict(layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)])
+    if family == "smollm3":  # 1 = rotary embeddings, 0 = none (every second layer), as SmolLM3 does every fourth
+        return dict(no_rope_layers=[int((i + 1) % extra["no_rope_layer_interval"] != 0) for i in range(layers)])
+    return {}
+
+
+def build_config(family: str, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+                 tie: bool | None, dtype: str):
+    """A config of `family` with the given shape; `tie` None keeps the family's own default for tied embeddings."""
+    if family == "gemma3":  # the multimodal checkpoint: a tiny SigLIP tower, the text side as gemma3_text
+        text = build_config("gemma3_text", layers, hidden, intermediate, heads, kv_heads, vocab, tie, dtype)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+        extra = {} if tie is None else dict(tie_word_embeddings=tie)
+        return AutoConfig.for_model(
+            "gemma3", text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+            boi_token_index=258, eoi_token_index=259, image_token_index=260, dtype=dtype, **extra,
+        )
+    extra = dict(FAMILY_SETTINGS[family])
+    extra.update(_per_layer(family, layers, extra))
+    if tie is not None:
+        extra["tie_word_embeddings"] = tie
     return AutoConfig.for_model(
         family,
         num_hidden_layers=layers,
         hidden_size=hidden,
         intermediate_size=intermediate,
+        ffn_dim=intermediate,  # OPT's name for it
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=hidden // heads,
         vocab_size=vocab,
-        max_position_embeddings=4096,
-        tie_word_embeddings=tie,
+        max_position_embeddings=4096 if family != "opt" else 256,
         bos_token_id=256,
         eos_token_id=257,
+        pad_token_id=257,
         dtype=dtype,
         **extra,
     )
+
+
+def hub_names(model) -> dict[str, str]:
+    """{tensor name in the model: name in a checkpoint on the hub}, as save_pretrained writes them
+    (transformers reverts its loading-time renamings: Pythia's embed_out, Gemma 3's language_model.model)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = model.state_dict()
+    reverted = revert_weight_conversion(model, dict(state))
+    by_tensor = {id(tensor): name for name, tensor in reverted.items()}
+    return {name: by_tensor.get(id(tensor), name) for name, tensor in state.items()}
 
 
 def random_tensor(name: str, shape: tuple, generator: torch.Generator, device: str) -> torch.Tensor:
@@ -83,7 +136,7 @@ def make_random_checkpoint(
     kv_heads: int = 2,
     vocab: int = 512,
     dtype: str = "float32",
-    tie_embeddings: bool = False,
+    tie_embeddings: bool | None = False,
     max_shard_bytes: int = 2**30,
     seed: int = 0,
     device: str = "cpu",
@@ -93,9 +146,10 @@ def make_random_checkpoint(
     config = build_config(family, layers, hidden, intermediate, heads, kv_heads, vocab, tie_embeddings, dtype)
     with init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)
-    shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters(remove_duplicate=True)}
-    if tie_embeddings:
-        shapes.pop("lm_head.weight", None)
+    names = hub_names(skeleton)
+    tied = skeleton.get_expanded_tied_weights_keys(all_submodels=True)
+    state = {names[name]: t for name, t in skeleton.state_dict().items() if name not in tied}
+    shapes = {name: tuple(t.shape) for name, t in state.items()}
     generator = torch.Generator(device=device).manual_seed(seed)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -110,7 +164,10 @@ def make_random_checkpoint(
         shards[0] = {}
 
     for name, shape in shapes.items():
-        tensor = random_tensor(name, shape, generator, device).to(DTYPES[dtype]).cpu()
+        if state[name].device.type != "meta":  # a persistent buffer: its value is the model's own
+            tensor = state[name].clone()
+        else:
+            tensor = random_tensor(name, shape, generator, device).to(DTYPES[dtype]).cpu()
         size = tensor.numel() * tensor.element_size()
         if shards[0] and shard_bytes + size > max_shard_bytes:
             flush()
@@ -139,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "qwen3"])
+    parser.add_argument("--family", default="llama", choices=FAMILIES)
     parser.add_argument("--layers", type=int, default=2)
     for name in ("hidden", "intermediate", "heads", "kv-heads", "vocab"):
         parser.add_argument(f"--{name}", type=int)

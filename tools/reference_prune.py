@@ -53,10 +53,26 @@ def _mask(score: torch.Tensor, sparsity: float, pattern: str | None) -> torch.Te
     return keep.scatter_(1, lowest, False)
 
 
+# Where each family's transformers model keeps its decoder, and the prefix its checkpoints store the
+# blocks under, written out by hand (streamprune derives them; the reference must not share that).
+_DECODERS = {
+    "opt": ("model.decoder", "model.decoder.layers"),
+    "gpt_neox": ("gpt_neox", "gpt_neox.layers"),
+    "gemma3": ("model.language_model", "language_model.model.layers"),
+}
+
+
+def decoder_of(model):
+    """(the module holding the blocks as .layers, the stored-name prefix of block tensors)."""
+    path, stored = _DECODERS.get(model.config.model_type, ("model", "model.layers"))
+    return model.get_submodule(path), stored
+
+
 def _inputs_of_block(model, i, input_ids, add) -> dict:
     """Runs the model's blocks 0..i on all the windows at once, calling add(linear name, its input as
     (tokens, in_features) float64) for every linear of block i; returns block i's linears by name."""
-    layers = model.model.layers
+    decoder, _ = decoder_of(model)
+    layers = decoder.layers
     linears = {n: m for n, m in layers[i].named_modules() if isinstance(m, nn.Linear)}
 
     def hook(name, inputs):
@@ -64,10 +80,10 @@ def _inputs_of_block(model, i, input_ids, add) -> dict:
 
     handles = [m.register_forward_pre_hook(lambda mod, inputs, n=n: hook(n, inputs)) for n, m in linears.items()]
     try:
-        model.model.layers = layers[: i + 1]
-        model.model(input_ids=input_ids, use_cache=False)
+        decoder.layers = layers[: i + 1]
+        decoder(input_ids=input_ids, use_cache=False)
     finally:
-        model.model.layers = layers
+        decoder.layers = layers
         for handle in handles:
             handle.remove()
     return linears
@@ -77,16 +93,17 @@ def _inputs_of_block(model, i, input_ids, add) -> dict:
 def _prune_sequentially(model_dir, input_ids, dtype, blocks, add, prune) -> None:
     """The whole model, its first `blocks` blocks (all by default) pruned in order: for block i, one
     dense pass of blocks 0..i (the earlier ones already pruned) calls add(stats, linear name, input) to
-    gather block i's statistics into the dict `stats`, then prune(i, name, linear, stats[name]) changes
-    each linear's weight in place."""
+    gather block i's statistics into the dict `stats`, then prune(f"{stored prefix}.{i}.{name}.weight",
+    linear, stats[name]) changes each linear's weight in place."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model.eval()
-    count = len(model.model.layers) if blocks is None else blocks
+    decoder, stored = decoder_of(model)
+    count = len(decoder.layers) if blocks is None else blocks
     for i in range(count):
         stats = {}
         linears = _inputs_of_block(model, i, input_ids, lambda name, x: add(stats, name, x))
         for name, linear in linears.items():
-            prune(i, name, linear, stats[name])
+            prune(f"{stored}.{i}.{name}.weight", linear, stats[name])
 
 
 def reference_masks(model_dir, input_ids, method, alpha, sparsity, pattern=None, stat_norm="mean", dtype=torch.float32, blocks=None):
@@ -97,12 +114,12 @@ def reference_masks(model_dir, input_ids, method, alpha, sparsity, pattern=None,
         s1, s2, tokens = sums.get(name, (0.0, 0.0, 0))
         sums[name] = (s1 + x.abs().sum(0), s2 + (x * x).sum(0), tokens + x.shape[0])
 
-    def prune(i, name, linear, sums):
+    def prune(key, linear, sums):
         s1, s2, tokens = sums
         score = linear.weight.abs().double() * _scale(method, s1, s2, tokens, alpha, stat_norm)
         keep = _mask(score, sparsity, pattern)
         linear.weight[~keep] = 0
-        masks[f"model.layers.{i}.{name}.weight"] = keep
+        masks[key] = keep
 
     _prune_sequentially(model_dir, input_ids, dtype, blocks, add, prune)
     return masks
@@ -153,8 +170,7 @@ def reference_sparsegpt(model_dir, input_ids, sparsity, pattern=None, blocksize=
     def add(grams, name, x):
         grams[name] = grams.get(name, 0.0) + x.T @ x
 
-    def prune(i, name, linear, gram):
-        key = f"model.layers.{i}.{name}.weight"
+    def prune(key, linear, gram):
         keep = None if masks_from is None else masks_from[key]
         new = _sparsegpt_unblocked(linear.weight, gram, sparsity, pattern, blocksize, percdamp, keep)
         linear.weight.copy_(new)

@@ -138,14 +138,13 @@ def streamed_logprobs(
 
 @torch.inference_mode()
 def whole_model_logprobs(model, requests: list[Request], batch_size: int = 4) -> list[torch.Tensor]:
-    """The same scores from an ordinary transformers model held whole (reference, and quantized models)."""
+    """The same scores from an ordinary transformers model held whole (reference, and quantized models),
+    with the logits of the model's own forward."""
     results: list = [None] * len(requests)
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    head = model.get_output_embeddings()
     device = next(model.parameters()).device
     for chunk in _batches(_rows(requests), batch_size, max_resident_tokens=2**62):
         for batch in chunk:
-            hidden = base(input_ids=_padded_ids(batch).to(device), use_cache=False).last_hidden_state
+            logits = model(input_ids=_padded_ids(batch).to(device), use_cache=False).logits
             for i, row in enumerate(batch):
-                _score_row(hidden[i], row, requests, head, results)
+                _score_row(logits[i], row, requests, lambda scores: scores, results)
     return results

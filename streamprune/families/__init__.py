@@ -108,22 +108,22 @@ def _find_blocks(model: nn.Module, model_type: str, num_blocks: int) -> tuple[st
 
 
 def _check_block(block: nn.Module, where: str, model_type: str) -> None:
-    """Every weight of a block with two or more dimensions must be an nn.Linear's, so that nothing
-    that would be left dense or misread is taken for pruned."""
+    """Refuses blocks whose weights are not nn.Linear's: transformers' Conv1D (GPT-2 style, stored
+    transposed) and fused mixture-of-experts tensors (3-D) would be left dense or misread.  Two-dimensional
+    norm weights (Cohere's per-head q/k norms) are fine: they are copied, not pruned."""
     for module_name, module in block.named_modules():
+        full = f"{where}.{module_name}" if module_name else where
+        if type(module).__name__ == "Conv1D" or isinstance(module, nn.modules.conv._ConvNd):
+            raise StreamPruneError(
+                f"{model_type} is not supported: {full}.weight belongs to a {type(module).__name__}, not an "
+                "nn.Linear; streamprune prunes nn.Linear weights only"
+            )
         for param_name, param in module.named_parameters(recurse=False):
-            if param.dim() < 2 or (isinstance(module, nn.Linear) and param_name == "weight"):
-                continue
-            full = f"{where}.{module_name}.{param_name}" if module_name else f"{where}.{param_name}"
-            if param.dim() == 3:
+            if param.dim() >= 3:
                 raise StreamPruneError(
-                    f"{model_type} is not supported: {full} is a fused mixture-of-experts tensor "
+                    f"{model_type} is not supported: {full}.{param_name} is a fused mixture-of-experts tensor "
                     f"{list(param.shape)}; streamprune prunes dense decoders (nn.Linear weights) only"
                 )
-            raise StreamPruneError(
-                f"{model_type} is not supported: {full} belongs to a {type(module).__name__}, not an nn.Linear; "
-                "streamprune prunes nn.Linear weights only"
-            )
     if not any(isinstance(m, nn.Linear) for m in block.modules()):
         raise StreamPruneError(f"{model_type} is not supported: block {where} has no nn.Linear layers to prune")
 
