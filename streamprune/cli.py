@@ -254,10 +254,16 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
 @click.argument("model")
 @click.option("--ppl", default=None, help="Perplexity text: wikitext103 (validation), wikitext2 (test), c4 (validation; all from the hub), or a local text or .jsonl file.")
 @click.option("--ppl-slices", type=int, default=None, help="Also report perplexity on this many evenly spaced slices (the paper: 7).")
-@click.option("--tasks", default="", callback=_task_list, help="Comma-separated zero-shot tasks: boolq,hellaswag,phishing.")
+@click.option("--tasks", default="", callback=_task_list,
+              help="Comma-separated tasks: the built-in boolq,hellaswag,phishing (offline, zero-shot) or any "
+                   "lm-evaluation-harness task, streamed (pip install 'streamprune[lmeval]').")
+@click.option("--include-path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="lm-eval: a folder of task YAMLs to add to its tasks.")
+@click.option("--num-fewshot", type=int, default=None, help="lm-eval: examples in each prompt (default: the task's own).")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Perplexity window length.")
 @click.option("--max-windows", type=int, default=None, help="Perplexity on the first N windows only.")
-@click.option("--limit", type=int, default=None, help="A fixed, seeded subset of N examples per task.")
+@click.option("--limit", type=int, default=None,
+              help="Examples per task: for the built-in tasks a fixed, seeded subset of N; for lm-eval tasks lm-eval's first N.")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Offline task data (boolq/val.jsonl, hellaswag/hellaswag_val_full.txt, phishing/*.csv); default: the hub.")
 @click.option("--device", default="auto", show_default=True)
@@ -367,13 +373,15 @@ def inspect(directory, json_path, trust_remote_code):
 @click.option("--seeds", type=int, default=None, help="Calibration draws per configuration (default 1): tables give mean ± std.")
 @click.option("--sparsities", callback=_numbers, help="Comma-separated sparsities (default 0.5).")
 @click.option("--patterns", callback=_names, help="unstructured and/or N:M patterns, e.g. unstructured,2:4.")
-@click.option("--tasks", callback=_names, help="Zero-shot tasks to evaluate: boolq,hellaswag,phishing.")
+@click.option("--tasks", callback=_names, help="Tasks to evaluate: boolq,hellaswag,phishing, or any lm-eval task.")
 @click.option("--ppl", default=None, help="Perplexity text (default wikitext103).")
 @click.option("--ppl-slices", type=int, default=None)
 @click.option("--seqlen", type=int, default=None, help="Perplexity window (default 2048).")
 @click.option("--max-windows", type=int, default=None)
-@click.option("--limit", type=int, default=None, help="Examples per task (a fixed seeded subset).")
+@click.option("--limit", type=int, default=None, help="Examples per task (built-in: a fixed seeded subset; lm-eval: its first N).")
 @click.option("--data-dir", default=None, help="Offline task data (the shared data layout).")
+@click.option("--include-path", default=None, help="lm-eval: a folder of task YAMLs to add to its tasks.")
+@click.option("--num-fewshot", type=int, default=None, help="lm-eval: examples in each prompt (default: the task's own).")
 @click.option("--calib", default=None, help="Calibration source (default wikitext103); drawn once for the sweep.")
 @click.option("--nsamples", type=int, default=None)
 @click.option("--calib-seqlen", type=int, default=None, help="Tokens per calibration window (default 2048).")

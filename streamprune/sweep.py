@@ -60,9 +60,10 @@ SPEC_FILE = "sweep.json"
 # which fields of the spec a setting changes the pruning, the calibration draw or the evaluation with
 CALIBRATION_FIELDS = ("calib", "nsamples", "calib_seqlen")
 PRUNE_FIELDS = CALIBRATION_FIELDS + ("stat_norm", "budgets", "device", "dtype", "batch_size")
-EVAL_FIELDS = ("ppl", "ppl_slices", "seqlen", "max_windows", "tasks", "limit", "data_dir", "device", "dtype", "batch_size")
+EVAL_FIELDS = ("ppl", "ppl_slices", "seqlen", "max_windows", "tasks", "limit", "data_dir", "include_path", "num_fewshot",
+               "device", "dtype", "batch_size")
 EVAL_ONLY_FIELDS = tuple(f for f in EVAL_FIELDS if f not in PRUNE_FIELDS)  # a result file's name has the others already
-_INTEGER_FIELDS = ("nsamples", "calib_seqlen", "ppl_slices", "seqlen", "max_windows", "limit", "batch_size")
+_INTEGER_FIELDS = ("nsamples", "calib_seqlen", "ppl_slices", "seqlen", "max_windows", "limit", "num_fewshot", "batch_size")
 
 
 def _listed(values) -> list:
@@ -132,6 +133,8 @@ class SweepSpec:
     tasks: tuple[str, ...] = ()
     limit: int | None = None
     data_dir: str | None = None
+    include_path: str | None = None  # lm-eval tasks: a folder of task YAMLs
+    num_fewshot: int | None = None  # lm-eval tasks: examples per prompt (the task's own default if None)
     # where and how the blocks run
     device: str = "auto"
     dtype: str = "auto"
@@ -244,6 +247,7 @@ class SweepSpec:
     def eval_config(self) -> EvalConfig:
         return EvalConfig(ppl=self.ppl, ppl_slices=self.ppl_slices, tasks=self.tasks, seqlen=self.seqlen,
                           max_windows=self.max_windows, limit=self.limit, data_dir=self.data_dir,
+                          include_path=self.include_path, num_fewshot=self.num_fewshot,
                           device=self.device, dtype=self.dtype, batch_size=self.batch_size)
 
 
@@ -354,7 +358,7 @@ def _metrics(result: dict) -> dict:
     for task, metrics in evaluation.get("tasks", {}).items():
         if task != "macro_mean":
             row[f"{task}_{metrics['primary']}"] = metrics[metrics["primary"]]
-    if "tasks" in evaluation:
+    if evaluation.get("tasks", {}).get("macro_mean") is not None:
         row["macro_mean"] = evaluation["tasks"]["macro_mean"]
     row["prune_s"] = result.get("prune_s", 0.0)
     row["eval_s"] = evaluation["timings"]["total_s"]

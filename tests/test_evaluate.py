@@ -137,7 +137,8 @@ def test_eval_command_with_baseline_and_json(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (["--tasks", "winogrande"], "unknown task 'winogrande'"),
+        (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),  # neither built in nor lm-eval's
+        (["--tasks", "boolq", "--num-fewshot", "2"], "apply to lm-eval tasks"),
         ([], "nothing to evaluate"),
         (["--ppl", "no-such-text"], "neither a file nor one of"),
         (["--tasks", "boolq", "--data-dir", "/nonexistent"], "missing; check --data-dir"),
@@ -161,3 +162,34 @@ def test_perplexity_text_from_jsonl_is_its_documents_not_the_json(tmp_path):
     plain = tmp_path / "plain.txt"
     plain.write_text('{"text": "kept as it is"}\n', encoding="utf-8")
     assert load_text(str(plain)) == '{"text": "kept as it is"}\n'
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "opt", "gpt_neox"])
+def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint, family):
+    """Requests that share a context (multiple-choice endings) run it once per block; every answer's
+    log-probabilities equal the whole model's on its own unpadded row, and the unshared path's (float64).
+    Contexts of several lengths are left-padded together and exceed Mistral's and Gemma 2's window of 8."""
+    model_dir = tiny_checkpoint(family, tie_embeddings=None)
+    generator = torch.Generator().manual_seed(3)
+    requests = []
+    for context_length in (3, 9, 17, 12, 17):
+        context = torch.randint(0, 256, (context_length,), generator=generator).tolist()
+        for ending_length in (1, 4, 7, 2):
+            ending = torch.randint(0, 256, (ending_length,), generator=generator).tolist()
+            requests.append(Request(tuple(context + ending), context_length))
+    stack = open_model(model_dir, device="cpu").stack
+    shared_greedy, plain_greedy = [], []
+    shared = streamed_logprobs(stack, requests, batch_size=3, max_resident_tokens=80, greedy=shared_greedy)
+    plain = streamed_logprobs(stack, requests, batch_size=3, greedy=plain_greedy, share_contexts=False)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    # Gemma 2's eager attention takes its softmax in float32, so rows padded to other lengths (left for
+    # contexts batched together, right to a multiple of 8 unshared) differ from one another in the 8th digit
+    tol = 1e-6 if family == "gemma2" else 1e-10
+    for request, a, b in zip(requests, shared, plain):
+        with torch.no_grad():
+            log_probs = model(input_ids=torch.tensor([request.tokens])).logits[0].log_softmax(-1)
+        targets = torch.tensor(request.tokens[request.start :])
+        expected = log_probs[request.start - 1 : -1].gather(1, targets[:, None]).squeeze(1)
+        torch.testing.assert_close(a, expected, rtol=tol, atol=tol)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    assert shared_greedy == plain_greedy

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .. import progress as progress_bars
-from ..blocks import DecoderStack
+from ..blocks import DecoderStack, return_freed_memory
 from ..walker import BlockWalker
 
 PAD_TO_MULTIPLE = 8
@@ -84,10 +85,14 @@ def _padded_ids(batch: list[_Row]) -> torch.Tensor:
     return ids
 
 
-def _score_row(hidden: torch.Tensor, row: _Row, requests: list[Request], logits_of, results: list) -> None:
-    """Fills results[n] for every request n read from this row; hidden is (padded length, hidden_size)."""
+def _score_row(hidden: torch.Tensor, row: _Row, requests: list[Request], logits_of, results: list, greedy: list | None = None) -> None:
+    """Fills results[n] for every request n read from this row; hidden is (padded length, hidden_size).
+    With `greedy`, greedy[n] is whether every scored token is the most likely one (the harness's
+    is_greedy: argmax of the logits, first index on ties, as torch.argmax)."""
     for n in row.requests:
         results[n] = torch.empty(len(requests[n].tokens) - requests[n].start, dtype=torch.float64)
+        if greedy is not None:
+            greedy[n] = True
     for a in range(row.first_position, len(row.tokens), HEAD_POSITIONS):
         b = min(a + HEAD_POSITIONS, len(row.tokens))
         logits = logits_of(hidden[a:b])
@@ -100,6 +105,8 @@ def _score_row(hidden: torch.Tensor, row: _Row, requests: list[Request], logits_
             targets = torch.tensor(request.tokens[lo + 1 : hi + 1], dtype=torch.long)
             picked = log_probs[lo - a : hi - a].gather(1, targets[:, None]).squeeze(1)
             results[n][lo - (request.start - 1) : hi - (request.start - 1)] = picked.double()
+            if greedy is not None:
+                greedy[n] = greedy[n] and bool((log_probs[lo - a : hi - a].argmax(dim=-1) == targets).all())
 
 
 @torch.inference_mode()
@@ -110,9 +117,30 @@ def streamed_logprobs(
     max_resident_tokens: int = 2**18,
     progress: bool = False,
     desc: str = "Scoring",
+    greedy: list | None = None,
+    share_contexts: bool = True,
 ) -> list[torch.Tensor]:
-    """Per request, the float64 log-probabilities of tokens[start:], with one block resident at a time."""
+    """Per request, the float64 log-probabilities of tokens[start:], with one block resident at a time.
+    A list passed as `greedy` receives, per request, whether each scored token was the argmax.
+
+    With share_contexts, requests whose contexts (tokens[:start]) are equal and whose continuations
+    differ beyond their first token (the endings of a HellaSwag question) run their context once per
+    block, and each continuation attends to its keys and values (shared_context_logprobs).
+    """
+    if greedy is not None:
+        greedy[:] = [None] * len(requests)
     results: list = [None] * len(requests)
+    shared = [n for group in _shared_groups(requests) for n in group] if share_contexts else []
+    if shared:  # those requests one way, the others the other, each result where it belongs
+        rest = sorted(set(range(len(requests))) - set(shared))
+        for numbers, score in ((shared, shared_context_logprobs), (rest, partial(streamed_logprobs, share_contexts=False))):
+            flags: list = []
+            scores = score(stack, [requests[n] for n in numbers], batch_size, max_resident_tokens, progress, desc, flags) if numbers else []
+            for n, result, flag in zip(numbers, scores, flags):
+                results[n] = result
+                if greedy is not None:
+                    greedy[n] = flag
+        return results
     chunks = _batches(_rows(requests), batch_size, max_resident_tokens)
     steps = len(chunks) * (stack.num_blocks + 1)
     with progress_bars.bar(total=steps, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
@@ -124,16 +152,168 @@ def streamed_logprobs(
                 activations = [embed(_padded_ids(batch), batch_size, placement) for batch in chunk]
             for index, _ in walker.blocks(range(stack.num_blocks)):
                 for acts in activations:
-                    stack.run_block(index, acts, batch_size, write_back=True)
+                    stack.run_block(index, acts, batch_size, write_back=True, trim=False)
+                return_freed_memory()
                 bar.update()
             with stack.output_head() as logits_of:
                 for batch, acts in zip(chunk, activations):
                     hidden = acts.hidden.read(0, len(batch))
                     for i, row in enumerate(batch):
-                        _score_row(hidden[i], row, requests, logits_of, results)
+                        _score_row(hidden[i], row, requests, logits_of, results, greedy)
                     acts.close()
             bar.update()
     return results
+
+
+def _shared_groups(requests: list[Request]) -> list[list[int]]:
+    """Request numbers grouped by context (tokens[:start]), for groups where sharing saves work: at
+    least two requests, and a continuation of two or more tokens among them (single-token answers after
+    one context already share one row)."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for number, request in enumerate(requests):
+        groups[request.tokens[: request.start]].append(number)
+    return [numbers for numbers in groups.values()
+            if len(numbers) > 1 and any(len(requests[n].tokens) - requests[n].start > 1 for n in numbers)]
+
+
+def _pick(logits: torch.Tensor, targets: list[int]) -> tuple[torch.Tensor, bool]:
+    """float64 log-probabilities of `targets` under `logits` (positions, vocab), and whether each is the argmax."""
+    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1).cpu()
+    targets = torch.tensor(targets, dtype=torch.long)
+    picked = log_probs.gather(1, targets[:, None]).squeeze(1).double()
+    return picked, bool((log_probs.argmax(dim=-1) == targets).all())
+
+
+def _context_chunks(groups: list[tuple[tuple[int, ...], list[int]]], requests: list[Request], max_resident_tokens: int):
+    """Groups in chunks of at most max_resident_tokens context plus continuation tokens (one at least)."""
+    chunk, tokens = [], 0
+    for group in groups:
+        size = len(group[0]) + sum(len(requests[n].tokens) - requests[n].start for n in group[1])
+        if chunk and tokens + size > max_resident_tokens:
+            yield chunk
+            chunk, tokens = [], 0
+        chunk.append(group)
+        tokens += size
+    if chunk:
+        yield chunk
+
+
+@torch.inference_mode()
+def shared_context_logprobs(
+    stack: DecoderStack,
+    requests: list[Request],
+    batch_size: int = 4,
+    max_resident_tokens: int = 2**18,
+    progress: bool = False,
+    desc: str = "Scoring",
+    greedy: list | None = None,
+) -> list[torch.Tensor]:
+    """streamed_logprobs for requests that share contexts: each distinct context runs once per block.
+
+    Per chunk of contexts, in each block visit: the contexts (left-padded, with the attention mask and
+    position ids of HF generate) run through the block and fill its entry of a key/value cache of
+    transformers' own class; then every continuation (its tokens but the last, right-padded, at the
+    positions after its context) runs through the block with that entry, selected for its context, as
+    its past, so it attends to its context exactly as in one whole row.  The continuation pass's masks and
+    rotary embeddings come from the decoder's own forward with a cache standing for the contexts
+    (1-wide placeholders of their length), so sliding windows and local/global layers are the model's.
+    The first continuation token is scored from the context's last position.  Results equal the
+    unshared path's to rounding (tests: float64, 1e-10).
+    """
+    if greedy is not None:
+        greedy[:] = [None] * len(requests)
+    results: list = [None] * len(requests)
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for number, request in enumerate(requests):
+        groups[request.tokens[: request.start]].append(number)
+    ordered = sorted(groups.items(), key=lambda item: len(item[0]), reverse=True)
+    chunks = list(_context_chunks(ordered, requests, max_resident_tokens))
+    with progress_bars.bar(total=len(chunks) * stack.num_blocks, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
+            stack.decoding() as (inputs, logits_of):
+        for chunk in chunks:
+            # contexts of similar length together (sorted), batch_size contexts and their continuations at a time
+            batches = [_SharedBatch(chunk[i : i + batch_size], requests, inputs, stack) for i in range(0, len(chunk), batch_size)]
+            for index in range(stack.num_blocks):
+                block = stack.load_block(index)
+                for batch in batches:
+                    batch.run(block, index)
+                stack.free_block(index)
+                bar.update()
+            for batch in batches:
+                batch.score(logits_of, requests, results, greedy)
+    return results
+
+
+class _SharedBatch:
+    """Some contexts (left-padded) and their continuations (right-padded), with what each block is
+    called with: shared_context_logprobs's unit of work."""
+
+    def __init__(self, groups, requests: list[Request], inputs, stack: DecoderStack):
+        device = stack.device
+        self.groups = groups
+        contexts = [context for context, _ in groups]
+        longest = max(len(c) for c in contexts)
+        ids = torch.zeros((len(groups), longest), dtype=torch.long)
+        mask = torch.zeros((len(groups), longest), dtype=torch.long)
+        for g, context in enumerate(contexts):
+            ids[g, longest - len(context) :] = torch.tensor(context)
+            mask[g, longest - len(context) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        self.hidden, self.kwargs = inputs(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        self.cache = next(v for v in self.kwargs[0].values() if type(v).__name__.endswith("Cache"))
+        self.padding = (mask == 0)[..., None]
+        self.rows = [(g, n) for g, (_, numbers) in enumerate(groups) for n in numbers if len(requests[n].tokens) - requests[n].start > 1]
+        self.placeholder = torch.zeros((1, 1, longest, 1), dtype=stack.dtype, device=device)
+        if not self.rows:
+            return
+        widest = max(len(requests[n].tokens) - 1 - requests[n].start for _, n in self.rows)
+        self.owner = torch.tensor([g for g, _ in self.rows], device=device)
+        follow = torch.zeros((len(self.rows), widest), dtype=torch.long)
+        follow_mask = torch.zeros((len(self.rows), widest), dtype=torch.long)
+        for r, (_, n) in enumerate(self.rows):
+            tail = requests[n].tokens[requests[n].start : -1]
+            follow[r, : len(tail)] = torch.tensor(tail)
+            follow_mask[r, : len(tail)] = 1
+        follow, follow_mask = follow.to(device), follow_mask.to(device)
+        lengths = mask.sum(-1)[self.owner]
+        self.past = type(self.cache)(config=stack.decoder.config)
+        for layer_index in range(len(self.past.layers)):  # 1-wide placeholders of the contexts' length
+            self.past.update(self.placeholder, self.placeholder, layer_index)
+        self.follow_hidden, self.follow_kwargs = inputs(
+            follow, cache=self.past, attention_mask=torch.cat([mask[self.owner], follow_mask], dim=1),
+            position_ids=lengths[:, None] + torch.arange(widest, device=device),
+        )
+
+    def run(self, block, index: int) -> None:
+        """Block `index` over the contexts (filling its cache entry), then over the continuations."""
+        out = block(self.hidden, **self.kwargs[index])
+        # a padding position attends to nothing (NaN in eager attention); zeroed, it harms no one
+        self.hidden = (out[0] if isinstance(out, tuple) else out).masked_fill(self.padding, 0)
+        layer = self.cache.layers[index]
+        if self.rows:
+            own = self.past.layers[index]
+            own.keys, own.values = layer.keys[self.owner], layer.values[self.owner]
+            out = block(self.follow_hidden, **self.follow_kwargs[index])
+            self.follow_hidden = out[0] if isinstance(out, tuple) else out
+            own.keys = own.values = self.placeholder  # this block's entries are done with
+        layer.keys = layer.values = self.placeholder
+
+    def score(self, logits_of, requests: list[Request], results: list, greedy: list | None) -> None:
+        """Log-probabilities of every continuation: its first token from its context's last position,
+        the others from its own positions (logits a few rows at a time, to bound their memory)."""
+        last = logits_of(self.hidden[:, -1:])[:, -1]
+        row_of = {n: r for r, (_, n) in enumerate(self.rows)}
+        for g, (_, numbers) in enumerate(self.groups):
+            for n in numbers:
+                request = requests[n]
+                targets = list(request.tokens[request.start :])
+                logits = last[g : g + 1]
+                if n in row_of:
+                    r = row_of[n]
+                    logits = torch.cat([logits, logits_of(self.follow_hidden[r : r + 1, : len(targets) - 1])[0]])
+                results[n], flag = _pick(logits, targets)
+                if greedy is not None:
+                    greedy[n] = flag
 
 
 @torch.inference_mode()

@@ -18,7 +18,7 @@ from ..checkpoint import resolve_model_dir
 from ..state import peak_memory, reset_peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
 from .perplexity import load_text, perplexity_from, perplexity_requests
-from .tasks import accuracy, get_task, requests_for, subset
+from .tasks import accuracy, all_tasks, get_task, requests_for, subset
 
 
 @dataclass(frozen=True)
@@ -36,10 +36,18 @@ class EvalConfig:
     max_resident_tokens: int = 2**18
     load_in_8bit: bool = False
     load_in_4bit: bool = False
+    include_path: str | None = None  # lm-eval: a folder of task YAMLs
+    num_fewshot: int | None = None  # lm-eval: examples in each prompt (the task's own default if None)
 
     def __post_init__(self):
-        for task in self.tasks:
-            get_task(task)
+        if self.harness_tasks:
+            harness_available(self.harness_tasks)
+            if self.load_in_8bit or self.load_in_4bit:
+                raise StreamPruneError("lm-eval tasks are evaluated streamed; for a quantized whole model use lm_eval --model hf")
+        elif self.include_path or self.num_fewshot is not None:
+            raise StreamPruneError("--include-path and --num-fewshot apply to lm-eval tasks; the built-in tasks are zero-shot")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise StreamPruneError("num-fewshot must be at least 0")
         if not self.ppl and not self.tasks:
             raise StreamPruneError("nothing to evaluate: give --ppl and/or --tasks")
         if self.ppl_slices and not self.ppl:
@@ -54,6 +62,27 @@ class EvalConfig:
             raise StreamPruneError("choose one of --load-in-8bit and --load-in-4bit")
 
 
+    @property
+    def builtin_tasks(self) -> tuple[str, ...]:
+        return tuple(t for t in self.tasks if t in all_tasks())
+
+    @property
+    def harness_tasks(self) -> tuple[str, ...]:
+        """Tasks that are not built in: lm-evaluation-harness's (or the YAMLs under include_path)."""
+        return tuple(t for t in self.tasks if t not in all_tasks())
+
+
+def harness_available(tasks) -> None:
+    """StreamPruneError when tasks other than the built-in ones are asked for without lm-eval installed."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise StreamPruneError(
+            f"unknown task {tasks[0]!r}; the built-in tasks are {', '.join(all_tasks())}, and any task of "
+            "lm-evaluation-harness works once it is installed: pip install 'streamprune[lmeval]'"
+        ) from exc
+
+
 @dataclass
 class Scorer:
     """Scores requests with one block resident (streamed) or with a whole bitsandbytes-quantized model."""
@@ -63,6 +92,7 @@ class Scorer:
     max_length: int
     device: torch.device
     dtype: torch.dtype  # the compute dtype, for the advice when numbers overflow
+    opened: object = None  # the streamed model (loading.OpenedModel), for lm-eval's tasks
 
 
 def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, progress: bool, budget: Budget | None) -> Scorer:
@@ -74,7 +104,7 @@ def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, pr
         max_resident_tokens=config.max_resident_tokens, progress=progress,
     )
     max_length = getattr(opened.stack.text_config, "max_position_embeddings", None) or 2048
-    return Scorer(score, opened.tokenizer, max_length, opened.stack.device, opened.stack.dtype)
+    return Scorer(score, opened.tokenizer, max_length, opened.stack.device, opened.stack.dtype, opened)
 
 
 def _quantized_scorer(model: str, config: EvalConfig, trust_remote_code: bool) -> Scorer:
@@ -172,7 +202,7 @@ def evaluate(
         )
         jobs.append(("ppl", requests, partial(_perplexity_result, config, ranges), partial(_window_name, config, ranges)))
     data_dir = Path(config.data_dir) if config.data_dir else None
-    for name in config.tasks:
+    for name in config.builtin_tasks:
         task = get_task(name)
         examples = subset(task.load(data_dir), config.limit)
         if not examples:
@@ -192,12 +222,50 @@ def evaluate(
             results["ppl"] = result
         else:
             results.setdefault("tasks", {})[name] = result
+    if config.harness_tasks:
+        step = time.perf_counter()
+        results.setdefault("tasks", {}).update(_harness_results(scorer, config, progress))
+        results["timings"]["harness_s"] = round(time.perf_counter() - step, 3)
     if "tasks" in results:
-        primaries = [r[r["primary"]] for r in results["tasks"].values()]
-        results["tasks"]["macro_mean"] = sum(primaries) / len(primaries)
+        primaries = [r[r["primary"]] for r in results["tasks"].values() if r.get("in_macro_mean", True)]
+        results["tasks"]["macro_mean"] = sum(primaries) / len(primaries) if primaries else None
     results["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     results["peak_memory"] = peak_memory(scorer.device)
     results["versions"] = versions()
+    return results
+
+
+ACCURACIES = ("acc", "acc_norm", "exact_match")  # lm-eval metrics that enter the macro mean of accuracies
+
+
+def _harness_results(scorer: Scorer, config: EvalConfig, progress: bool) -> dict:
+    """{task: its lm-eval metrics} for the tasks that are not built in, through lm_eval.simple_evaluate
+    with StreamedLM on the model already open.  --limit is lm-eval's: the first N documents."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from .harness import StreamedLM
+
+    manager = TaskManager(include_path=config.include_path)
+    known = set(manager.all_tasks)
+    unknown = [t for t in config.harness_tasks if t not in known]
+    if unknown:
+        raise StreamPruneError(
+            f"unknown task {unknown[0]!r}: neither built in ({', '.join(all_tasks())}) nor an lm-eval task"
+            + (f" (nor under {config.include_path})" if config.include_path else "; --include-path DIR adds task YAMLs")
+        )
+    lm = StreamedLM.from_opened(scorer.opened, batch_size=config.batch_size, progress=progress)
+    output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
+                                     num_fewshot=config.num_fewshot, limit=config.limit)
+    results = {}
+    for task in config.harness_tasks:
+        values = output["results"].get(task, {})
+        metrics = {k.split(",")[0]: v for k, v in values.items() if "," in k and isinstance(v, (int, float))}
+        values_only = [k for k in metrics if not k.endswith("_stderr")]
+        primary = next((m for m in ACCURACIES if m in metrics), values_only[0] if values_only else None)
+        results[task] = {**metrics, "primary": primary, "source": "lm-eval", "in_macro_mean": primary in ACCURACIES,
+                         "n": output.get("n-samples", {}).get(task, {}).get("effective"),
+                         "num_fewshot": output.get("n-shot", {}).get(task)}
     return results
 
 
@@ -214,9 +282,15 @@ def metric_rows(results: dict) -> list[tuple[str, float]]:
     for name, metrics in results.get("tasks", {}).items():
         if name == "macro_mean":
             continue
+        if metrics.get("source") == "lm-eval":
+            shots = f", {metrics['num_fewshot']}-shot" if metrics.get("num_fewshot") else ""
+            for metric, value in metrics.items():
+                if metric not in ("primary", "source", "in_macro_mean", "n", "num_fewshot") and not metric.endswith("_stderr"):
+                    rows.append((f"{name} {metric} (lm-eval, n={metrics['n']}{shots})", value))
+            continue
         for metric in ("acc", "acc_norm") if name == "hellaswag" else ("acc",):
             rows.append((f"{name} {metric} (n={metrics['n']})", metrics[metric]))
-    if "tasks" in results:
+    if results.get("tasks", {}).get("macro_mean") is not None:
         rows.append(("macro mean accuracy", results["tasks"]["macro_mean"]))
     return rows
 

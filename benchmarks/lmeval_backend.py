@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""streamprune's lm-eval backend (StreamedLM) against lm-eval's own Hugging Face backend (HFLM).
+
+On SmolLM2-135M (the demo checkpoint), CPU, the same BoolQ and HellaSwag examples as local lm-eval YAML
+tasks (the first N of each: the project's shared data folder when there, else tests/data), each run in a
+fresh child process through lm_eval.simple_evaluate, so wall time and peak RSS are the run's own:
+  hf          HFLM(pretrained=DIR, dtype=float32, batch_size=B): the whole model in memory
+  streamed    StreamedLM(pretrained=DIR, batch_size=B): one block resident, shared contexts
+  unshared    the same without sharing contexts (each ending re-runs its context)
+It prints a table of the metrics (they must agree), wall time and peak RSS with ratios to hf, and
+writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.
+
+  python benchmarks/lmeval_backend.py --limit 200 --json benchmarks/results/lmeval_backend_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+from child import ROOT, run_script
+
+GIB = 2**30
+
+RUN = r"""
+import json, sys, time
+started = time.perf_counter()
+import lm_eval
+from lm_eval.tasks import TaskManager
+kind, model_dir, tasks_dir, limit, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+if kind == "hf":
+    from lm_eval.models.huggingface import HFLM
+    lm = HFLM(pretrained=model_dir, device="cpu", dtype="float32", batch_size=batch)
+else:
+    from streamprune.evaluate.harness import StreamedLM
+    lm = StreamedLM(pretrained=model_dir, device="cpu", batch_size=batch, progress=False, share_contexts=kind == "streamed")
+out = lm_eval.simple_evaluate(model=lm, tasks=["bench_boolq", "bench_hellaswag"], task_manager=TaskManager(include_path=tasks_dir),
+                              limit=limit, bootstrap_iters=0)
+from streamprune.state import peak_rss_bytes
+metrics = {f"{t} {k.split(',')[0]}": v for t, r in out["results"].items() for k, v in r.items()
+           if k.endswith(",none") and "stderr" not in k}
+print(json.dumps({"wall_s": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(), "metrics": metrics}))
+"""
+
+TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+output_type: multiple_choice
+{prompt}metric_list:
+{metrics}"""
+BOOLQ = """doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"
+doc_to_target: "{{ ['false', 'true'].index(label) }}"
+doc_to_choice: ["no", "yes"]
+"""
+HELLASWAG = """doc_to_text: "{{ctx}}"
+doc_to_target: label
+doc_to_choice: "{{endings}}"
+"""
+
+
+def write_tasks(workdir: Path, limit: int) -> Path:
+    """The two task YAMLs and their data (HellaSwag's 6-line text form as JSON lines) under workdir."""
+    shared = ROOT.parent / "shared" / "data"
+    source = shared if (shared / "boolq" / "val.jsonl").is_file() else ROOT / "tests" / "data"
+    tasks = workdir / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    lines = (source / "hellaswag" / "hellaswag_val_full.txt").read_text(encoding="utf-8").splitlines()
+    rows = []
+    for i in range(0, min(len(lines), 6 * limit), 6):
+        context, label, *endings = lines[i : i + 6]
+        rows.append({"ctx": context, "label": int(label), "endings": endings})
+    (tasks / "hellaswag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (tasks / "bench_boolq.yaml").write_text(TASK.format(name="bench_boolq", data=source / "boolq" / "val.jsonl", prompt=BOOLQ,
+                                                        metrics="  - metric: acc\n"), encoding="utf-8")
+    (tasks / "bench_hellaswag.yaml").write_text(TASK.format(name="bench_hellaswag", data=tasks / "hellaswag.jsonl", prompt=HELLASWAG,
+                                                            metrics="  - metric: acc\n  - metric: acc_norm\n"), encoding="utf-8")
+    return tasks
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lmeval-bench"))
+    parser.add_argument("--limit", type=int, default=200, help="examples per task")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from streamprune.demo import smollm2_checkpoint
+
+    model_dir = smollm2_checkpoint()
+    tasks = write_tasks(args.workdir, args.limit)
+    runs = {}
+    for kind in ("hf", "streamed", "unshared"):
+        runs[kind] = run_script(RUN, kind, model_dir, tasks, args.limit, args.batch_size)
+        print(f"{kind:10s} {runs[kind]['wall_s']:8.1f} s  {runs[kind]['peak_rss_bytes'] / GIB:6.2f} GiB", flush=True)
+    base = runs["hf"]
+    print(f"\n{'run':10s} {'wall s':>8s} {'x hf':>6s} {'peak GiB':>9s} {'x hf':>6s}  metrics")
+    for kind, run in runs.items():
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(run["metrics"].items()))
+        print(f"{kind:10s} {run['wall_s']:8.1f} {run['wall_s'] / base['wall_s']:6.2f} {run['peak_rss_bytes'] / GIB:9.2f} "
+              f"{run['peak_rss_bytes'] / base['peak_rss_bytes']:6.2f}  {metrics}")
+    agree = all(abs(run["metrics"][k] - base["metrics"][k]) < 1e-9 for run in runs.values() for k in base["metrics"])
+    print(f"\nmetrics identical across the three runs: {agree}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"limit": args.limit, "batch_size": args.batch_size, "model": "SmolLM2-135M-Instruct",
+                                         "machine": platform.processor() or platform.machine(), "runs": runs,
+                                         "metrics_agree": agree}, indent=2) + "\n")
+    return 0 if agree else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""StreamedLM: an lm-evaluation-harness model that streams a checkpoint one decoder block at a time.
+
+    import lm_eval
+    from streamprune.evaluate.harness import StreamedLM
+    lm_eval.simple_evaluate(model=StreamedLM(pretrained="DIR", device="cpu"), tasks=["hellaswag"])
+
+or, on the command line, `streamprune-lm-eval --model streamprune --model_args pretrained=DIR,device=cuda,dtype=auto
+--tasks ...`: lm-eval's own command with this model registered (lm-eval 0.4.13, the current release, has
+no way for an installed package to add a model to its `lm_eval` command; importing this module registers
+it for `simple_evaluate(model="streamprune", ...)` and for that command).
+
+The requests are those of lm-eval's Hugging Face backend (HFLM), answered the same way:
+- tokenising: TemplateLM's context/continuation split, HFLM's tok_encode (its BOS rule, lm-eval's helpers);
+- loglikelihood: the sum of the continuation's log-probabilities and whether each of its tokens is the
+  argmax, from (context + continuation)[-(max_length + 1):];
+- loglikelihood_rolling: lm-eval's own rolling windows (get_rolling_token_windows, make_disjoint_window);
+- generate_until: greedy decoding of every request of a call together, left-padded with HF generate's
+  attention mask and position ids, one pass over the blocks per generated token with a key/value cache
+  per block; stop strings and max_gen_toks as the harness passes them (lm-eval's normalize_gen_kwargs,
+  handle_stop_sequences and postprocess_generated_text).  Sampling is not supported streamed: a request
+  asking for do_sample=True is refused.
+
+Requires the optional extra: pip install 'streamprune[lmeval]'.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import StreamPruneError
+
+try:
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix, resolve_max_length
+    from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise StreamPruneError("lm-evaluation-harness is not installed; pip install 'streamprune[lmeval]'") from exc
+
+from .. import progress as progress_bars
+from ..loading import open_model
+from ..placement import Budget, parse_size
+from .loglikelihood import Request, streamed_logprobs
+
+DEFAULT_MAX_LENGTH = 2048  # HFLM's _DEFAULT_MAX_LENGTH
+MAX_GEN_TOKS = 256  # HFLM's max_gen_toks
+
+
+@register_model("streamprune")
+class StreamedLM(TemplateLM):
+    """lm-eval's LM interface over a checkpoint streamed block by block (module docstring).
+
+    Arguments (also as --model_args): pretrained (directory or hub id), device ('auto', 'cpu', 'cuda'),
+    dtype ('auto', 'float32', 'bfloat16', 'float16', 'float64'), batch_size (rows per forward pass),
+    max_length (tokens; default from the config as HFLM), add_bos_token (as HFLM), max_gpu_memory and
+    max_host_memory (e.g. '4GiB': where hidden states may live), trust_remote_code (off by default),
+    share_contexts (default on: a context shared by several continuations runs once per block).
+    Raises StreamPruneError for a model streamprune cannot open.
+    """
+
+    def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 4,
+                 max_length: int | None = None, add_bos_token: bool | None = None, max_gpu_memory: str | None = None,
+                 max_host_memory: str | None = None, trust_remote_code: bool = False, progress: bool = True,
+                 share_contexts: bool = True, **unused):
+        super().__init__()
+        budget = Budget(max_gpu_bytes=parse_size(max_gpu_memory), max_cpu_bytes=parse_size(max_host_memory))
+        opened = open_model(pretrained, device, dtype, _flag(trust_remote_code), budget)
+        if opened.tokenizer is None:
+            raise StreamPruneError(f"{pretrained} has no tokenizer; lm-eval's tasks need one")
+        self.stack, self.tokenizer = opened.stack, opened.tokenizer
+        self._batch_size = 4 if batch_size in ("auto", None) else int(batch_size)
+        self._max_length = int(max_length) if max_length else None
+        self.add_bos_token = None if add_bos_token is None else _flag(add_bos_token)
+        self.progress = _flag(progress)
+        self.share_contexts = _flag(share_contexts)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "StreamedLM":
+        """As lm-eval's, except that --model_args win over the command's own options (device, batch_size),
+        so `--model_args pretrained=DIR,device=cuda` works as HFLM users write it."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "StreamedLM":
+        return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def from_opened(cls, opened, batch_size: int = 4, max_length: int | None = None, progress: bool = True) -> "StreamedLM":
+        """The backend over a model streamprune has already opened (loading.open_model)."""
+        lm = cls.__new__(cls)
+        TemplateLM.__init__(lm)
+        lm.stack, lm.tokenizer = opened.stack, opened.tokenizer
+        lm._batch_size, lm._max_length, lm.add_bos_token, lm.progress = batch_size, max_length, None, progress
+        lm.share_contexts = True
+        return lm
+
+    # -- what the harness asks of a model ---------------------------------------------------------
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length or resolve_max_length(self.stack.config, self.tokenizer, default=DEFAULT_MAX_LENGTH)
+
+    @property
+    def max_gen_toks(self) -> int:
+        return MAX_GEN_TOKS
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None, **kwargs) -> list[int]:
+        """Token ids as HFLM.tok_encode makes them (no special tokens unless add_bos_token, none again
+        if the text already starts with the BOS string)."""
+        special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self.tokenizer.decode(self.prefix_token_id)):
+            special["add_special_tokens"] = False
+        encoding = self.tokenizer.encode(string, **special)
+        return encoding[-left_truncate_len:] if left_truncate_len else encoding
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of the continuation's log-probabilities, whether each of its tokens is the argmax) per
+        ((context, continuation), context_enc, continuation_enc), with HFLM's left truncation."""
+        scored = []
+        for _, context_enc, continuation_enc in requests:
+            tokens = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
+            scored.append(Request(tuple(tokens), len(tokens) - len(continuation_enc)))
+        greedy: list = []
+        logprobs = streamed_logprobs(self.stack, scored, batch_size=self._batch_size, progress=self.progress and not disable_tqdm,
+                                     desc="lm-eval loglikelihood", greedy=greedy, share_contexts=self.share_contexts)
+        results = [(float(lp.sum()), bool(g)) for lp, g in zip(logprobs, greedy)]
+        for (pair, _, _), result in zip(requests, results):
+            if pair is not None:
+                self.cache_hook.add_partial("loglikelihood", pair, result)
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """The log-likelihood of each whole text, over lm-eval's rolling windows of max_length tokens
+        (each token predicted once, with as much context as fits), as HFLM."""
+        windows, owners = [], []
+        for number, (text,) in enumerate(request.args for request in requests):
+            rolling = lm_utils.get_rolling_token_windows(token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                                                         max_seq_len=self.max_length, context_len=1)
+            for context, continuation in map(lm_utils.make_disjoint_window, rolling):
+                windows.append((None, context, continuation))
+                owners.append(number)
+        totals = [0.0] * len(requests)
+        for number, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[number] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, every request with the same generation arguments decoded together."""
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        groups: dict[str, list[int]] = {}
+        for number, request in enumerate(requests):
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(number)
+        results: list = [None] * len(requests)
+        for numbers in groups.values():
+            kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen_toks = kwargs.pop("max_gen_toks")
+            if kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0:
+                raise StreamPruneError("streamed generation is greedy only; the task asks for sampling (do_sample or temperature > 0)")
+            contexts = [self.tok_encode(requests[n].args[0], left_truncate_len=self.max_length - max_gen_toks) for n in numbers]
+            generated = greedy_generate(self.stack, contexts, max_gen_toks, self.tokenizer, until, self.eot_token_id,
+                                        progress=self.progress and not disable_tqdm)
+            for n, tokens in zip(numbers, generated):
+                text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
+                results[n] = text
+                self.cache_hook.add_partial("generate_until", requests[n].args, text)
+        return results
+
+
+def _flag(value) -> bool:
+    """--model_args gives strings: 'True', 'false', '1'."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes")
+    return bool(value)
+
+
+@torch.no_grad()
+def greedy_generate(stack, contexts: list[list[int]], max_new_tokens: int, tokenizer=None, until: list[str] | None = None,
+                    eos_token_id: int | None = None, progress: bool = False) -> list[list[int]]:
+    """Greedy continuations of token-id contexts, all rows together, one block resident at a time.
+
+    The rows are left-padded with the attention mask and position ids (running count of real tokens)
+    HF generate uses, so each row continues as it would alone.  The first pass runs every block over the
+    contexts and fills each block's entry of one key/value cache (transformers' own cache class, as the
+    decoder creates it); each later pass runs every block over one new token per row.  A row stops at
+    eos_token_id or once its decoded text holds a string of `until`; all stop after max_new_tokens.
+    Returns the new token ids per row (stop string included, as HF generate's stopping criteria do).
+    """
+    rows, longest = len(contexts), max(len(c) for c in contexts)
+    if min(len(c) for c in contexts) == 0:
+        raise StreamPruneError("a generation context is empty")
+    ids = torch.zeros((rows, longest), dtype=torch.long)
+    mask = torch.zeros((rows, longest), dtype=torch.long)
+    for r, context in enumerate(contexts):
+        ids[r, longest - len(context) :] = torch.tensor(context)
+        mask[r, longest - len(context) :] = 1
+    device = stack.device
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    new: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool)
+    with stack.decoding() as (inputs, logits_of), \
+            progress_bars.bar(total=max_new_tokens, desc="Generating", unit="token", enabled=progress, leave=False) as bar:
+        hidden, kwargs = inputs(ids, attention_mask=mask, position_ids=positions)
+        cache = next((v for v in kwargs[0].values() if type(v).__name__.endswith("Cache")), None)
+        if cache is None:
+            raise StreamPruneError(f"{type(stack.decoder).__name__} built no key/value cache; it cannot be decoded streamed")
+        padding = (mask == 0)[..., None]
+        for step in range(max_new_tokens):
+            for index in range(stack.num_blocks):
+                block = stack.load_block(index)
+                out = block(hidden, **kwargs[index])
+                hidden = out[0] if isinstance(out, tuple) else out
+                stack.free_block(index)
+                if step == 0:  # a padding position attends to nothing (NaN in eager attention); nothing reads it
+                    hidden = hidden.masked_fill(padding, 0)
+            token = logits_of(hidden[:, -1:])[:, -1].argmax(dim=-1)
+            bar.update()
+            for r in range(rows):
+                if not done[r]:
+                    new[r].append(int(token[r]))
+                    if int(token[r]) == eos_token_id or (until and tokenizer and any(s in tokenizer.decode(new[r]) for s in until)):
+                        done[r] = True
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
+            positions = positions[:, -1:] + 1
+            hidden, kwargs = inputs(token[:, None], cache=cache, attention_mask=mask, position_ids=positions)
+    return new

@@ -1,0 +1,28 @@
+"""`streamprune-lm-eval`: lm-evaluation-harness's own command line, with the `streamprune` model registered.
+
+    streamprune-lm-eval --model streamprune --model_args pretrained=DIR,device=cuda,dtype=auto --tasks hellaswag
+
+lm-eval 0.4.13 (the current release) finds models only in its own source tree or among classes already
+imported when its command runs; it has no entry points for installed packages.  This command imports
+streamprune's backend (streamprune.evaluate.harness.StreamedLM, registered as "streamprune") and then runs
+lm-eval's command unchanged, so every option of `lm_eval` works as documented there.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main() -> None:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import streamprune.evaluate.harness  # noqa: F401  (registers the "streamprune" model)
+    except ImportError:
+        sys.stderr.write("Error: lm-evaluation-harness is not installed; pip install 'streamprune[lmeval]'\n")
+        sys.exit(1)
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

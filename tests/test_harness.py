@@ -1,0 +1,149 @@
+"""StreamedLM, streamprune's lm-evaluation-harness backend, against lm-eval's own Hugging Face backend.
+
+The tasks are local YAMLs over tests/data (tests/data/lmeval): BoolQ and HellaSwag (multiple choice),
+a generative task made from a few WikiText lines, and a rolling log-likelihood task; both backends run
+them through lm_eval.simple_evaluate on the same tiny float64 checkpoint.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+lm_eval = pytest.importorskip("lm_eval")  # the optional extra; tools/setup-env installs it
+
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from streamprune.evaluate.harness import StreamedLM, greedy_generate  # noqa: E402
+from streamprune.loading import open_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["sp_boolq", "sp_hellaswag", "sp_continue", "sp_rolling"]
+
+
+def evaluate(lm, limit=None):
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(ROOT / "tests/data/lmeval"))
+    return lm_eval.simple_evaluate(model=lm, tasks=TASKS, task_manager=manager, limit=limit, bootstrap_iters=0,
+                                   log_samples=True)
+
+
+def test_streamed_backend_equals_lm_evals_hf_backend(tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the YAMLs name their data files from the repository root
+    model_dir = tiny_checkpoint("llama", layers=2)
+    streamed = evaluate(StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False))
+    whole = evaluate(HFLM(pretrained=str(model_dir), device="cpu", dtype="float64", batch_size=3))
+    for task in TASKS:
+        ours, theirs = streamed["results"][task], whole["results"][task]
+        metrics = [k for k in theirs if k.endswith(",none") and not k.endswith("_stderr,none")]
+        assert metrics, task
+        for metric in metrics:
+            assert ours[metric] == pytest.approx(theirs[metric], rel=1e-9, abs=1e-12), (task, metric)
+    # the answers themselves, not only their averages
+    for task in ("sp_boolq", "sp_hellaswag"):
+        for a, b in zip(streamed["samples"][task], whole["samples"][task]):
+            assert len(a["resps"]) == len(b["resps"]) > 1
+            for [(ll_a, greedy_a)], [(ll_b, greedy_b)] in zip(a["resps"], b["resps"]):
+                assert float(ll_a) == pytest.approx(float(ll_b), rel=1e-9) and greedy_a == greedy_b
+    generated = [s["resps"][0][0] for s in streamed["samples"]["sp_continue"]]
+    assert generated == [s["resps"][0][0] for s in whole["samples"]["sp_continue"]]
+    assert any(generated)  # something was generated
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+def test_greedy_generation_equals_transformers_generate(tiny_checkpoint, family):
+    """Rows of different lengths decoded together (left-padded) continue as each does alone in
+    transformers' generate (greedy), with Gemma 2's sliding windows and softcapping, GPT-NeoX's cache."""
+    model_dir = tiny_checkpoint(family, tie_embeddings=None)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    generator = torch.Generator().manual_seed(1)
+    contexts = [torch.randint(0, 256, (n,), generator=generator).tolist() for n in (5, 13, 9)]
+    ours = greedy_generate(open_model(model_dir, device="cpu").stack, contexts, 12)
+    for context, tokens in zip(contexts, ours):
+        expected = model.generate(torch.tensor([context]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert tokens == expected[0, len(context) :].tolist()
+
+
+def test_rolling_loglikelihood_covers_each_token_once(tiny_checkpoint):
+    """A text longer than max_length: lm-eval's rolling windows score every token once, the first given
+    the prefix token; the sum equals the whole model's on the same windows."""
+    from lm_eval.api.instance import Instance
+
+    model_dir = tiny_checkpoint("llama", layers=2)
+    lm = StreamedLM(pretrained=str(model_dir), device="cpu", max_length=16, progress=False)
+    text = "The tower is 324 metres tall, about the same height as an 81-storey building."
+    (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    tokens = lm.tok_encode(text)
+    assert len(tokens) > 16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    expected, done = 0.0, 0
+    with torch.no_grad():
+        while done < len(tokens):  # windows of 16 predictions, each with the 16 tokens before it
+            end = min(done + 16, len(tokens))
+            inputs = ([lm.prefix_token_id] + tokens)[max(0, end - 16) : end]
+            log_probs = model(input_ids=torch.tensor([inputs])).logits[0].log_softmax(-1)
+            targets = tokens[max(0, end - 16) : end]
+            picked = log_probs[torch.arange(len(targets)), torch.tensor(targets)]
+            expected += picked[len(targets) - (end - done) :].sum().item()
+            done = end
+    assert total == pytest.approx(expected, rel=1e-10)
+    assert math.isfinite(total) and total < 0
+
+
+def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monkeypatch, tmp_path):
+    """`streamprune eval --tasks boolq,sp_boolq --include-path ...`: the built-in BoolQ and the same questions
+    as an lm-eval YAML task give the same accuracy on all 60 examples; lm-eval's metrics land in the JSON."""
+    import json
+
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    monkeypatch.chdir(ROOT)
+    model_dir = tiny_checkpoint("llama", layers=2)
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(main, ["eval", str(model_dir), "--tasks", "boolq,sp_boolq,sp_rolling", "--include-path",
+                                       "tests/data/lmeval", "--data-dir", "tests/data", "--quiet", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    tasks = json.loads(out.read_text())["tasks"]
+    assert tasks["sp_boolq"]["n"] == tasks["boolq"]["n"] == 60
+    assert tasks["sp_boolq"]["acc"] == pytest.approx(tasks["boolq"]["acc"])
+    assert tasks["sp_boolq"]["source"] == "lm-eval" and "acc_stderr" in tasks["sp_boolq"]
+    assert tasks["sp_rolling"]["primary"] == "word_perplexity" and not tasks["sp_rolling"]["in_macro_mean"]
+    assert tasks["macro_mean"] == pytest.approx(tasks["boolq"]["acc"])
+    assert "sp_boolq acc (lm-eval, n=60)" in result.output
+
+
+def test_lm_eval_command_with_the_streamprune_model_prints_the_hf_backends_numbers(tiny_checkpoint, monkeypatch, capsys):
+    import sys
+
+    from streamprune.lm_eval_cli import main as lm_eval_main
+
+    monkeypatch.chdir(ROOT)
+    model_dir = tiny_checkpoint("llama", layers=2)
+    tables = []
+    # HFLM takes the device from --device only (lm-eval fills it in); StreamedLM also from --model_args
+    for model, args in (("streamprune", [f"pretrained={model_dir},device=cpu,dtype=float64"]),
+                        ("hf", [f"pretrained={model_dir},dtype=float64", "--device", "cpu"])):
+        monkeypatch.setattr(sys, "argv", ["streamprune-lm-eval", "--model", model, "--model_args", *args, "--tasks", "sp_hellaswag",
+                                          "--include_path", "tests/data/lmeval", "--limit", "12"])
+        lm_eval_main()
+        tables.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("|")])
+    assert len(tables[0]) >= 4 and tables[0] == tables[1]
+
+
+def test_a_sweep_evaluates_lm_eval_tasks(tiny_checkpoint, monkeypatch, tmp_path):
+    from streamprune.data import WIKITEXT_CALIBRATION
+    from streamprune.sweep import SweepSpec, run_sweep
+
+    monkeypatch.chdir(ROOT)
+    spec = SweepSpec(alphas=(0.5,), geometries=("modified",), sparsities=(0.5,), calib=str(WIKITEXT_CALIBRATION), nsamples=3,
+                     calib_seqlen=16, ppl=None, tasks=("sp_boolq", "sp_hellaswag"), limit=6, include_path="tests/data/lmeval",
+                     device="cpu")
+    rows = run_sweep(str(tiny_checkpoint("llama", layers=2)), tmp_path / "sweep", spec, progress=False, echo=lambda *_: None)
+    assert [r["label"] for r in rows] == ["dense", "EN-Modified a=0.5 50%"]
+    for row in rows:
+        assert row["macro_mean"] == pytest.approx((row["sp_boolq_acc"] + row["sp_hellaswag_acc"]) / 2)
