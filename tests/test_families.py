@@ -93,16 +93,37 @@ def test_family_streams_prunes_evaluates_and_reloads(tiny_checkpoint, tmp_path, 
     assert result.value == pytest.approx(math.exp(nll), rel=1e-10)
 
 
+def _hub_vision_names(source, target):
+    """A copy whose vision tensors are named as in the hub's Gemma 3 checkpoints (vision_tower.vision_model.*),
+    which transformers renames while loading (save_pretrained writes them without vision_model)."""
+    from safetensors.torch import load_file, save_file
+
+    target.mkdir()
+    for path in source.iterdir():
+        if path.suffix != ".safetensors":
+            (target / path.name).write_bytes(path.read_bytes())
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for name in sorted(set(index["weight_map"].values())):
+        tensors = {("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.") else k): t
+                   for k, t in load_file(source / name).items()}
+        save_file(tensors, target / name, metadata={"format": "pt"})
+        renamed.update(dict.fromkeys(tensors, name))
+    (target / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": renamed}))
+    return target
+
+
 def test_gemma3_multimodal_keeps_its_vision_tower_and_loads_as_itself(tiny_checkpoint, tmp_path):
-    model_dir = tiny_checkpoint("gemma3", tie_embeddings=None)
+    model_dir = _hub_vision_names(tiny_checkpoint("gemma3", tie_embeddings=None), tmp_path / "model")
     index = json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"]
     assert any(k.startswith("language_model.model.layers.") for k in index)  # the hub's names
+    assert any(k.startswith("vision_tower.vision_model.") for k in index)
     out = tmp_path / "out"
     manifest = streamprune.prune(model_dir, out, method="sparsegpt", sparsity=0.5, calib=str(WIKITEXT_CALIBRATION),
                                  nsamples=4, seqlen=32, device="cpu", progress=False)
     assert all(k.startswith("language_model.model.layers.") for k in manifest.sparsity)
     written, original = read_all(out), read_all(model_dir)
-    vision = [k for k in original if k.startswith(("vision_tower.", "multi_modal_projector."))]
+    vision = [k for k in original if k.startswith(("vision_tower.vision_model.", "multi_modal_projector."))]
     assert vision and all(torch.equal(written[k], original[k]) for k in vision)
     from transformers import Gemma3ForConditionalGeneration
 
