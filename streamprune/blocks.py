@@ -328,12 +328,13 @@ class DecoderStack:
         missing = [key for key in keys.values() if key not in self.reader.shapes]
         if missing:
             raise StreamPruneError(f"tensor {missing[0]} is missing from the checkpoint")
+        for name, key in keys.items():  # all checked before any is placed, so a refusal leaves nothing behind
+            if tuple(self.reader.shapes[key]) != tuple(module._parameters[name].shape):
+                raise StreamPruneError(f"tensor {key} has shape {list(self.reader.shapes[key])}; the config implies "
+                                       f"{list(module._parameters[name].shape)}")
         read = dict(self.reader.iter_tensors(list(keys.values())))
         for name, key in keys.items():
-            tensor = self._to_compute(key, read[key], self.reader)
-            if tuple(tensor.shape) != tuple(module._parameters[name].shape):
-                raise StreamPruneError(f"tensor {key} has shape {list(tensor.shape)}; the config implies {list(module._parameters[name].shape)}")
-            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+            module._parameters[name] = nn.Parameter(self._to_compute(key, read[key], self.reader), requires_grad=False)
         return True
 
     @contextmanager
@@ -351,12 +352,13 @@ class DecoderStack:
                 loaded.append(module)
 
         inside = {module for module in blocks.modules()}
-        handles = [module.register_forward_pre_hook(load) for module in self.model.modules() if module not in inside]
         original_embedding = self.model.get_input_embeddings()
-        setattr(parent, self._blocks_attribute, stubs)
-        if embedding is not None:
-            self.model.set_input_embeddings(embedding)
+        handles = []
         try:
+            handles += [module.register_forward_pre_hook(load) for module in self.model.modules() if module not in inside]
+            setattr(parent, self._blocks_attribute, stubs)
+            if embedding is not None:
+                self.model.set_input_embeddings(embedding)
             yield
         finally:
             setattr(parent, self._blocks_attribute, blocks)

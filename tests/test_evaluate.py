@@ -177,11 +177,16 @@ def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint
         for ending_length in (1, 4, 7, 2):
             ending = torch.randint(0, 256, (ending_length,), generator=generator).tolist()
             requests.append(Request(tuple(context + ending), context_length))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    context = requests[4].tokens[:9]
+    with torch.no_grad():  # the model's own greedy ending of a context, and the same ending with one token changed
+        greedy_ending = model.generate(torch.tensor([context]), max_new_tokens=3, do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    requests += [Request(tuple(context) + tuple(greedy_ending), 9),
+                 Request(tuple(context) + tuple(greedy_ending[:2]) + ((greedy_ending[2] + 1) % 256,), 9)]
     stack = open_model(model_dir, device="cpu").stack
     shared_greedy, plain_greedy = [], []
     shared = streamed_logprobs(stack, requests, batch_size=3, max_resident_tokens=80, greedy=shared_greedy)
     plain = streamed_logprobs(stack, requests, batch_size=3, greedy=plain_greedy, share_contexts=False)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     # Gemma 2's eager attention takes its softmax in float32, so rows padded to other lengths (left for
     # contexts batched together, right to a multiple of 8 unshared) differ from one another in the 8th digit
     tol = 1e-6 if family == "gemma2" else 1e-10
@@ -192,4 +197,4 @@ def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint
         expected = log_probs[request.start - 1 : -1].gather(1, targets[:, None]).squeeze(1)
         torch.testing.assert_close(a, expected, rtol=tol, atol=tol)
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-    assert shared_greedy == plain_greedy
+    assert shared_greedy == plain_greedy and shared_greedy[-2:] == [True, False]

@@ -148,16 +148,18 @@ def test_families_command_lists_what_is_tested_and_the_readme_shows_it():
         assert f"| `{model_type}` | {what} |" in result.output
 
 
-@pytest.mark.parametrize("model_type, fragments", [
-    ("qwen3_moe", ["qwen3_moe is not supported", "model.layers.0.mlp.experts.gate_up_proj", "fused mixture-of-experts"]),
-    ("gpt2", ["gpt2 is not supported", "transformer.h.0.attn.c_attn.weight", "Conv1D"]),
+@pytest.mark.parametrize("model_type, extra, fragments", [
+    ("qwen3_moe", {}, ["qwen3_moe is not supported", "model.layers.0.mlp.experts.gate_up_proj", "fused mixture-of-experts"]),
+    # a dense first block before expert blocks (as DeepSeek's first_k_dense_replace): every block is checked
+    ("qwen3_moe", {"mlp_only_layers": [0]}, ["model.layers.1.mlp.experts.gate_up_proj", "fused mixture-of-experts"]),
+    ("gpt2", {}, ["gpt2 is not supported", "transformer.h.0.attn.c_attn.weight", "Conv1D"]),
 ])
-def test_structures_that_do_not_fit_are_refused_naming_the_part(tmp_path, model_type, fragments):
+def test_structures_that_do_not_fit_are_refused_naming_the_part(tmp_path, model_type, extra, fragments):
     from transformers import AutoConfig
 
     config = AutoConfig.for_model(model_type, num_hidden_layers=2, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=300, num_experts=4,
-                                  num_experts_per_tok=2, n_embd=32, n_layer=2, n_head=4)
+                                  num_experts_per_tok=2, n_embd=32, n_layer=2, n_head=4, **extra)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     result = CliRunner().invoke(main, ["prune", str(tmp_path / "model"), str(tmp_path / "out"), "--quiet"])
     lines = result.stderr.strip().splitlines()

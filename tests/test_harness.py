@@ -147,3 +147,22 @@ def test_a_sweep_evaluates_lm_eval_tasks(tiny_checkpoint, monkeypatch, tmp_path)
     assert [r["label"] for r in rows] == ["dense", "EN-Modified a=0.5 50%"]
     for row in rows:
         assert row["macro_mean"] == pytest.approx((row["sp_boolq_acc"] + row["sp_hellaswag_acc"]) / 2)
+
+
+def test_generation_stops_at_a_stop_id_or_string_and_bad_model_args_are_refused(tiny_checkpoint):
+    from streamprune.errors import StreamPruneError
+
+    model_dir = tiny_checkpoint("llama", layers=2)
+    stack = open_model(model_dir, device="cpu").stack
+    context = list(range(20, 31))
+    (free,) = greedy_generate(stack, [context], 10)
+    (stopped,) = greedy_generate(stack, [context], 10, stop_ids={free[3]})
+    assert stopped == free[: free.index(free[3]) + 1]  # up to and with the first stop id
+    tokenizer = open_model(model_dir, device="cpu").tokenizer
+    text = tokenizer.decode(free[:5])
+    (cut,) = greedy_generate(stack, [context], 10, tokenizer, until=[text[-1]])
+    assert text[-1] in tokenizer.decode(cut) and len(cut) <= 5
+    with pytest.raises(StreamPruneError, match="unknown --model_args revision"):
+        StreamedLM(pretrained=str(model_dir), device="cpu", revision="main")
+    with pytest.raises(StreamPruneError, match="batch_size"):
+        StreamedLM(pretrained=str(model_dir), device="cpu", batch_size="many")

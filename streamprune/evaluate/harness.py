@@ -14,9 +14,10 @@ The requests are those of lm-eval's Hugging Face backend (HFLM), answered the sa
 - loglikelihood: the sum of the continuation's log-probabilities and whether each of its tokens is the
   argmax, from (context + continuation)[-(max_length + 1):];
 - loglikelihood_rolling: lm-eval's own rolling windows (get_rolling_token_windows, make_disjoint_window);
-- generate_until: greedy decoding of every request of a call together, left-padded with HF generate's
-  attention mask and position ids, one pass over the blocks per generated token with a key/value cache
-  per block; stop strings and max_gen_toks as the harness passes them (lm-eval's normalize_gen_kwargs,
+- generate_until: greedy decoding, batch_size requests together (longest contexts first, as HFLM),
+  left-padded with HF generate's attention mask and position ids, one pass over the blocks per generated
+  token with a key/value cache per block; stop strings and max_gen_toks as the harness passes them, and
+  the EOS ids of the tokenizer and of generation_config.json (lm-eval's normalize_gen_kwargs,
   handle_stop_sequences and postprocess_generated_text).  Sampling is not supported streamed: a request
   asking for do_sample=True is refused.
 
@@ -26,6 +27,7 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 from __future__ import annotations
 
 import torch
+from transformers import Cache
 
 from ..errors import StreamPruneError
 
@@ -52,24 +54,30 @@ class StreamedLM(TemplateLM):
     """lm-eval's LM interface over a checkpoint streamed block by block (module docstring).
 
     Arguments (also as --model_args): pretrained (directory or hub id), device ('auto', 'cpu', 'cuda'),
-    dtype ('auto', 'float32', 'bfloat16', 'float16', 'float64'), batch_size (rows per forward pass),
+    dtype ('auto', 'float32', 'bfloat16', 'float16', 'float64'), batch_size (rows per forward pass: scored
+    rows, shared contexts with their continuations, or generations decoded together; 'auto' is 4),
     max_length (tokens; default from the config as HFLM), add_bos_token (as HFLM), max_gpu_memory and
-    max_host_memory (e.g. '4GiB': where hidden states may live), trust_remote_code (off by default),
-    share_contexts (default on: a context shared by several continuations runs once per block).
+    max_host_memory (e.g. '4GiB': where the hidden states of scored requests may live; shared contexts
+    are used only where theirs fit on the device), trust_remote_code (off by default), share_contexts
+    (default on: a context shared by several continuations runs once per block).  Other arguments are
+    refused.
     Raises StreamPruneError for a model streamprune cannot open.
     """
 
     def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 4,
                  max_length: int | None = None, add_bos_token: bool | None = None, max_gpu_memory: str | None = None,
                  max_host_memory: str | None = None, trust_remote_code: bool = False, progress: bool = True,
-                 share_contexts: bool = True, **unused):
+                 share_contexts: bool = True, max_batch_size: int | None = None, **unknown):
         super().__init__()
+        if unknown:
+            raise StreamPruneError(f"unknown --model_args {', '.join(sorted(unknown))} for streamprune; it takes {', '.join(MODEL_ARGS)}")
         budget = Budget(max_gpu_bytes=parse_size(max_gpu_memory), max_cpu_bytes=parse_size(max_host_memory))
         opened = open_model(pretrained, device, dtype, _flag(trust_remote_code), budget)
         if opened.tokenizer is None:
             raise StreamPruneError(f"{pretrained} has no tokenizer; lm-eval's tasks need one")
         self.stack, self.tokenizer = opened.stack, opened.tokenizer
-        self._batch_size = 4 if batch_size in ("auto", None) else int(batch_size)
+        self.stop_ids = _stop_ids(opened)
+        self._batch_size = _rows_per_pass(batch_size)
         self._max_length = int(max_length) if max_length else None
         self.add_bos_token = None if add_bos_token is None else _flag(add_bos_token)
         self.progress = _flag(progress)
@@ -91,7 +99,7 @@ class StreamedLM(TemplateLM):
         """The backend over a model streamprune has already opened (loading.open_model)."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
-        lm.stack, lm.tokenizer = opened.stack, opened.tokenizer
+        lm.stack, lm.tokenizer, lm.stop_ids = opened.stack, opened.tokenizer, _stop_ids(opened)
         lm._batch_size, lm._max_length, lm.add_bos_token, lm.progress = batch_size, max_length, None, progress
         lm.share_contexts = True
         return lm
@@ -164,7 +172,8 @@ class StreamedLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations, every request with the same generation arguments decoded together."""
+        """Greedy continuations: requests with the same generation arguments, longest context first (as
+        HFLM orders them), batch_size rows decoded together."""
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         groups: dict[str, list[int]] = {}
         for number, request in enumerate(requests):
@@ -174,16 +183,64 @@ class StreamedLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
-            if kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0:
-                raise StreamPruneError("streamed generation is greedy only; the task asks for sampling (do_sample or temperature > 0)")
-            contexts = [self.tok_encode(requests[n].args[0], left_truncate_len=self.max_length - max_gen_toks) for n in numbers]
-            generated = greedy_generate(self.stack, contexts, max_gen_toks, self.tokenizer, until, self.eot_token_id,
-                                        progress=self.progress and not disable_tqdm)
-            for n, tokens in zip(numbers, generated):
-                text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
-                results[n] = text
-                self.cache_hook.add_partial("generate_until", requests[n].args, text)
+            _greedy_only(kwargs)
+            room = self.max_length - max_gen_toks
+            if room <= 0:
+                raise StreamPruneError(f"the task asks for {max_gen_toks} new tokens, which leaves no room for a context "
+                                       f"in max_length {self.max_length}; pass a larger max_length in --model_args")
+            contexts = {n: self.tok_encode(requests[n].args[0], left_truncate_len=room) for n in numbers}
+            ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
+            for start in range(0, len(ordered), self._batch_size):
+                batch = ordered[start : start + self._batch_size]
+                generated = greedy_generate(self.stack, [contexts[n] for n in batch], max_gen_toks, self.tokenizer, until,
+                                            self.stop_ids, progress=self.progress and not disable_tqdm)
+                for n, tokens in zip(batch, generated):
+                    text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
+                    results[n] = text
+                    self.cache_hook.add_partial("generate_until", requests[n].args, text)
         return results
+
+
+MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_length", "add_bos_token", "max_gpu_memory",
+              "max_host_memory", "trust_remote_code", "progress", "share_contexts")
+
+
+def _rows_per_pass(batch_size) -> int:
+    """lm-eval's batch_size: a number, or 'auto'/'auto:N' (HFLM's search for the largest that fits, which
+    streaming does not need: 4 rows, the CLI's default, are taken)."""
+    if batch_size in (None, "") or str(batch_size).startswith("auto"):
+        return 4
+    try:
+        rows = int(batch_size)
+    except ValueError:
+        raise StreamPruneError(f"batch_size must be a whole number or auto, not {batch_size!r}") from None
+    if rows < 1:
+        raise StreamPruneError("batch_size must be at least 1")
+    return rows
+
+
+def _stop_ids(opened) -> set[int]:
+    """The ids that end a generation: the tokenizer's EOS and the model's generation_config.json ones
+    (a list in chat models: Gemma 3's <end_of_turn>, Llama 3's <|eot_id|>), as HF generate stops."""
+    ids = {opened.tokenizer.eos_token_id} - {None}
+    try:
+        from transformers import GenerationConfig
+
+        configured = GenerationConfig.from_pretrained(opened.model_dir).eos_token_id
+    except (OSError, ValueError):
+        configured = None
+    ids |= set(configured if isinstance(configured, (list, tuple)) else [configured]) - {None}
+    return ids
+
+
+def _greedy_only(kwargs: dict) -> None:
+    """Refuses generation arguments that greedy decoding would silently ignore."""
+    if kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0:
+        raise StreamPruneError("streamed generation is greedy only; the task asks for sampling (do_sample or temperature > 0)")
+    if (kwargs.get("num_beams") or 1) > 1:
+        raise StreamPruneError("streamed generation is greedy only; the task asks for beam search (num_beams > 1)")
+    if kwargs.get("repetition_penalty") not in (None, 1, 1.0):
+        raise StreamPruneError("streamed generation does not apply repetition_penalty, which the task asks for")
 
 
 def _flag(value) -> bool:
@@ -195,14 +252,14 @@ def _flag(value) -> bool:
 
 @torch.no_grad()
 def greedy_generate(stack, contexts: list[list[int]], max_new_tokens: int, tokenizer=None, until: list[str] | None = None,
-                    eos_token_id: int | None = None, progress: bool = False) -> list[list[int]]:
+                    stop_ids=(), progress: bool = False) -> list[list[int]]:
     """Greedy continuations of token-id contexts, all rows together, one block resident at a time.
 
     The rows are left-padded with the attention mask and position ids (running count of real tokens)
     HF generate uses, so each row continues as it would alone.  The first pass runs every block over the
     contexts and fills each block's entry of one key/value cache (transformers' own cache class, as the
     decoder creates it); each later pass runs every block over one new token per row.  A row stops at
-    eos_token_id or once its decoded text holds a string of `until`; all stop after max_new_tokens.
+    one of stop_ids or once its decoded text holds a string of `until`; all stop after max_new_tokens.
     Returns the new token ids per row (stop string included, as HF generate's stopping criteria do).
     """
     rows, longest = len(contexts), max(len(c) for c in contexts)
@@ -221,16 +278,18 @@ def greedy_generate(stack, contexts: list[list[int]], max_new_tokens: int, token
     with stack.decoding() as (inputs, logits_of), \
             progress_bars.bar(total=max_new_tokens, desc="Generating", unit="token", enabled=progress, leave=False) as bar:
         hidden, kwargs = inputs(ids, attention_mask=mask, position_ids=positions)
-        cache = next((v for v in kwargs[0].values() if type(v).__name__.endswith("Cache")), None)
+        cache = next((v for v in kwargs[0].values() if isinstance(v, Cache)), None)
         if cache is None:
             raise StreamPruneError(f"{type(stack.decoder).__name__} built no key/value cache; it cannot be decoded streamed")
         padding = (mask == 0)[..., None]
         for step in range(max_new_tokens):
             for index in range(stack.num_blocks):
                 block = stack.load_block(index)
-                out = block(hidden, **kwargs[index])
+                try:
+                    out = block(hidden, **kwargs[index])
+                finally:
+                    stack.free_block(index)
                 hidden = out[0] if isinstance(out, tuple) else out
-                stack.free_block(index)
                 if step == 0:  # a padding position attends to nothing (NaN in eager attention); nothing reads it
                     hidden = hidden.masked_fill(padding, 0)
             token = logits_of(hidden[:, -1:])[:, -1].argmax(dim=-1)
@@ -238,7 +297,7 @@ def greedy_generate(stack, contexts: list[list[int]], max_new_tokens: int, token
             for r in range(rows):
                 if not done[r]:
                     new[r].append(int(token[r]))
-                    if int(token[r]) == eos_token_id or (until and tokenizer and any(s in tokenizer.decode(new[r]) for s in until)):
+                    if int(token[r]) in stop_ids or (until and tokenizer and any(s in tokenizer.decode(new[r]) for s in until)):
                         done[r] = True
             if bool(done.all()) or step + 1 == max_new_tokens:
                 break

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from transformers import Cache
 
 from .. import progress as progress_bars
 from ..blocks import DecoderStack, return_freed_memory
@@ -131,11 +132,16 @@ def streamed_logprobs(
         greedy[:] = [None] * len(requests)
     results: list = [None] * len(requests)
     shared = [n for group in _shared_groups(requests) for n in group] if share_contexts else []
+    if shared and not _sharing_fits(stack, [requests[n] for n in shared], batch_size, max_resident_tokens):
+        shared = []
     if shared:  # those requests one way, the others the other, each result where it belongs
         rest = sorted(set(range(len(requests))) - set(shared))
         for numbers, score in ((shared, shared_context_logprobs), (rest, partial(streamed_logprobs, share_contexts=False))):
             flags: list = []
-            scores = score(stack, [requests[n] for n in numbers], batch_size, max_resident_tokens, progress, desc, flags) if numbers else []
+            try:
+                scores = score(stack, [requests[n] for n in numbers], batch_size, max_resident_tokens, progress, desc, flags) if numbers else []
+            except _NoCache:  # a decoder that builds no key/value cache: every request unshared
+                return streamed_logprobs(stack, requests, batch_size, max_resident_tokens, progress, desc, greedy, share_contexts=False)
             for n, result, flag in zip(numbers, scores, flags):
                 results[n] = result
                 if greedy is not None:
@@ -174,6 +180,18 @@ def _shared_groups(requests: list[Request]) -> list[list[int]]:
         groups[request.tokens[: request.start]].append(number)
     return [numbers for numbers in groups.values()
             if len(numbers) > 1 and any(len(requests[n].tokens) - requests[n].start > 1 for n in numbers)]
+
+
+class _NoCache(Exception):
+    """The decoder built no key/value cache, so contexts cannot be shared."""
+
+
+def _sharing_fits(stack: DecoderStack, requests: list[Request], batch_size: int, max_resident_tokens: int) -> bool:
+    """Whether the shared path's hidden states (all on the compute device) fit the memory limits: the
+    placement the unshared path would choose for a chunk of them must be the device itself."""
+    tokens = min(sum(len(r.tokens) for r in requests), max_resident_tokens)
+    longest = max(len(r.tokens) for r in requests)
+    return stack.placement_for(tokens * stack.text_config.hidden_size, batch_size * 4 * longest) == "device"
 
 
 def _pick(logits: torch.Tensor, targets: list[int]) -> tuple[torch.Tensor, bool]:
@@ -218,7 +236,8 @@ def shared_context_logprobs(
     rotary embeddings come from the decoder's own forward with a cache standing for the contexts
     (1-wide placeholders of their length), so sliding windows and local/global layers are the model's.
     The first continuation token is scored from the context's last position.  Results equal the
-    unshared path's to rounding (tests: float64, 1e-10).
+    whole model's on each unpadded row (tests: float64, 1e-10; 1e-6 for Gemma 2, whose eager attention
+    takes its softmax in float32, so padding to other lengths moves the 8th digit).
     """
     if greedy is not None:
         greedy[:] = [None] * len(requests)
@@ -235,9 +254,11 @@ def shared_context_logprobs(
             batches = [_SharedBatch(chunk[i : i + batch_size], requests, inputs, stack) for i in range(0, len(chunk), batch_size)]
             for index in range(stack.num_blocks):
                 block = stack.load_block(index)
-                for batch in batches:
-                    batch.run(block, index)
-                stack.free_block(index)
+                try:
+                    for batch in batches:
+                        batch.run(block, index)
+                finally:
+                    stack.free_block(index)
                 bar.update()
             for batch in batches:
                 batch.score(logits_of, requests, results, greedy)
@@ -260,7 +281,9 @@ class _SharedBatch:
             mask[g, longest - len(context) :] = 1
         ids, mask = ids.to(device), mask.to(device)
         self.hidden, self.kwargs = inputs(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-        self.cache = next(v for v in self.kwargs[0].values() if type(v).__name__.endswith("Cache"))
+        self.cache = next((v for v in self.kwargs[0].values() if isinstance(v, Cache)), None)
+        if self.cache is None:
+            raise _NoCache
         self.padding = (mask == 0)[..., None]
         self.rows = [(g, n) for g, (_, numbers) in enumerate(groups) for n in numbers if len(requests[n].tokens) - requests[n].start > 1]
         self.placeholder = torch.zeros((1, 1, longest, 1), dtype=stack.dtype, device=device)
@@ -276,7 +299,10 @@ class _SharedBatch:
             follow_mask[r, : len(tail)] = 1
         follow, follow_mask = follow.to(device), follow_mask.to(device)
         lengths = mask.sum(-1)[self.owner]
-        self.past = type(self.cache)(config=stack.decoder.config)
+        try:
+            self.past = type(self.cache)(config=stack.decoder.config)
+        except TypeError:  # a cache class built otherwise than transformers' DynamicCache
+            raise _NoCache from None
         for layer_index in range(len(self.past.layers)):  # 1-wide placeholders of the contexts' length
             self.past.update(self.placeholder, self.placeholder, layer_index)
         self.follow_hidden, self.follow_kwargs = inputs(

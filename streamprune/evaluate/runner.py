@@ -183,6 +183,7 @@ def evaluate(
     `budget` says where the hidden states of the requests may live (placement.py).
     """
     config = config or EvalConfig(**options)
+    manager = _task_manager(config) if config.harness_tasks else None
     started = time.perf_counter()
     reset_peak_memory(torch.device("cpu"))  # this evaluation's peaks, not the process's so far
     quantized = config.load_in_8bit or config.load_in_4bit
@@ -224,7 +225,7 @@ def evaluate(
             results.setdefault("tasks", {})[name] = result
     if config.harness_tasks:
         step = time.perf_counter()
-        results.setdefault("tasks", {}).update(_harness_results(scorer, config, progress))
+        results.setdefault("tasks", {}).update(_harness_results(scorer, config, manager, progress))
         results["timings"]["harness_s"] = round(time.perf_counter() - step, 3)
     if "tasks" in results:
         primaries = [r[r["primary"]] for r in results["tasks"].values() if r.get("in_macro_mean", True)]
@@ -238,13 +239,10 @@ def evaluate(
 ACCURACIES = ("acc", "acc_norm", "exact_match")  # lm-eval metrics that enter the macro mean of accuracies
 
 
-def _harness_results(scorer: Scorer, config: EvalConfig, progress: bool) -> dict:
-    """{task: its lm-eval metrics} for the tasks that are not built in, through lm_eval.simple_evaluate
-    with StreamedLM on the model already open.  --limit is lm-eval's: the first N documents."""
-    import lm_eval
+def _task_manager(config: EvalConfig):
+    """lm-eval's TaskManager (with include_path), after checking that every task that is not built in
+    is one of its tasks or groups: before anything is evaluated, so a typo costs no streaming pass."""
     from lm_eval.tasks import TaskManager
-
-    from .harness import StreamedLM
 
     manager = TaskManager(include_path=config.include_path)
     known = set(manager.all_tasks)
@@ -254,16 +252,37 @@ def _harness_results(scorer: Scorer, config: EvalConfig, progress: bool) -> dict
             f"unknown task {unknown[0]!r}: neither built in ({', '.join(all_tasks())}) nor an lm-eval task"
             + (f" (nor under {config.include_path})" if config.include_path else "; --include-path DIR adds task YAMLs")
         )
+    return manager
+
+
+def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool) -> dict:
+    """{task: its lm-eval metrics} for the tasks that are not built in (a group's subtasks each under its
+    own name, beside the group's aggregate if lm-eval gives one), through lm_eval.simple_evaluate with
+    StreamedLM on the model already open.  --limit is lm-eval's: the first N documents.  A metric of a
+    filter other than lm-eval's 'none' is named 'metric,filter' (gsm8k's strict-match and flexible-extract)."""
+    import lm_eval
+
+    from .harness import StreamedLM
+
     lm = StreamedLM.from_opened(scorer.opened, batch_size=config.batch_size, progress=progress)
     output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
                                      num_fewshot=config.num_fewshot, limit=config.limit)
     results = {}
-    for task in config.harness_tasks:
-        values = output["results"].get(task, {})
-        metrics = {k.split(",")[0]: v for k, v in values.items() if "," in k and isinstance(v, (int, float))}
-        values_only = [k for k in metrics if not k.endswith("_stderr")]
-        primary = next((m for m in ACCURACIES if m in metrics), values_only[0] if values_only else None)
-        results[task] = {**metrics, "primary": primary, "source": "lm-eval", "in_macro_mean": primary in ACCURACIES,
+    # a subtask enters the macro mean in place of its group only when the group has no accuracy of its own
+    parents = {sub: group for group, subs in output.get("group_subtasks", {}).items() for sub in subs}
+    for task, values in output["results"].items():
+        metrics = {}
+        for key, value in values.items():
+            metric, _, kept = key.partition(",")
+            if kept and isinstance(value, (int, float)):
+                metrics[metric if kept == "none" else f"{metric},{kept}"] = value
+        names = [k for k in metrics if not k.split(",")[0].endswith("_stderr")]
+        if not names:
+            continue
+        primary = next((m for m in ACCURACIES if m in metrics), names[0])
+        group_scored = any(m in output["results"].get(parents.get(task), {}) for m in ("acc,none", "acc_norm,none", "exact_match,none"))
+        results[task] = {**metrics, "primary": primary, "source": "lm-eval",
+                         "in_macro_mean": primary in ACCURACIES and not group_scored,
                          "n": output.get("n-samples", {}).get(task, {}).get("effective"),
                          "num_fewshot": output.get("n-shot", {}).get(task)}
     return results
@@ -285,7 +304,7 @@ def metric_rows(results: dict) -> list[tuple[str, float]]:
         if metrics.get("source") == "lm-eval":
             shots = f", {metrics['num_fewshot']}-shot" if metrics.get("num_fewshot") else ""
             for metric, value in metrics.items():
-                if metric not in ("primary", "source", "in_macro_mean", "n", "num_fewshot") and not metric.endswith("_stderr"):
+                if metric not in ("primary", "source", "in_macro_mean", "n", "num_fewshot") and not metric.split(",")[0].endswith("_stderr"):
                     rows.append((f"{name} {metric} (lm-eval, n={metrics['n']}{shots})", value))
             continue
         for metric in ("acc", "acc_norm") if name == "hellaswag" else ("acc",):

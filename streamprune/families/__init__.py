@@ -146,13 +146,17 @@ def stored_names(model: nn.Module, keys) -> tuple[dict[str, str], dict[str, str]
     renamings, converters = _conversions(model)
     if not renamings and not converters:
         return {key: key for key in keys}, {}
-    from transformers.core_model_loading import rename_source_key
+    from transformers.core_model_loading import dot_natural_key, rename_source_key
 
     expected = model.state_dict()
     prefix = getattr(model, "base_model_prefix", None) or None
     names, converted = {}, {}
-    for key in keys:
+    # in the loader's order (some renamings depend on it), and like the loader keeping a key that the
+    # renaming would send outside the model when the model has it as it is
+    for key in sorted(keys, key=dot_natural_key):
         name, converter = rename_source_key(key, renamings, converters, prefix, expected)
+        if name not in expected and key in expected:
+            name, converter = key, None
         if converter is not None:
             converted[key] = name
         names.setdefault(name, key)
@@ -169,8 +173,8 @@ def derive_layout(model: nn.Module, config, keys) -> Layout:
     model_type = config.model_type
     num_blocks = config.get_text_config().num_hidden_layers
     decoder, blocks = _find_blocks(model, model_type, num_blocks)
-    block_list = model.get_submodule(blocks)
-    _check_block(block_list[0], f"{blocks}.0", model_type)
+    for index, block in enumerate(model.get_submodule(blocks)):  # dense first blocks may precede expert ones
+        _check_block(block, f"{blocks}.{index}", model_type)
     names, converted = stored_names(model, keys)
     in_blocks = [key for key, name in converted.items() if name.startswith(f"{blocks}.")]
     if in_blocks:
