@@ -251,7 +251,8 @@ def shared_context_logprobs(
             stack.decoding() as (inputs, logits_of):
         for chunk in chunks:
             # contexts of similar length together (sorted), batch_size contexts and their continuations at a time
-            batches = [_SharedBatch(chunk[i : i + batch_size], requests, inputs, stack) for i in range(0, len(chunk), batch_size)]
+            batches = [_SharedBatch(chunk[i : i + batch_size], requests, inputs, stack, batch_size)
+                       for i in range(0, len(chunk), batch_size)]
             for index in range(stack.num_blocks):
                 block = stack.load_block(index)
                 try:
@@ -265,11 +266,39 @@ def shared_context_logprobs(
     return results
 
 
-class _SharedBatch:
-    """Some contexts (left-padded) and their continuations (right-padded), with what each block is
-    called with: shared_context_logprobs's unit of work."""
+class _Continuations:
+    """Continuations of some of a _SharedBatch's contexts, right-padded to the longest of them, with the
+    cache that stands for their contexts and what each block is called with."""
 
-    def __init__(self, groups, requests: list[Request], inputs, stack: DecoderStack):
+    def __init__(self, rows, requests: list[Request], inputs, stack: DecoderStack, cache, mask, placeholder):
+        device = stack.device
+        self.rows = rows  # (context number in the batch, request number)
+        widest = max(len(requests[n].tokens) - 1 - requests[n].start for _, n in rows)
+        self.owner = torch.tensor([g for g, _ in rows], device=device)
+        ids = torch.zeros((len(rows), widest), dtype=torch.long)
+        own_mask = torch.zeros((len(rows), widest), dtype=torch.long)
+        for r, (_, n) in enumerate(rows):
+            tail = requests[n].tokens[requests[n].start : -1]
+            ids[r, : len(tail)] = torch.tensor(tail)
+            own_mask[r, : len(tail)] = 1
+        ids, own_mask = ids.to(device), own_mask.to(device)
+        try:
+            self.past = type(cache)(config=stack.decoder.config)
+        except TypeError:  # a cache class built otherwise than transformers' DynamicCache
+            raise _NoCache from None
+        for layer_index in range(len(self.past.layers)):  # 1-wide placeholders of the contexts' length
+            self.past.update(placeholder, placeholder, layer_index)
+        self.hidden, self.kwargs = inputs(
+            ids, cache=self.past, attention_mask=torch.cat([mask[self.owner], own_mask], dim=1),
+            position_ids=mask.sum(-1)[self.owner][:, None] + torch.arange(widest, device=device),
+        )
+
+
+class _SharedBatch:
+    """Some contexts (left-padded) and their continuations (right-padded, in groups of similar length),
+    with what each block is called with: shared_context_logprobs's unit of work."""
+
+    def __init__(self, groups, requests: list[Request], inputs, stack: DecoderStack, rows_per_pass: int):
         device = stack.device
         self.groups = groups
         contexts = [context for context, _ in groups]
@@ -285,30 +314,12 @@ class _SharedBatch:
         if self.cache is None:
             raise _NoCache
         self.padding = (mask == 0)[..., None]
-        self.rows = [(g, n) for g, (_, numbers) in enumerate(groups) for n in numbers if len(requests[n].tokens) - requests[n].start > 1]
         self.placeholder = torch.zeros((1, 1, longest, 1), dtype=stack.dtype, device=device)
-        if not self.rows:
-            return
-        widest = max(len(requests[n].tokens) - 1 - requests[n].start for _, n in self.rows)
-        self.owner = torch.tensor([g for g, _ in self.rows], device=device)
-        follow = torch.zeros((len(self.rows), widest), dtype=torch.long)
-        follow_mask = torch.zeros((len(self.rows), widest), dtype=torch.long)
-        for r, (_, n) in enumerate(self.rows):
-            tail = requests[n].tokens[requests[n].start : -1]
-            follow[r, : len(tail)] = torch.tensor(tail)
-            follow_mask[r, : len(tail)] = 1
-        follow, follow_mask = follow.to(device), follow_mask.to(device)
-        lengths = mask.sum(-1)[self.owner]
-        try:
-            self.past = type(self.cache)(config=stack.decoder.config)
-        except TypeError:  # a cache class built otherwise than transformers' DynamicCache
-            raise _NoCache from None
-        for layer_index in range(len(self.past.layers)):  # 1-wide placeholders of the contexts' length
-            self.past.update(self.placeholder, self.placeholder, layer_index)
-        self.follow_hidden, self.follow_kwargs = inputs(
-            follow, cache=self.past, attention_mask=torch.cat([mask[self.owner], follow_mask], dim=1),
-            position_ids=lengths[:, None] + torch.arange(widest, device=device),
-        )
+        rows = sorted(((g, n) for g, (_, numbers) in enumerate(groups) for n in numbers
+                       if len(requests[n].tokens) - requests[n].start > 1), key=lambda row: len(requests[row[1]].tokens) - requests[row[1]].start)
+        # sorted by length, so that little of a pass is padding
+        self.parts = [_Continuations(rows[i : i + rows_per_pass], requests, inputs, stack, self.cache, mask, self.placeholder)
+                      for i in range(0, len(rows), rows_per_pass)]
 
     def run(self, block, index: int) -> None:
         """Block `index` over the contexts (filling its cache entry), then over the continuations."""
@@ -316,27 +327,28 @@ class _SharedBatch:
         # a padding position attends to nothing (NaN in eager attention); zeroed, it harms no one
         self.hidden = (out[0] if isinstance(out, tuple) else out).masked_fill(self.padding, 0)
         layer = self.cache.layers[index]
-        if self.rows:
-            own = self.past.layers[index]
-            own.keys, own.values = layer.keys[self.owner], layer.values[self.owner]
-            out = block(self.follow_hidden, **self.follow_kwargs[index])
-            self.follow_hidden = out[0] if isinstance(out, tuple) else out
+        for part in self.parts:
+            own = part.past.layers[index]
+            own.keys, own.values = layer.keys[part.owner], layer.values[part.owner]
+            out = block(part.hidden, **part.kwargs[index])
+            part.hidden = out[0] if isinstance(out, tuple) else out
             own.keys = own.values = self.placeholder  # this block's entries are done with
         layer.keys = layer.values = self.placeholder
 
     def score(self, logits_of, requests: list[Request], results: list, greedy: list | None) -> None:
         """Log-probabilities of every continuation: its first token from its context's last position,
-        the others from its own positions (logits a few rows at a time, to bound their memory)."""
+        the others from its own positions (logits of one pass of continuations at a time)."""
         last = logits_of(self.hidden[:, -1:])[:, -1]
-        row_of = {n: r for r, (_, n) in enumerate(self.rows)}
+        where = {n: (p, r) for p, part in enumerate(self.parts) for r, (_, n) in enumerate(part.rows)}
+        following = [logits_of(part.hidden) for part in self.parts]  # (rows, widest, vocab): rows_per_pass at a time
         for g, (_, numbers) in enumerate(self.groups):
             for n in numbers:
                 request = requests[n]
                 targets = list(request.tokens[request.start :])
                 logits = last[g : g + 1]
-                if n in row_of:
-                    r = row_of[n]
-                    logits = torch.cat([logits, logits_of(self.follow_hidden[r : r + 1, : len(targets) - 1])[0]])
+                if n in where:
+                    p, r = where[n]
+                    logits = torch.cat([logits, following[p][r, : len(targets) - 1]])
                 results[n], flag = _pick(logits, targets)
                 if greedy is not None:
                     greedy[n] = flag
