@@ -166,3 +166,30 @@ def test_generation_stops_at_a_stop_id_or_string_and_bad_model_args_are_refused(
         StreamedLM(pretrained=str(model_dir), device="cpu", revision="main")
     with pytest.raises(StreamPruneError, match="batch_size"):
         StreamedLM(pretrained=str(model_dir), device="cpu", batch_size="many")
+
+
+def test_chat_templates_are_applied_as_the_hf_backend_applies_them(tiny_checkpoint, monkeypatch, tmp_path):
+    """lm-eval's --apply_chat_template with a system instruction: the same prompts, so the same answers."""
+    import shutil
+
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    monkeypatch.chdir(ROOT)
+    model_dir = tmp_path / "chat"
+    shutil.copytree(tiny_checkpoint("llama", layers=2), model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.save_pretrained(model_dir)
+    outputs = [lm_eval.simple_evaluate(model=lm, tasks=["sp_boolq", "sp_continue"], limit=6, bootstrap_iters=0,
+                                       log_samples=True, task_manager=TaskManager(include_path=str(ROOT / "tests/data/lmeval")),
+                                       apply_chat_template=True, system_instruction="Answer briefly.")
+               for lm in (StreamedLM(pretrained=str(model_dir), device="cpu", progress=False),
+                          HFLM(pretrained=str(model_dir), device="cpu", dtype="float64", batch_size=3))]
+    prompts = [[s["arguments"][0][0] for s in out["samples"]["sp_boolq"]] for out in outputs]
+    assert prompts[0] == prompts[1] and prompts[0][0].startswith("<system>Answer briefly.")
+    for a, b in zip(outputs[0]["samples"]["sp_boolq"], outputs[1]["samples"]["sp_boolq"]):
+        for [(ll_a, _)], [(ll_b, _)] in zip(a["resps"], b["resps"]):
+            assert float(ll_a) == pytest.approx(float(ll_b), rel=1e-9)
+    assert [s["resps"] for s in outputs[0]["samples"]["sp_continue"]] == [s["resps"] for s in outputs[1]["samples"]["sp_continue"]]

@@ -16,10 +16,11 @@ The requests are those of lm-eval's Hugging Face backend (HFLM), answered the sa
 - loglikelihood_rolling: lm-eval's own rolling windows (get_rolling_token_windows, make_disjoint_window);
 - generate_until: greedy decoding, batch_size requests together (longest contexts first, as HFLM),
   left-padded with HF generate's attention mask and position ids, one pass over the blocks per generated
-  token with a key/value cache per block; stop strings and max_gen_toks as the harness passes them, and
-  the EOS ids of the tokenizer and of generation_config.json (lm-eval's normalize_gen_kwargs,
-  handle_stop_sequences and postprocess_generated_text).  Sampling is not supported streamed: a request
-  asking for do_sample=True is refused.
+  token with a key/value cache per block; stop strings and max_gen_toks as the harness passes them
+  (lm-eval's normalize_gen_kwargs, handle_stop_sequences and postprocess_generated_text), and the EOS ids
+  of the tokenizer and of generation_config.json.  Sampling, beam search and repetition_penalty are
+  refused, not ignored;
+- apply_chat_template: the tokenizer's chat template, as HFLM (lm-eval's --apply_chat_template).
 
 Requires the optional extra: pip install 'streamprune[lmeval]'.
 """
@@ -134,6 +135,21 @@ class StreamedLM(TemplateLM):
             special["add_special_tokens"] = False
         encoding = self.tokenizer.encode(string, **special)
         return encoding[-left_truncate_len:] if left_truncate_len else encoding
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat as text in the tokenizer's chat template (lm-eval's --apply_chat_template), as HFLM:
+        continuing the last message when no generation prompt is asked for, and without the system
+        message when the template refuses one."""
+        import jinja2
+
+        def render(history):
+            return self.tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=not add_generation_prompt)
+
+        try:
+            return render(chat_history)
+        except jinja2.exceptions.TemplateError:
+            return render([message for message in chat_history if message["role"] != "system"])
 
     def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
