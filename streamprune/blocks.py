@@ -14,15 +14,16 @@ block (output_head).  Where the decoder and its blocks are is derived (families.
 from __future__ import annotations
 
 import ctypes
-import inspect
 import ctypes.util
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from accelerate import init_empty_weights
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, Cache, PretrainedConfig
 
 from .checkpoint import CheckpointReader
 from .checks import check_fits
@@ -45,23 +46,6 @@ class Activations:
 
     def close(self) -> None:
         self.hidden.close()
-
-
-class _BlockInputRecorder(nn.Module):
-    """Stands in for block `index`: records what the block would receive, returns its input."""
-
-    def __init__(self, index: int, record: dict):
-        super().__init__()
-        self.index = index
-        self.record = record
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise RuntimeError("decoder blocks are expected to take their options as keyword arguments")
-        self.record.setdefault("kwargs", {})[self.index] = kwargs
-        if self.index == 0:
-            self.record["hidden_states"] = hidden_states
-        return hidden_states
 
 
 def _release(module: nn.Module) -> None:
@@ -153,6 +137,25 @@ def expected_shapes(model: nn.Module, config: PretrainedConfig, layout: Layout) 
     return {layout.stored_name(name): tuple(t.shape) for name, t in model.state_dict().items() if name not in tied}
 
 
+def left_padded(contexts, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token-id rows of different lengths, left-padded as HF generate pads them: ids and attention mask
+    (1 real, 0 padding), both (rows, longest) int64 on `device`, and position ids counting real tokens
+    only, so that each row runs as it would alone."""
+    longest = max(len(c) for c in contexts)
+    ids = torch.zeros((len(contexts), longest), dtype=torch.long)
+    mask = torch.zeros((len(contexts), longest), dtype=torch.long)
+    for row, context in enumerate(contexts):
+        ids[row, longest - len(context) :] = torch.tensor(context)
+        mask[row, longest - len(context) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def kv_cache(block_kwargs: dict):
+    """The key/value cache (transformers' Cache) among a block's call arguments, or None."""
+    return next((value for value in block_kwargs.values() if isinstance(value, Cache)), None)
+
+
 class _ZeroEmbedding(nn.Module):
     """Stands in for the input embedding when only the model's code after the blocks matters."""
 
@@ -164,20 +167,10 @@ class _ZeroEmbedding(nn.Module):
         return torch.zeros(*input_ids.shape, self.width, dtype=self.dtype, device=self.device)
 
 
-class _LastHidden(nn.Module):
-    """Stands in for a block: returns its input, or for the last block the hidden states it is given."""
-
-    def __init__(self, hidden: dict | None = None):
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states if self.hidden is None else self.hidden["states"]
-
-
 class _Stand(nn.Module):
-    """Stands in for block `index` while decoding: records its input and call arguments and returns
-    the input, or (the last block, when hidden states are injected) returns those."""
+    """Stands in for block `index`: records its input (block 0) and call arguments in `state` and returns
+    the input; while state["inject"] holds hidden states, the last block returns those instead, so that
+    the model's forward computes its logits from them."""
 
     def __init__(self, index: int, state: dict, last: bool):
         super().__init__()
@@ -371,6 +364,21 @@ class DecoderStack:
                     module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
             return_freed_memory()
 
+    def _stands(self) -> tuple[nn.ModuleList, dict]:
+        """Stand-ins for every block and the state they share (see _Stand)."""
+        state: dict = {"inject": None, "kwargs": {}}
+        return nn.ModuleList(_Stand(i, state, last=i == self.num_blocks - 1) for i in range(self.num_blocks)), state
+
+    def _logits_after_blocks(self, state: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's own forward on `hidden` (rows, positions, hidden_size) as the last block's output:
+        its logits (rows, positions, vocab).  Inside _outside_blocks with _stands' stand-ins."""
+        state["inject"] = hidden
+        try:
+            ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.device)
+            return self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            state["inject"] = None
+
     @contextmanager
     def output_head(self):
         """Yields logits_of(hidden) -> logits, computed by the model's own forward after its last block.
@@ -380,18 +388,10 @@ class DecoderStack:
         the blocks (final norm, LM head, Gemma 2's final logit softcapping, Cohere's logit scale,
         Granite's logits scaling, OPT's projection) is transformers' code; what it reads is read once.
         """
-        hidden: dict = {}
-        stubs = nn.ModuleList([_LastHidden() for _ in range(self.num_blocks - 1)] + [_LastHidden(hidden)])
-        embedding = self.model.get_input_embeddings()
-        zeros = _ZeroEmbedding(embedding.weight.shape[1], self.dtype, self.device)
-        with self._outside_blocks(stubs, zeros), torch.no_grad():
-
-            def logits_of(states: torch.Tensor) -> torch.Tensor:
-                hidden["states"] = states[None]
-                ids = torch.zeros((1, states.shape[0]), dtype=torch.long, device=self.device)
-                return self.model(input_ids=ids, use_cache=False).logits[0]
-
-            yield logits_of
+        stands, state = self._stands()
+        zeros = _ZeroEmbedding(self.model.get_input_embeddings().weight.shape[1], self.dtype, self.device)
+        with self._outside_blocks(stands, zeros), torch.no_grad():
+            yield lambda states: self._logits_after_blocks(state, states[None])[0]
 
     @contextmanager
     def decoding(self):
@@ -404,30 +404,21 @@ class DecoderStack:
         model's own forward after its last block on hidden (rows, positions, hidden_size).  The
         embedding and the head stay resident until the context ends.
         """
-        state: dict = {"inject": None}
-        stubs = nn.ModuleList(_Stand(i, state, last=i == self.num_blocks - 1) for i in range(self.num_blocks))
+        stands, state = self._stands()
         parameters = inspect.signature(self.decoder.forward).parameters
         cache_name = next((name for name in ("cache", "past_key_values") if name in parameters), None)
-        with self._outside_blocks(stubs), torch.no_grad():
+        with self._outside_blocks(stands), torch.no_grad():
 
             def inputs(input_ids: torch.Tensor, cache=None, **kwargs) -> tuple[torch.Tensor, dict[int, dict]]:
-                state["inject"], state["kwargs"] = None, {}
+                state["kwargs"] = {}
                 if cache is not None:
                     if cache_name is None:
                         raise StreamPruneError(f"{type(self.decoder).__name__} takes no cache argument; it cannot be decoded streamed")
                     kwargs[cache_name] = cache
                 self.decoder(input_ids=input_ids.to(self.device), use_cache=True, **kwargs)
-                return state["hidden"], dict(state["kwargs"])
+                return state["hidden"], state["kwargs"]
 
-            def logits_of(hidden: torch.Tensor) -> torch.Tensor:
-                state["inject"] = hidden
-                ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.device)
-                try:
-                    return self.model(input_ids=ids, use_cache=False).logits
-                finally:
-                    state["inject"] = None
-
-            yield inputs, logits_of
+            yield inputs, partial(self._logits_after_blocks, state)
 
     @contextmanager
     def embedder(self):
@@ -437,21 +428,20 @@ class DecoderStack:
         the model's (embedding scale, learned positions, projections included), and every block's
         keyword arguments (masks, rotary embeddings) are those it builds.
         """
-        record: dict = {}
-        recorders = nn.ModuleList(_BlockInputRecorder(i, record) for i in range(self.num_blocks))
-        with self._outside_blocks(recorders):
+        stands, record = self._stands()
+        with self._outside_blocks(stands):
 
             @torch.inference_mode()
             def embed(input_ids: torch.Tensor, batch_size: int, placement: str | None = None, reserve_bytes: int = 0) -> Activations:
                 rows, seqlen = input_ids.shape
                 self.decoder(input_ids=input_ids[:1].to(self.device), use_cache=False)
                 block_kwargs = dict(record["kwargs"])  # later calls record into the same dict
-                shape = (rows, seqlen, record["hidden_states"].shape[-1])
+                shape = (rows, seqlen, record["hidden"].shape[-1])
                 placement = placement or self.placement_for(torch.Size(shape).numel(), batch_size * seqlen, reserve_bytes)
                 hidden = make_states(shape, self.dtype, self.device, placement, self.budget.offload_dir)
                 for start in range(0, rows, batch_size):
                     self.decoder(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
-                    hidden.write(start, record["hidden_states"])
+                    hidden.write(start, record["hidden"])
                 return Activations(hidden, block_kwargs, placement)
 
             yield embed

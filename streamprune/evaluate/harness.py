@@ -28,7 +28,6 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 from __future__ import annotations
 
 import torch
-from transformers import Cache
 
 from ..errors import StreamPruneError
 
@@ -42,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     raise StreamPruneError("lm-evaluation-harness is not installed; pip install 'streamprune[lmeval]'") from exc
 
 from .. import progress as progress_bars
+from ..blocks import kv_cache, left_padded
 from ..loading import open_model
 from ..placement import Budget, parse_size
 from .loglikelihood import Request, streamed_logprobs
@@ -74,15 +74,17 @@ class StreamedLM(TemplateLM):
             raise StreamPruneError(f"unknown --model_args {', '.join(sorted(unknown))} for streamprune; it takes {', '.join(MODEL_ARGS)}")
         budget = Budget(max_gpu_bytes=parse_size(max_gpu_memory), max_cpu_bytes=parse_size(max_host_memory))
         opened = open_model(pretrained, device, dtype, _flag(trust_remote_code), budget)
+        self._serve(opened, _rows_per_pass(batch_size), int(max_length) if max_length else None,
+                    None if add_bos_token is None else _flag(add_bos_token), _flag(progress), _flag(share_contexts))
+
+    def _serve(self, opened, batch_size: int, max_length: int | None, add_bos_token: bool | None, progress: bool,
+               share_contexts: bool) -> None:
+        """Takes the opened model and the settings, already parsed."""
         if opened.tokenizer is None:
-            raise StreamPruneError(f"{pretrained} has no tokenizer; lm-eval's tasks need one")
-        self.stack, self.tokenizer = opened.stack, opened.tokenizer
-        self.stop_ids = _stop_ids(opened)
-        self._batch_size = _rows_per_pass(batch_size)
-        self._max_length = int(max_length) if max_length else None
-        self.add_bos_token = None if add_bos_token is None else _flag(add_bos_token)
-        self.progress = _flag(progress)
-        self.share_contexts = _flag(share_contexts)
+            raise StreamPruneError(f"{opened.model_dir} has no tokenizer; lm-eval's tasks need one")
+        self.stack, self.tokenizer, self.stop_ids = opened.stack, opened.tokenizer, _stop_ids(opened)
+        self._batch_size, self._max_length, self.add_bos_token = batch_size, max_length, add_bos_token
+        self.progress, self.share_contexts = progress, share_contexts
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "StreamedLM":
@@ -100,9 +102,7 @@ class StreamedLM(TemplateLM):
         """The backend over a model streamprune has already opened (loading.open_model)."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
-        lm.stack, lm.tokenizer, lm.stop_ids = opened.stack, opened.tokenizer, _stop_ids(opened)
-        lm._batch_size, lm._max_length, lm.add_bos_token, lm.progress = batch_size, max_length, None, progress
-        lm.share_contexts = True
+        lm._serve(opened, batch_size, max_length, None, progress, True)
         return lm
 
     # -- what the harness asks of a model ---------------------------------------------------------
@@ -278,23 +278,16 @@ def greedy_generate(stack, contexts: list[list[int]], max_new_tokens: int, token
     one of stop_ids or once its decoded text holds a string of `until`; all stop after max_new_tokens.
     Returns the new token ids per row (stop string included, as HF generate's stopping criteria do).
     """
-    rows, longest = len(contexts), max(len(c) for c in contexts)
+    rows, device = len(contexts), stack.device
     if min(len(c) for c in contexts) == 0:
         raise StreamPruneError("a generation context is empty")
-    ids = torch.zeros((rows, longest), dtype=torch.long)
-    mask = torch.zeros((rows, longest), dtype=torch.long)
-    for r, context in enumerate(contexts):
-        ids[r, longest - len(context) :] = torch.tensor(context)
-        mask[r, longest - len(context) :] = 1
-    device = stack.device
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, positions = left_padded(contexts, device)
     new: list[list[int]] = [[] for _ in range(rows)]
     done = torch.zeros(rows, dtype=torch.bool)
     with stack.decoding() as (inputs, logits_of), \
             progress_bars.bar(total=max_new_tokens, desc="Generating", unit="token", enabled=progress, leave=False) as bar:
         hidden, kwargs = inputs(ids, attention_mask=mask, position_ids=positions)
-        cache = next((v for v in kwargs[0].values() if isinstance(v, Cache)), None)
+        cache = kv_cache(kwargs[0])
         if cache is None:
             raise StreamPruneError(f"{type(stack.decoder).__name__} built no key/value cache; it cannot be decoded streamed")
         padding = (mask == 0)[..., None]

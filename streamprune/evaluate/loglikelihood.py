@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from transformers import Cache
 
 from .. import progress as progress_bars
-from ..blocks import DecoderStack, return_freed_memory
+from ..blocks import DecoderStack, kv_cache, left_padded, return_freed_memory
 from ..walker import BlockWalker
 
 PAD_TO_MULTIPLE = 8
@@ -96,18 +95,29 @@ def _score_row(hidden: torch.Tensor, row: _Row, requests: list[Request], logits_
             greedy[n] = True
     for a in range(row.first_position, len(row.tokens), HEAD_POSITIONS):
         b = min(a + HEAD_POSITIONS, len(row.tokens))
-        logits = logits_of(hidden[a:b])
-        log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1).cpu()
+        log_probs = _log_probs(logits_of(hidden[a:b]))
         for n in row.requests:
             request = requests[n]
             lo, hi = max(a, request.start - 1), b  # positions j predict token j + 1
             if lo >= hi:
                 continue
-            targets = torch.tensor(request.tokens[lo + 1 : hi + 1], dtype=torch.long)
-            picked = log_probs[lo - a : hi - a].gather(1, targets[:, None]).squeeze(1)
-            results[n][lo - (request.start - 1) : hi - (request.start - 1)] = picked.double()
+            picked, is_greedy = _picked(log_probs[lo - a : hi - a], request.tokens[lo + 1 : hi + 1], greedy is not None)
+            results[n][lo - (request.start - 1) : hi - (request.start - 1)] = picked
             if greedy is not None:
-                greedy[n] = greedy[n] and bool((log_probs[lo - a : hi - a].argmax(dim=-1) == targets).all())
+                greedy[n] = greedy[n] and is_greedy
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the vocabulary, in float32 at least, on the CPU."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1).cpu()
+
+
+def _picked(log_probs: torch.Tensor, targets, greedy: bool) -> tuple[torch.Tensor, bool | None]:
+    """The float64 log-probabilities of `targets` at their positions of log_probs (positions, vocab), and
+    with `greedy` whether each is the argmax (first index on ties, as torch.argmax; None without)."""
+    targets = torch.tensor(targets, dtype=torch.long)
+    picked = log_probs.gather(1, targets[:, None]).squeeze(1).double()
+    return picked, bool((log_probs.argmax(dim=-1) == targets).all()) if greedy else None
 
 
 @torch.inference_mode()
@@ -137,15 +147,15 @@ def streamed_logprobs(
     if shared:  # those requests one way, the others the other, each result where it belongs
         rest = sorted(set(range(len(requests))) - set(shared))
         for numbers, score in ((shared, shared_context_logprobs), (rest, partial(streamed_logprobs, share_contexts=False))):
-            flags: list = []
+            flags = [] if greedy is not None else None  # argmax only where asked for
             try:
                 scores = score(stack, [requests[n] for n in numbers], batch_size, max_resident_tokens, progress, desc, flags) if numbers else []
             except _NoCache:  # a decoder that builds no key/value cache: every request unshared
                 return streamed_logprobs(stack, requests, batch_size, max_resident_tokens, progress, desc, greedy, share_contexts=False)
-            for n, result, flag in zip(numbers, scores, flags):
+            for i, (n, result) in enumerate(zip(numbers, scores)):
                 results[n] = result
                 if greedy is not None:
-                    greedy[n] = flag
+                    greedy[n] = flags[i]
         return results
     chunks = _batches(_rows(requests), batch_size, max_resident_tokens)
     steps = len(chunks) * (stack.num_blocks + 1)
@@ -175,11 +185,16 @@ def _shared_groups(requests: list[Request]) -> list[list[int]]:
     """Request numbers grouped by context (tokens[:start]), for groups where sharing saves work: at
     least two requests, and a continuation of two or more tokens among them (single-token answers after
     one context already share one row)."""
+    return [numbers for numbers in _by_context(requests).values()
+            if len(numbers) > 1 and any(len(requests[n].tokens) - requests[n].start > 1 for n in numbers)]
+
+
+def _by_context(requests: list[Request]) -> dict[tuple[int, ...], list[int]]:
+    """{context (tokens[:start]): the numbers of the requests after it}."""
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for number, request in enumerate(requests):
         groups[request.tokens[: request.start]].append(number)
-    return [numbers for numbers in groups.values()
-            if len(numbers) > 1 and any(len(requests[n].tokens) - requests[n].start > 1 for n in numbers)]
+    return groups
 
 
 class _NoCache(Exception):
@@ -192,14 +207,6 @@ def _sharing_fits(stack: DecoderStack, requests: list[Request], batch_size: int,
     tokens = min(sum(len(r.tokens) for r in requests), max_resident_tokens)
     longest = max(len(r.tokens) for r in requests)
     return stack.placement_for(tokens * stack.text_config.hidden_size, batch_size * 4 * longest) == "device"
-
-
-def _pick(logits: torch.Tensor, targets: list[int]) -> tuple[torch.Tensor, bool]:
-    """float64 log-probabilities of `targets` under `logits` (positions, vocab), and whether each is the argmax."""
-    log_probs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1).cpu()
-    targets = torch.tensor(targets, dtype=torch.long)
-    picked = log_probs.gather(1, targets[:, None]).squeeze(1).double()
-    return picked, bool((log_probs.argmax(dim=-1) == targets).all())
 
 
 def _context_chunks(groups: list[tuple[tuple[int, ...], list[int]]], requests: list[Request], max_resident_tokens: int):
@@ -242,10 +249,7 @@ def shared_context_logprobs(
     if greedy is not None:
         greedy[:] = [None] * len(requests)
     results: list = [None] * len(requests)
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for number, request in enumerate(requests):
-        groups[request.tokens[: request.start]].append(number)
-    ordered = sorted(groups.items(), key=lambda item: len(item[0]), reverse=True)
+    ordered = sorted(_by_context(requests).items(), key=lambda item: len(item[0]), reverse=True)
     chunks = list(_context_chunks(ordered, requests, max_resident_tokens))
     with progress_bars.bar(total=len(chunks) * stack.num_blocks, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
             stack.decoding() as (inputs, logits_of):
@@ -301,20 +305,13 @@ class _SharedBatch:
     def __init__(self, groups, requests: list[Request], inputs, stack: DecoderStack, rows_per_pass: int):
         device = stack.device
         self.groups = groups
-        contexts = [context for context, _ in groups]
-        longest = max(len(c) for c in contexts)
-        ids = torch.zeros((len(groups), longest), dtype=torch.long)
-        mask = torch.zeros((len(groups), longest), dtype=torch.long)
-        for g, context in enumerate(contexts):
-            ids[g, longest - len(context) :] = torch.tensor(context)
-            mask[g, longest - len(context) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        self.hidden, self.kwargs = inputs(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
-        self.cache = next((v for v in self.kwargs[0].values() if isinstance(v, Cache)), None)
+        ids, mask, positions = left_padded([context for context, _ in groups], device)
+        self.hidden, self.kwargs = inputs(ids, attention_mask=mask, position_ids=positions)
+        self.cache = kv_cache(self.kwargs[0])
         if self.cache is None:
             raise _NoCache
         self.padding = (mask == 0)[..., None]
-        self.placeholder = torch.zeros((1, 1, longest, 1), dtype=stack.dtype, device=device)
+        self.placeholder = torch.zeros((1, 1, ids.shape[1], 1), dtype=stack.dtype, device=device)
         rows = sorted(((g, n) for g, (_, numbers) in enumerate(groups) for n in numbers
                        if len(requests[n].tokens) - requests[n].start > 1), key=lambda row: len(requests[row[1]].tokens) - requests[row[1]].start)
         # sorted by length, so that little of a pass is padding
@@ -349,7 +346,7 @@ class _SharedBatch:
                 if n in where:
                     p, r = where[n]
                     logits = torch.cat([logits, following[p][r, : len(targets) - 1]])
-                results[n], flag = _pick(logits, targets)
+                results[n], flag = _picked(_log_probs(logits), targets, greedy is not None)
                 if greedy is not None:
                     greedy[n] = flag
 

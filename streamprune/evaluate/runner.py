@@ -280,7 +280,7 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
         if not names:
             continue
         primary = next((m for m in ACCURACIES if m in metrics), names[0])
-        group_scored = any(m in output["results"].get(parents.get(task), {}) for m in ("acc,none", "acc_norm,none", "exact_match,none"))
+        group_scored = any(f"{m},none" in output["results"].get(parents.get(task), {}) for m in ACCURACIES)
         results[task] = {**metrics, "primary": primary, "source": "lm-eval",
                          "in_macro_mean": primary in ACCURACIES and not group_scored,
                          "n": output.get("n-samples", {}).get(task, {}).get("effective"),
