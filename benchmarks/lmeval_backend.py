@@ -4,13 +4,16 @@
 On SmolLM2-135M (the demo checkpoint), CPU, the same BoolQ and HellaSwag examples as local lm-eval YAML
 tasks (the first N of each: the project's shared data folder when there, else tests/data), each run in a
 fresh child process through lm_eval.simple_evaluate, so wall time and peak RSS are the run's own:
-  hf          HFLM(pretrained=DIR, dtype=float32, batch_size=B): the whole model in memory
-  streamed    StreamedLM(pretrained=DIR, batch_size=B): one block resident, shared contexts
+  hf          HFLM(pretrained=DIR, dtype=D, batch_size=B): the whole model in memory
+  streamed    StreamedLM(pretrained=DIR, dtype=D, batch_size=B): one block resident, shared contexts
   unshared    the same without sharing contexts (each ending re-runs its context)
 It prints a table of the metrics (they must agree), wall time and peak RSS with ratios to hf, and
-writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.
+writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.  --tasks hellaswag runs HellaSwag
+alone (the task whose contexts are shared); --dtype bfloat16 runs both backends in bfloat16, where
+their metrics may differ by rounding (batches of other shapes).
 
   python benchmarks/lmeval_backend.py --limit 200 --json benchmarks/results/lmeval_backend_cpu.json
+  python benchmarks/lmeval_backend.py --limit 200 --tasks hellaswag --json benchmarks/results/lmeval_backend_hellaswag_cpu.json
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ import json, sys, time
 started = time.perf_counter()
 import lm_eval
 from lm_eval.tasks import TaskManager
-kind, model_dir, tasks_dir, limit, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+kind, model_dir, tasks_dir, limit, batch, dtype, tasks = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6], sys.argv[7].split(",")
 if kind == "hf":
     from lm_eval.models.huggingface import HFLM
-    lm = HFLM(pretrained=model_dir, device="cpu", dtype="float32", batch_size=batch)
+    lm = HFLM(pretrained=model_dir, device="cpu", dtype=dtype, batch_size=batch)
 else:
     from streamprune.evaluate.harness import StreamedLM
-    lm = StreamedLM(pretrained=model_dir, device="cpu", batch_size=batch, progress=False, share_contexts=kind == "streamed")
-out = lm_eval.simple_evaluate(model=lm, tasks=["bench_boolq", "bench_hellaswag"], task_manager=TaskManager(include_path=tasks_dir),
+    lm = StreamedLM(pretrained=model_dir, device="cpu", dtype=dtype, batch_size=batch, progress=False, share_contexts=kind == "streamed")
+out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=tasks_dir),
                               limit=limit, bootstrap_iters=0)
 from streamprune.state import peak_rss_bytes
 metrics = {f"{t} {k.split(',')[0]}": v for t, r in out["results"].items() for k, v in r.items()
@@ -88,6 +91,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lmeval-bench"))
     parser.add_argument("--limit", type=int, default=200, help="examples per task")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--tasks", default="boolq,hellaswag", help="boolq, hellaswag or both (comma-separated)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="both backends compute in it (the demo checkpoint is stored in float32)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -95,9 +101,10 @@ def main() -> int:
 
     model_dir = smollm2_checkpoint()
     tasks = write_tasks(args.workdir, args.limit)
+    names = ",".join(f"bench_{name.strip()}" for name in args.tasks.split(","))
     runs = {}
     for kind in ("hf", "streamed", "unshared"):
-        runs[kind] = run_script(RUN, kind, model_dir, tasks, args.limit, args.batch_size)
+        runs[kind] = run_script(RUN, kind, model_dir, tasks, args.limit, args.batch_size, args.dtype, names)
         print(f"{kind:10s} {runs[kind]['wall_s']:8.1f} s  {runs[kind]['peak_rss_bytes'] / GIB:6.2f} GiB", flush=True)
     base = runs["hf"]
     print(f"\n{'run':10s} {'wall s':>8s} {'x hf':>6s} {'peak GiB':>9s} {'x hf':>6s}  metrics")
@@ -109,7 +116,7 @@ def main() -> int:
     print(f"\nmetrics identical across the three runs: {agree}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"limit": args.limit, "batch_size": args.batch_size, "model": "SmolLM2-135M-Instruct",
+        args.json.write_text(json.dumps({"limit": args.limit, "batch_size": args.batch_size, "dtype": args.dtype, "tasks": names, "model": "SmolLM2-135M-Instruct",
                                          "machine": platform.processor() or platform.machine(), "runs": runs,
                                          "metrics_agree": agree}, indent=2) + "\n")
     return 0 if agree else 1

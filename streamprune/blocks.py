@@ -156,6 +156,11 @@ def kv_cache(block_kwargs: dict):
     return next((value for value in block_kwargs.values() if isinstance(value, Cache)), None)
 
 
+def with_cache(block_kwargs: dict, cache) -> dict:
+    """A block's call arguments with `cache` in place of the key/value cache among them."""
+    return {name: cache if isinstance(value, Cache) else value for name, value in block_kwargs.items()}
+
+
 class _ZeroEmbedding(nn.Module):
     """Stands in for the input embedding when only the model's code after the blocks matters."""
 
@@ -455,12 +460,17 @@ class DecoderStack:
     def placement_for(self, hidden_values: int, batch_tokens: int, reserve_bytes: int = 0) -> str:
         """Where `hidden_values` hidden-state entries go (all that are resident at once), given the budget
         and room for a block at work on `batch_tokens` tokens (one batch), plus `reserve_bytes`."""
+        return self.placement_of_bytes(self.dtype.itemsize * hidden_values, batch_tokens, reserve_bytes)
+
+    def placement_of_bytes(self, nbytes: int, batch_tokens: int, reserve_bytes: int = 0) -> str:
+        """Where `nbytes` of tensors waiting between block visits go (placement.choose_placement), given
+        the budget and room for a block at work on `batch_tokens` tokens (one batch), plus `reserve_bytes`."""
         itemsize = self.dtype.itemsize
         hidden = self.text_config.hidden_size
         block_bytes = itemsize * sum(torch.Size(self.reader.shapes[k]).numel() for k in self.block_keys(0))
         intermediate = getattr(self.text_config, "intermediate_size", None) or getattr(self.text_config, "ffn_dim", None) or 4 * hidden
         activations = itemsize * batch_tokens * (4 * hidden + 3 * intermediate)
-        return choose_placement(itemsize * hidden_values, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget)
+        return choose_placement(nbytes, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget)
 
     def block_outputs(self, index: int, acts: Activations, rows: list[int], batch_size: int) -> torch.Tensor:
         """Block `index`'s outputs on the given rows of the hidden states, in batches, without changing

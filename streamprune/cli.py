@@ -268,7 +268,7 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
               help="Offline task data (boolq/val.jsonl, hellaswag/hellaswag_val_full.txt, phishing/*.csv); default: the hub.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Rows per forward pass.")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Rows per forward pass, of the longest; shorter rows go as many as make the same number of tokens.")
 @click.option("--max-resident-tokens", type=int, default=2**18, show_default=True,
               help="Padded tokens whose hidden states are kept at once; more are streamed in several rounds.")
 @click.option("--baseline", default=None, help="Also evaluate this (dense) model and print both with the difference.")

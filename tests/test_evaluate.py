@@ -2,6 +2,7 @@
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -198,3 +199,57 @@ def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint
         torch.testing.assert_close(a, expected, rtol=tol, atol=tol)
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
     assert shared_greedy == plain_greedy and shared_greedy[-2:] == [True, False]
+
+
+def test_batches_hold_batch_size_rows_of_the_longest_in_tokens_with_little_padding():
+    """_fill on hand-made widths, batch_size 2 of the longest (256): 512 tokens a batch.  256 and 240 fit
+    (1/32 padding); 224 would make 768 tokens; 224 alone is under MIN_PASS_TOKENS (256), so a 64 joins
+    it despite the padding; the other 64s go eight (512 tokens) and six at a time.  Row counts alone
+    (2, 2, 2, ...), tokens alone ([224, 64], [64] * 8, [64] * 6 too, but [300, 40] together) or padding
+    alone ([224], [64] * 8, [64] * 7) give other batches."""
+    from streamprune.evaluate.loglikelihood import MIN_PASS_TOKENS, _fill
+
+    assert MIN_PASS_TOKENS == 256
+
+    def fill(widths, max_tokens):
+        return _fill(widths, lambda width: width, max_tokens)
+
+    widths = [256, 240, 224] + [64] * 15
+    assert fill(widths, 2 * 256) == [[256, 240], [224, 64], [64] * 8, [64] * 6]
+    # continuations come shortest first
+    assert fill(sorted(widths), 2 * 256) == [[64] * 8, [64] * 7, [224, 240], [256]]
+    assert fill([300, 40], 600) == [[300], [40]]  # 260 of 600 tokens padding, after 300 tokens: split
+    assert fill([100, 40], 600) == [[100, 40]]  # the same padding, but 100 tokens would be a slow pass
+    assert fill([700, 3], 600) == [[700], [3]]  # wider than the limit: alone
+
+
+def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, monkeypatch):
+    """With the LM head limited to 4 positions a call, the continuations' logits come in slices of rows
+    (one row a call, or two for the shortest); every score equals the unshared path's (float64)."""
+    from streamprune.evaluate import loglikelihood
+
+    model_dir = tiny_checkpoint("llama", layers=2)
+    generator = torch.Generator().manual_seed(5)
+    requests = []
+    for context_length in (6, 11, 4):
+        context = torch.randint(0, 256, (context_length,), generator=generator).tolist()
+        for ending_length in (1, 3, 6, 2):
+            requests.append(Request(tuple(context + torch.randint(0, 256, (ending_length,), generator=generator).tolist()), context_length))
+    stack = open_model(model_dir, device="cpu").stack
+    plain = streamed_logprobs(stack, requests, batch_size=3, share_contexts=False)
+    calls = []
+    monkeypatch.setattr(loglikelihood, "HEAD_POSITIONS", 4)
+    original = stack.decoding
+
+    @contextmanager
+    def counted():
+        with original() as (inputs, logits_of):
+            yield inputs, lambda hidden: calls.append(tuple(hidden.shape[:2])) or logits_of(hidden)
+
+    monkeypatch.setattr(stack, "decoding", counted)
+    shared = loglikelihood.shared_context_logprobs(stack, requests, batch_size=3)
+    for a, b in zip(shared, plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # the contexts' last positions (3 x 1), then the 6 continuations of 2+ tokens, in slices
+    assert calls[0] == (3, 1) and len(calls) > 3
+    assert all(rows * width <= 4 or rows == 1 for rows, width in calls)

@@ -14,9 +14,10 @@ The requests are those of lm-eval's Hugging Face backend (HFLM), answered the sa
 - loglikelihood: the sum of the continuation's log-probabilities and whether each of its tokens is the
   argmax, from (context + continuation)[-(max_length + 1):];
 - loglikelihood_rolling: lm-eval's own rolling windows (get_rolling_token_windows, make_disjoint_window);
-- generate_until: greedy decoding, batch_size requests together (longest contexts first, as HFLM),
+- generate_until: greedy decoding (generation.greedy_generate), every request with the same generation
+  arguments in each block visit, batch_size rows per forward call (longest contexts first, as HFLM),
   left-padded with HF generate's attention mask and position ids, one pass over the blocks per generated
-  token with a key/value cache per block; stop strings and max_gen_toks as the harness passes them
+  token with key/value caches placed as hidden states are; stop strings and max_gen_toks as the harness passes them
   (lm-eval's normalize_gen_kwargs, handle_stop_sequences and postprocess_generated_text), and the EOS ids
   of the tokenizer and of generation_config.json.  Sampling, beam search and repetition_penalty are
   refused, not ignored;
@@ -26,8 +27,6 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 """
 
 from __future__ import annotations
-
-import torch
 
 from ..errors import StreamPruneError
 
@@ -40,10 +39,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise StreamPruneError("lm-evaluation-harness is not installed; pip install 'streamprune[lmeval]'") from exc
 
-from .. import progress as progress_bars
-from ..blocks import kv_cache, left_padded
 from ..loading import open_model
 from ..placement import Budget, parse_size
+from .generation import greedy_generate
 from .loglikelihood import Request, streamed_logprobs
 
 DEFAULT_MAX_LENGTH = 2048  # HFLM's _DEFAULT_MAX_LENGTH
@@ -55,24 +53,25 @@ class StreamedLM(TemplateLM):
     """lm-eval's LM interface over a checkpoint streamed block by block (module docstring).
 
     Arguments (also as --model_args): pretrained (directory or hub id), device ('auto', 'cpu', 'cuda'),
-    dtype ('auto', 'float32', 'bfloat16', 'float16', 'float64'), batch_size (rows per forward pass: scored
-    rows, shared contexts with their continuations, or generations decoded together; 'auto' is 4),
-    max_length (tokens; default from the config as HFLM), add_bos_token (as HFLM), max_gpu_memory and
-    max_host_memory (e.g. '4GiB': where the hidden states of scored requests may live; shared contexts
-    are used only where theirs fit on the device), trust_remote_code (off by default), share_contexts
-    (default on: a context shared by several continuations runs once per block).  Other arguments are
-    refused.
+    dtype ('auto', 'float32', 'bfloat16', 'float16', 'float64'), batch_size (rows per forward pass: of
+    scored rows and shared contexts, batch_size of the longest and as many shorter ones as make the same
+    number of tokens; of generations, batch_size rows; 'auto' is 4), max_length (tokens; default from the
+    config as HFLM), add_bos_token (as HFLM), max_gpu_memory and max_host_memory (e.g. '4GiB': where the
+    hidden states of scored requests and the key/value caches of generations may live; shared contexts
+    are used only where theirs fit on the device), offload_dir (where what fits in neither goes; default:
+    the system's temporary folder), trust_remote_code (off by default), share_contexts (default on: a
+    context shared by several continuations runs once per block).  Other arguments are refused.
     Raises StreamPruneError for a model streamprune cannot open.
     """
 
     def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 4,
                  max_length: int | None = None, add_bos_token: bool | None = None, max_gpu_memory: str | None = None,
-                 max_host_memory: str | None = None, trust_remote_code: bool = False, progress: bool = True,
-                 share_contexts: bool = True, max_batch_size: int | None = None, **unknown):
+                 max_host_memory: str | None = None, offload_dir: str | None = None, trust_remote_code: bool = False,
+                 progress: bool = True, share_contexts: bool = True, max_batch_size: int | None = None, **unknown):
         super().__init__()
         if unknown:
             raise StreamPruneError(f"unknown --model_args {', '.join(sorted(unknown))} for streamprune; it takes {', '.join(MODEL_ARGS)}")
-        budget = Budget(max_gpu_bytes=parse_size(max_gpu_memory), max_cpu_bytes=parse_size(max_host_memory))
+        budget = Budget(max_gpu_bytes=parse_size(max_gpu_memory), max_cpu_bytes=parse_size(max_host_memory), offload_dir=offload_dir)
         opened = open_model(pretrained, device, dtype, _flag(trust_remote_code), budget)
         self._serve(opened, _rows_per_pass(batch_size), int(max_length) if max_length else None,
                     None if add_bos_token is None else _flag(add_bos_token), _flag(progress), _flag(share_contexts))
@@ -189,7 +188,7 @@ class StreamedLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations: requests with the same generation arguments, longest context first (as
-        HFLM orders them), batch_size rows decoded together."""
+        HFLM orders them), all of a group in each block visit, batch_size rows per forward call."""
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         groups: dict[str, list[int]] = {}
         for number, request in enumerate(requests):
@@ -206,19 +205,17 @@ class StreamedLM(TemplateLM):
                                        f"in max_length {self.max_length}; pass a larger max_length in --model_args")
             contexts = {n: self.tok_encode(requests[n].args[0], left_truncate_len=room) for n in numbers}
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
-            for start in range(0, len(ordered), self._batch_size):
-                batch = ordered[start : start + self._batch_size]
-                generated = greedy_generate(self.stack, [contexts[n] for n in batch], max_gen_toks, self.tokenizer, until,
-                                            self.stop_ids, progress=self.progress and not disable_tqdm)
-                for n, tokens in zip(batch, generated):
-                    text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
-                    results[n] = text
-                    self.cache_hook.add_partial("generate_until", requests[n].args, text)
+            generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks, self.tokenizer, until,
+                                        self.stop_ids, progress=self.progress and not disable_tqdm, batch_size=self._batch_size)
+            for n, tokens in zip(ordered, generated):
+                text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
+                results[n] = text
+                self.cache_hook.add_partial("generate_until", requests[n].args, text)
         return results
 
 
 MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_length", "add_bos_token", "max_gpu_memory",
-              "max_host_memory", "trust_remote_code", "progress", "share_contexts")
+              "max_host_memory", "offload_dir", "trust_remote_code", "progress", "share_contexts")
 
 
 def _rows_per_pass(batch_size) -> int:
@@ -264,53 +261,3 @@ def _flag(value) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes")
     return bool(value)
-
-
-@torch.no_grad()
-def greedy_generate(stack, contexts: list[list[int]], max_new_tokens: int, tokenizer=None, until: list[str] | None = None,
-                    stop_ids=(), progress: bool = False) -> list[list[int]]:
-    """Greedy continuations of token-id contexts, all rows together, one block resident at a time.
-
-    The rows are left-padded with the attention mask and position ids (running count of real tokens)
-    HF generate uses, so each row continues as it would alone.  The first pass runs every block over the
-    contexts and fills each block's entry of one key/value cache (transformers' own cache class, as the
-    decoder creates it); each later pass runs every block over one new token per row.  A row stops at
-    one of stop_ids or once its decoded text holds a string of `until`; all stop after max_new_tokens.
-    Returns the new token ids per row (stop string included, as HF generate's stopping criteria do).
-    """
-    rows, device = len(contexts), stack.device
-    if min(len(c) for c in contexts) == 0:
-        raise StreamPruneError("a generation context is empty")
-    ids, mask, positions = left_padded(contexts, device)
-    new: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool)
-    with stack.decoding() as (inputs, logits_of), \
-            progress_bars.bar(total=max_new_tokens, desc="Generating", unit="token", enabled=progress, leave=False) as bar:
-        hidden, kwargs = inputs(ids, attention_mask=mask, position_ids=positions)
-        cache = kv_cache(kwargs[0])
-        if cache is None:
-            raise StreamPruneError(f"{type(stack.decoder).__name__} built no key/value cache; it cannot be decoded streamed")
-        padding = (mask == 0)[..., None]
-        for step in range(max_new_tokens):
-            for index in range(stack.num_blocks):
-                block = stack.load_block(index)
-                try:
-                    out = block(hidden, **kwargs[index])
-                finally:
-                    stack.free_block(index)
-                hidden = out[0] if isinstance(out, tuple) else out
-                if step == 0:  # a padding position attends to nothing (NaN in eager attention); nothing reads it
-                    hidden = hidden.masked_fill(padding, 0)
-            token = logits_of(hidden[:, -1:])[:, -1].argmax(dim=-1)
-            bar.update()
-            for r in range(rows):
-                if not done[r]:
-                    new[r].append(int(token[r]))
-                    if int(token[r]) in stop_ids or (until and tokenizer and any(s in tokenizer.decode(new[r]) for s in until)):
-                        done[r] = True
-            if bool(done.all()) or step + 1 == max_new_tokens:
-                break
-            mask = torch.cat([mask, torch.ones((rows, 1), dtype=mask.dtype, device=device)], dim=1)
-            positions = positions[:, -1:] + 1
-            hidden, kwargs = inputs(token[:, None], cache=cache, attention_mask=mask, position_ids=positions)
-    return new

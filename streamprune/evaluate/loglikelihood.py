@@ -26,6 +26,7 @@ from ..walker import BlockWalker
 
 PAD_TO_MULTIPLE = 8
 HEAD_POSITIONS = 512  # positions per LM-head call: bounds the logits' memory
+MIN_PASS_TOKENS = 256  # below this a pass's matrix products lose more speed than padding costs (_fill)
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,10 @@ def _rows(requests: list[Request]) -> list[_Row]:
 
 
 def _batches(rows: list[_Row], batch_size: int, max_resident_tokens: int) -> list[list[list[_Row]]]:
-    """Rows sorted by length, in batches of batch_size, in chunks of at most max_resident_tokens padded tokens."""
+    """Rows sorted by length (longest first) in batches of equal size in tokens: batch_size rows of the
+    longest, more of shorter ones (_fill); the batches in chunks of at most max_resident_tokens padded tokens."""
     ordered = sorted(rows, key=lambda row: len(row.tokens), reverse=True)
-    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    batches = _fill(ordered, lambda row: _padded_length([row]), batch_size * _padded_length(ordered[:1])) if ordered else []
     chunks, chunk, tokens = [], [], 0
     for batch in batches:
         size = len(batch) * _padded_length(batch)
@@ -71,6 +73,33 @@ def _batches(rows: list[_Row], batch_size: int, max_resident_tokens: int) -> lis
     if chunk:
         chunks.append(chunk)
     return chunks
+
+
+def _fill(items: list, width, max_tokens: int) -> list[list]:
+    """Items sorted by width in consecutive batches of at most max_tokens padded tokens (rows times the
+    widest row), one item at least, with at most 1/8 of a batch's tokens padding once it holds
+    MIN_PASS_TOKENS.
+
+    A forward pass's memory grows with its tokens (the MLP's activations) and with rows times width
+    squared (attention scores); with batch_size rows of the longest as the limit, a batch of shorter
+    rows holds no more of either, while its matrix products stay as large as the first batch's rather
+    than a few short rows' (two to three times slower per token on a CPU below 64 rows, more on a GPU).
+    A padded position costs what a real token does, hence the bound on padding; but a pass of fewer
+    than MIN_PASS_TOKENS tokens is slower per token by more than the padding it saves (measured on a
+    2-core CPU, float32, SmolLM2's linears: 109 GFLOPS below 64 rows, 158 below 128, 187 from 192)."""
+    batches, current, total, widest = [], [], 0, 0
+    for item in items:
+        size = width(item)
+        wide, rows = max(widest, size), len(current) + 1
+        padding = 8 * (total + size) < 7 * rows * wide and len(current) * widest >= MIN_PASS_TOKENS
+        if current and (rows * wide > max_tokens or padding):
+            batches.append(current)
+            current, total, wide = [], 0, size
+        current.append(item)
+        total, widest = total + size, wide
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _padded_length(batch: list[_Row]) -> int:
@@ -165,10 +194,10 @@ def streamed_logprobs(
             resident = sum(len(batch) * _padded_length(batch) for batch in chunk) * stack.text_config.hidden_size
             placement = stack.placement_for(resident, batch_size * max(_padded_length(batch) for batch in chunk))
             with stack.embedder() as embed:
-                activations = [embed(_padded_ids(batch), batch_size, placement) for batch in chunk]
+                activations = [embed(_padded_ids(batch), len(batch), placement) for batch in chunk]
             for index, _ in walker.blocks(range(stack.num_blocks)):
-                for acts in activations:
-                    stack.run_block(index, acts, batch_size, write_back=True, trim=False)
+                for batch, acts in zip(chunk, activations):
+                    stack.run_block(index, acts, len(batch), write_back=True, trim=False)
                 return_freed_memory()
                 bar.update()
             with stack.output_head() as logits_of:
@@ -254,9 +283,10 @@ def shared_context_logprobs(
     with progress_bars.bar(total=len(chunks) * stack.num_blocks, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
             stack.decoding() as (inputs, logits_of):
         for chunk in chunks:
-            # contexts of similar length together (sorted), batch_size contexts and their continuations at a time
-            batches = [_SharedBatch(chunk[i : i + batch_size], requests, inputs, stack, batch_size)
-                       for i in range(0, len(chunk), batch_size)]
+            # contexts of similar length together (sorted), as many as batch_size of the longest, and their continuations
+            max_tokens = batch_size * len(chunk[0][0])
+            batches = [_SharedBatch(groups, requests, inputs, stack, max_tokens)
+                       for groups in _fill(chunk, lambda group: len(group[0]), max_tokens)]
             for index in range(stack.num_blocks):
                 block = stack.load_block(index)
                 try:
@@ -302,7 +332,7 @@ class _SharedBatch:
     """Some contexts (left-padded) and their continuations (right-padded, in groups of similar length),
     with what each block is called with: shared_context_logprobs's unit of work."""
 
-    def __init__(self, groups, requests: list[Request], inputs, stack: DecoderStack, rows_per_pass: int):
+    def __init__(self, groups, requests: list[Request], inputs, stack: DecoderStack, max_tokens: int):
         device = stack.device
         self.groups = groups
         ids, mask, positions = left_padded([context for context, _ in groups], device)
@@ -315,8 +345,8 @@ class _SharedBatch:
         rows = sorted(((g, n) for g, (_, numbers) in enumerate(groups) for n in numbers
                        if len(requests[n].tokens) - requests[n].start > 1), key=lambda row: len(requests[row[1]].tokens) - requests[row[1]].start)
         # sorted by length, so that little of a pass is padding
-        self.parts = [_Continuations(rows[i : i + rows_per_pass], requests, inputs, stack, self.cache, mask, self.placeholder)
-                      for i in range(0, len(rows), rows_per_pass)]
+        self.parts = [_Continuations(part, requests, inputs, stack, self.cache, mask, self.placeholder)
+                      for part in _fill(rows, lambda row: len(requests[row[1]].tokens) - 1 - requests[row[1]].start, max_tokens)]
 
     def run(self, block, index: int) -> None:
         """Block `index` over the contexts (filling its cache entry), then over the continuations."""
@@ -334,21 +364,27 @@ class _SharedBatch:
 
     def score(self, logits_of, requests: list[Request], results: list, greedy: list | None) -> None:
         """Log-probabilities of every continuation: its first token from its context's last position,
-        the others from its own positions (logits of one pass of continuations at a time)."""
-        last = logits_of(self.hidden[:, -1:])[:, -1]
-        where = {n: (p, r) for p, part in enumerate(self.parts) for r, (_, n) in enumerate(part.rows)}
-        following = [logits_of(part.hidden) for part in self.parts]  # (rows, widest, vocab): rows_per_pass at a time
+        the others from its own positions, the logits of at most HEAD_POSITIONS positions at a time
+        (a batch's continuations hold up to batch_size times its longest context in tokens)."""
+        last = logits_of(self.hidden[:, -1:])[:, -1]  # (contexts, vocab)
+
+        def record(n: int, logits: torch.Tensor) -> None:
+            request = requests[n]
+            results[n], flag = _picked(_log_probs(logits), request.tokens[request.start :], greedy is not None)
+            if greedy is not None:
+                greedy[n] = flag
+
         for g, (_, numbers) in enumerate(self.groups):
             for n in numbers:
-                request = requests[n]
-                targets = list(request.tokens[request.start :])
-                logits = last[g : g + 1]
-                if n in where:
-                    p, r = where[n]
-                    logits = torch.cat([logits, following[p][r, : len(targets) - 1]])
-                results[n], flag = _picked(_log_probs(logits), targets, greedy is not None)
-                if greedy is not None:
-                    greedy[n] = flag
+                if len(requests[n].tokens) - requests[n].start == 1:  # in no pass: its one token is the context's
+                    record(n, last[g : g + 1])
+        for part in self.parts:
+            rows = max(1, HEAD_POSITIONS // part.hidden.shape[1])
+            for a in range(0, len(part.rows), rows):
+                logits = logits_of(part.hidden[a : a + rows])  # (rows, widest, vocab)
+                for r, (g, n) in enumerate(part.rows[a : a + rows]):
+                    following = len(requests[n].tokens) - requests[n].start - 1
+                    record(n, torch.cat([last[g : g + 1], logits[r, :following]]))
 
 
 @torch.inference_mode()

@@ -1,0 +1,239 @@
+"""Greedy decoding streamed one block at a time, every request of a call in the same block visits.
+
+A generated token needs every block, so each token is one pass over the blocks.  Streaming a block
+costs the same whatever the number of rows it serves, so all rows go through each visit: in groups of
+`batch_size` rows per forward call, each group left-padded as HF generate pads a batch, with its own
+key/value cache.  Between visits a group's cache entry for the block (and, while the contexts are being
+read, its hidden states) waits where hidden states would: on the device, in host memory, or in a file,
+chosen for all groups at once against the memory limits (placement.choose_placement), as for scoring.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .. import progress as progress_bars
+from ..blocks import DecoderStack, kv_cache, left_padded, with_cache
+from ..errors import StreamPruneError
+
+
+class _Parking:
+    """Holds tensors between block visits at a placement (placement module): `device` keeps them,
+    `cpu` moves them to host memory, `disk` writes each to a file and keeps a meta tensor of its shape
+    (what transformers' cache reads between visits: the keys' shape, for the cache's length)."""
+
+    def __init__(self, placement: str, device: torch.device, directory: str | None):
+        self.placement, self.device, self.folder = placement, device, None
+        if placement == "disk":
+            try:
+                self.folder = Path(tempfile.mkdtemp(prefix=".kv-cache-", dir=directory))
+            except OSError as exc:
+                raise StreamPruneError(f"cannot make a folder for the key/value cache in {directory or tempfile.gettempdir()}: "
+                                       f"{exc.strerror}; choose another folder (streamprune eval --offload-dir, or offload_dir in --model_args)") from exc
+
+    def park(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.placement == "device":
+            return tensor
+        if self.placement == "cpu":
+            return tensor.to("cpu")
+        data = tensor.detach().to("cpu").contiguous()
+        try:
+            data.view(torch.uint8).numpy().tofile(self.folder / name)
+        except OSError as exc:
+            raise StreamPruneError(f"cannot write the key/value cache to {self.folder}: {exc.strerror}") from exc
+        return torch.empty(data.shape, dtype=data.dtype, device="meta")
+
+    def fetch(self, name: str, parked: torch.Tensor) -> torch.Tensor:
+        if self.placement != "disk":
+            return parked.to(self.device)
+        values = torch.from_file(str(self.folder / name), size=parked.numel(), dtype=parked.dtype)
+        return values.view(parked.shape).to(self.device)
+
+    def close(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class _Group:
+    """batch_size rows decoded together: left-padded ids, attention mask and position ids as HF generate
+    builds them, the block inputs and call arguments the decoder's own forward makes from them, its key/
+    value cache (transformers' class, as the decoder creates it) and the tokens generated so far.
+
+    While the contexts are read, the call arguments (masks of rows x width^2, rotary tables) are made
+    again for each block visit rather than kept for every group of the round at once."""
+
+    def __init__(self, number: int, contexts: list[list[int]], inputs, device: torch.device):
+        self.number, self.device, self.inputs = number, device, inputs
+        self.ids, self.mask, self.positions = left_padded(contexts, device)
+        self.hidden, self.kwargs = inputs(self.ids, attention_mask=self.mask, position_ids=self.positions)
+        self.cache = kv_cache(self.kwargs[0])
+        if self.cache is None:
+            raise StreamPruneError("this model's decoder built no key/value cache; it cannot be decoded streamed")
+        self.padding = (self.mask == 0)[..., None]
+        self.new: list[list[int]] = [[] for _ in contexts]
+        self.done = [False] * len(contexts)
+        self.reading = True  # the first pass, over the contexts
+        self.hidden_parked = False
+
+    def run(self, block, index: int, parking: _Parking | None) -> None:
+        """Block `index` over this group's hidden states (its cache entry fetched first where parked)."""
+        layer = self.cache.layers[index]
+        if parking is not None and layer.is_initialized:
+            layer.keys = parking.fetch(f"{self.number}-{index}k", layer.keys)
+            layer.values = parking.fetch(f"{self.number}-{index}v", layer.values)
+        if self.hidden_parked:
+            self.hidden, self.hidden_parked = parking.fetch(f"{self.number}-h", self.hidden), False
+        if self.kwargs is None:  # reading, after block 0: this visit's arguments, with this group's cache
+            kwargs = with_cache(self.inputs(self.ids, attention_mask=self.mask, position_ids=self.positions)[1][index], self.cache)
+        else:
+            kwargs = self.kwargs[index]
+        out = block(self.hidden, **kwargs)
+        self.hidden = out[0] if isinstance(out, tuple) else out
+        if self.reading:  # a padding position attends to nothing (NaN in eager attention); nothing reads it
+            self.hidden = self.hidden.masked_fill(self.padding, 0)
+            self.kwargs = None
+
+    def park(self, index: int, parking: _Parking | None, last: bool) -> None:
+        """Block `index`'s cache entry, and while the contexts are read their hidden states (as large),
+        parked until the next visit; of the last block's outputs only the last position is kept (the
+        logits need no other)."""
+        if self.reading and last:
+            self.hidden = self.hidden[:, -1:].clone()
+        if parking is None:
+            return
+        layer = self.cache.layers[index]
+        layer.keys = parking.park(f"{self.number}-{index}k", layer.keys)
+        layer.values = parking.park(f"{self.number}-{index}v", layer.values)
+        if self.reading and not last:
+            self.hidden, self.hidden_parked = parking.park(f"{self.number}-h", self.hidden), True
+
+    def step(self, logits_of, inputs, tokenizer, until, stop_ids, more: bool) -> None:
+        """The greedy next token of every row (argmax, first index on ties as torch.argmax), the stop
+        rules applied per row, and with `more` the block inputs for the next pass."""
+        token = logits_of(self.hidden[:, -1:])[:, -1].argmax(dim=-1)
+        for row, value in enumerate(token.tolist()):
+            if not self.done[row]:
+                self.new[row].append(value)
+                if value in stop_ids or (until and tokenizer and any(s in tokenizer.decode(self.new[row]) for s in until)):
+                    self.done[row] = True
+        self.reading = False
+        if self.finished:  # its caches are freed now, not at the end of the round
+            self.cache = self.kwargs = self.hidden = None
+        if not more or self.finished:
+            return
+        rows = len(self.new)
+        self.mask = torch.cat([self.mask, torch.ones((rows, 1), dtype=self.mask.dtype, device=self.device)], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        self.hidden, self.kwargs = inputs(token[:, None], cache=self.cache, attention_mask=self.mask, position_ids=self.positions)
+
+    @property
+    def finished(self) -> bool:
+        return all(self.done)
+
+
+def _rounds(contexts: list[list[int]], max_new_tokens: int, batch_size: int, max_resident_tokens: int) -> list[list[int]]:
+    """Row numbers in rounds of whole groups of batch_size rows, each round at most max_resident_tokens
+    context and new tokens (one group at least): a round's masks and call arguments stay on the device."""
+    rounds, current, tokens = [], [], 0
+    for start in range(0, len(contexts), batch_size):
+        group = list(range(start, min(start + batch_size, len(contexts))))
+        size = sum(len(contexts[n]) + max_new_tokens for n in group)
+        if current and tokens + size > max_resident_tokens:
+            rounds.append(current)
+            current, tokens = [], 0
+        current += group
+        tokens += size
+    if current:
+        rounds.append(current)
+    return rounds
+
+
+def _parked_bytes(stack: DecoderStack, first: _Group, groups: list[list[list[int]]], max_new_tokens: int) -> int:
+    """The bytes a round parks at most: a token's keys and values in block 0 (2 x heads x head size x
+    item size, from the first group's entry) for every block and every row's padded context and new
+    tokens (an upper bound: sliding-window layers keep fewer), plus the contexts' hidden states."""
+    layer = first.cache.layers[0]
+    per_token = 2 * layer.keys.shape[1] * layer.keys.shape[-1] * layer.keys.element_size()
+    padded = [len(group) * max(len(context) for context in group) for group in groups]  # context tokens
+    tokens = sum(padded) + max_new_tokens * sum(len(group) for group in groups)
+    return per_token * stack.num_blocks * tokens + stack.dtype.itemsize * stack.text_config.hidden_size * sum(padded)
+
+
+@torch.no_grad()
+def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_tokens: int, tokenizer=None,
+                    until: list[str] | None = None, stop_ids=(), progress: bool = False, batch_size: int = 4,
+                    max_resident_tokens: int = 2**18) -> list[list[int]]:
+    """Greedy continuations of token-id contexts, one block resident at a time, every row in each visit.
+
+    contexts: lists of token ids (Python ints), none empty; rows next to each other decode together in groups of
+    batch_size (callers put contexts of similar length together: lm-eval's order is longest first).
+    Each group is left-padded with the attention mask and position ids (running count of real tokens)
+    HF generate uses, so each row continues as it would alone (tests: equal to transformers' generate).
+    The first pass runs every block over the contexts and fills each group's key/value cache; each
+    later pass runs every block over one new token per row.  The caches wait between visits where the
+    memory limits of the stack's budget put them (module docstring), in rounds of at most
+    max_resident_tokens tokens.  A row stops at one of stop_ids or once its decoded text holds a string
+    of `until`; a group stops when all its rows have, every row after max_new_tokens.
+    Returns the new token ids per row (a stop string's tokens included, as HF generate's stopping
+    criteria).  Raises StreamPruneError for an empty context or a decoder without a key/value cache.
+    """
+    if not contexts or max_new_tokens <= 0:
+        return [[] for _ in contexts]
+    if min(len(c) for c in contexts) == 0:
+        raise StreamPruneError("a generation context is empty")
+    new: list = [None] * len(contexts)
+    rounds = _rounds(contexts, max_new_tokens, batch_size, max_resident_tokens)
+    with stack.decoding() as (inputs, logits_of), \
+            progress_bars.bar(total=max_new_tokens * len(rounds), desc="Generating", unit="token", enabled=progress, leave=False) as bar:
+        for numbers in rounds:
+            groups = [numbers[i : i + batch_size] for i in range(0, len(numbers), batch_size)]
+            decoded = _decode(stack, [[contexts[n] for n in group] for group in groups], inputs, logits_of, max_new_tokens,
+                              tokenizer, until, stop_ids, batch_size, bar)
+            for group, done in zip(groups, decoded):
+                for n, tokens in zip(group, done.new):
+                    new[n] = tokens
+    return new
+
+
+def _decode(stack: DecoderStack, groups: list[list[list[int]]], inputs, logits_of, max_new_tokens: int, tokenizer, until,
+            stop_ids, batch_size: int, bar) -> list[_Group]:
+    """One round: every group through every block visit, a pass per generated token."""
+    last = stack.num_blocks - 1
+    live: list[_Group] = []
+    parking: _Parking | None = None
+    try:
+        for step in range(max_new_tokens):
+            for index in range(stack.num_blocks):
+                block = stack.load_block(index)
+                try:
+                    if step == 0 and index == 0:  # groups are made as block 0 first reaches them
+                        for number, rows in enumerate(groups):
+                            group = _Group(number, rows, inputs, stack.device)
+                            group.run(block, 0, parking)
+                            if number == 0:
+                                placement = stack.placement_of_bytes(_parked_bytes(stack, group, groups, max_new_tokens),
+                                                                     batch_size * group.mask.shape[1])
+                                parking = None if placement == "device" else _Parking(placement, stack.device, stack.budget.offload_dir)
+                            group.park(0, parking, last == 0)
+                            live.append(group)
+                    else:
+                        for group in live:
+                            if not group.finished:
+                                group.run(block, index, parking)
+                                group.park(index, parking, index == last)
+                finally:
+                    stack.free_block(index)
+            for group in live:
+                if not group.finished:
+                    group.step(logits_of, inputs, tokenizer, until, stop_ids, more=step + 1 < max_new_tokens)
+            bar.update()
+            if all(group.finished for group in live):
+                break
+    finally:
+        if parking is not None:
+            parking.close()
+    return live

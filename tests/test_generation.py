@@ -1,0 +1,153 @@
+"""Greedy generation streamed block by block (streamprune.evaluate.generation), against transformers'
+generate on the same tiny float64 checkpoints, with the key/value caches kept on the device, parked in
+files between block visits, and split into rounds."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from streamprune.evaluate import generation
+from streamprune.evaluate.generation import greedy_generate
+from streamprune.loading import open_model
+from streamprune.placement import Budget
+
+LENGTHS = (5, 13, 9, 7, 11)
+
+
+def _contexts(seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=generator).tolist() for n in LENGTHS]
+
+
+def _expected(model_dir, contexts, new_tokens):
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    # an explicit attention mask: without one, generate would take the context's pad_token_id tokens for padding
+    return [model.generate(torch.tensor([c]), attention_mask=torch.ones(1, len(c), dtype=torch.long), max_new_tokens=new_tokens,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(c) :].tolist() for c in contexts]
+
+
+class _Recorded(generation._Parking):
+    """_Parking that records its placement and how many tensors it wrote."""
+
+    made: list = []
+
+    def __init__(self, placement, device, directory):
+        super().__init__(placement, device, directory)
+        self.parked = 0
+        _Recorded.made.append(self)
+
+    def park(self, name, tensor):
+        self.parked += 1
+        return super().park(name, tensor)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+def test_groups_decoded_in_the_same_block_visits_equal_transformers_generate(tiny_checkpoint, family):
+    """Five rows of different lengths in three groups of two (left-padded each), all in every block
+    visit, continue as each does alone in transformers' generate (greedy): Gemma 2's sliding windows and
+    softcapping, GPT-NeoX's cache."""
+    model_dir = tiny_checkpoint(family, tie_embeddings=None)
+    contexts = _contexts()
+    ours = greedy_generate(open_model(model_dir, device="cpu").stack, contexts, 12, batch_size=2)
+    assert ours == _expected(model_dir, contexts, 12)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_caches_parked_in_files_between_visits_give_the_same_tokens(tiny_checkpoint, family, tmp_path, monkeypatch):
+    """With --offload disk, and with auto under a host-memory limit too small for the caches, every
+    cache entry (and the contexts' hidden states) waits in a file between block visits; the tokens are
+    those of transformers' generate, and no file is left behind."""
+    model_dir = tiny_checkpoint(family, tie_embeddings=None)
+    contexts = _contexts(2)
+    expected = _expected(model_dir, contexts, 8)
+    monkeypatch.setattr(generation, "_Parking", _Recorded)
+    for budget in (Budget(offload="disk", offload_dir=str(tmp_path)), Budget(max_cpu_bytes=1, offload_dir=str(tmp_path))):
+        _Recorded.made.clear()
+        stack = open_model(model_dir, device="cpu", budget=budget).stack
+        assert greedy_generate(stack, contexts, 8, batch_size=2) == expected
+        (parking,) = _Recorded.made
+        assert parking.placement == "disk"
+        # 3 groups x 3 blocks x (keys, values) per pass, 8 passes, plus the contexts' hidden states
+        assert parking.parked == 3 * 3 * 2 * 8 + 3 * 2
+        assert list(tmp_path.iterdir()) == []
+    _Recorded.made.clear()
+    assert greedy_generate(open_model(model_dir, device="cpu").stack, contexts, 8, batch_size=2) == expected
+    assert _Recorded.made == []  # room on the device: nothing parked
+
+
+def test_rounds_and_rows_that_stop_early(tiny_checkpoint, tmp_path):
+    """Rounds of at most max_resident_tokens tokens give the same tokens as one round; a row that meets a
+    stop id stops there (the id included) while the rows of its group and of the others go on."""
+    model_dir = tiny_checkpoint("llama", layers=2)
+    stack = open_model(model_dir, device="cpu").stack
+    contexts = _contexts(3)
+    free = greedy_generate(stack, contexts, 10, batch_size=2)
+    assert free == _expected(model_dir, contexts, 10)
+    assert greedy_generate(stack, contexts, 10, batch_size=2, max_resident_tokens=30) == free  # a group a round
+    stop = free[0][0]
+    stopped = greedy_generate(stack, contexts, 10, stop_ids={stop}, batch_size=2)
+    for row, tokens in zip(free, stopped):
+        assert tokens == (row[: row.index(stop) + 1] if stop in row else row)
+    assert stopped[0] == [stop] and any(len(tokens) == 10 for tokens in stopped)
+    # the same with every cache in files, and with row 0 alone in its group: a whole group stops early
+    parked = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
+    assert greedy_generate(parked, contexts, 10, stop_ids={stop}, batch_size=2) == stopped
+    assert greedy_generate(parked, contexts[:1] + contexts, 10, stop_ids={stop}, batch_size=1) == [[stop]] + stopped
+    assert greedy_generate(stack, contexts, 0) == [[]] * len(contexts)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_parked_bytes_bound_the_caches_of_a_round(tiny_checkpoint, family):
+    """The bytes a round may park: for Llama exactly a token's keys and values (2 x kv heads x head size
+    x 8 bytes) for every block and every padded context and new token, plus the contexts' hidden states;
+    never less than the caches transformers' generate builds for the same groups, also for Gemma 2,
+    whose block 0 keeps a sliding window of 8 (shorter than the contexts)."""
+    model_dir = tiny_checkpoint(family, tie_embeddings=None)
+    stack = open_model(model_dir, device="cpu").stack
+    contexts = _contexts()
+    groups, new = [contexts[0:2], contexts[2:4]], 6  # widths 13 and 9
+    with stack.decoding() as (inputs, _):
+        group = generation._Group(0, groups[0], inputs, stack.device)
+        group.run(stack.load_block(0), 0, None)
+        stack.free_block(0)
+        estimate = generation._parked_bytes(stack, group, groups, new)
+    config = stack.text_config
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_key_value_heads * head * 8
+    padded = 2 * 13 + 2 * 9
+    hidden = 8 * config.hidden_size * padded
+    assert estimate == per_token * stack.num_blocks * (padded + new * 4) + hidden
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    built = 0
+    for rows in groups:
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(c)) + c for c in rows])
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in rows])
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None,
+                             pad_token_id=0, return_dict_in_generate=True)
+        built += sum(layer.keys.nbytes + layer.values.nbytes for layer in out.past_key_values.layers)
+    if family == "llama":  # every token but the last generated one is in the cache
+        assert built == per_token * stack.num_blocks * (padded + (new - 1) * 4)
+    assert built <= estimate - hidden
+
+
+class _FailingTokenizer:
+    """Decodes as a list's repr, and fails on its third call."""
+
+    calls = 0
+
+    def decode(self, ids):
+        _FailingTokenizer.calls += 1
+        if _FailingTokenizer.calls == 3:
+            raise KeyboardInterrupt
+        return repr(ids)
+
+
+def test_parked_files_are_removed_when_decoding_stops_with_an_error(tiny_checkpoint, tmp_path):
+    """Ctrl-C (or any error) in the middle of decoding leaves no cache file behind."""
+    model_dir = tiny_checkpoint("llama", layers=2)
+    stack = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
+    with pytest.raises(KeyboardInterrupt):
+        greedy_generate(stack, _contexts(), 8, _FailingTokenizer(), until=["never"], batch_size=2)
+    assert _FailingTokenizer.calls == 3
+    assert list(tmp_path.iterdir()) == []
