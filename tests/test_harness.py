@@ -82,19 +82,26 @@ def test_rolling_loglikelihood_covers_each_token_once(tiny_checkpoint):
 
 def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monkeypatch, tmp_path):
     """`streamprune eval --tasks boolq,sp_boolq --include-path ...`: the built-in BoolQ and the same questions
-    as an lm-eval YAML task give the same accuracy on all 60 examples; lm-eval's metrics land in the JSON."""
+    as an lm-eval YAML task give the same accuracy on all 60 examples; lm-eval's metrics land in the JSON;
+    --max-resident-tokens reaches the backend's scoring."""
     import json
 
     from click.testing import CliRunner
 
     from streamprune.cli import main
+    from streamprune.evaluate import harness
 
     monkeypatch.chdir(ROOT)
+    seen = []
+    scoring = harness.streamed_logprobs
+    monkeypatch.setattr(harness, "streamed_logprobs", lambda *a, **k: seen.append(k["max_resident_tokens"]) or scoring(*a, **k))
     model_dir = tiny_checkpoint("llama", layers=2)
     out = tmp_path / "results.json"
     result = CliRunner().invoke(main, ["eval", str(model_dir), "--tasks", "boolq,sp_boolq,sp_rolling", "--include-path",
-                                       "tests/data/lmeval", "--data-dir", "tests/data", "--quiet", "--json", str(out)])
+                                       "tests/data/lmeval", "--data-dir", "tests/data", "--quiet", "--json", str(out),
+                                       "--max-resident-tokens", "4096"])
     assert result.exit_code == 0, result.output
+    assert seen and set(seen) == {4096}
     tasks = json.loads(out.read_text())["tasks"]
     assert tasks["sp_boolq"]["n"] == tasks["boolq"]["n"] == 60
     assert tasks["sp_boolq"]["acc"] == pytest.approx(tasks["boolq"]["acc"])

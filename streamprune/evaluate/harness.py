@@ -46,6 +46,7 @@ from .loglikelihood import Request, streamed_logprobs
 
 DEFAULT_MAX_LENGTH = 2048  # HFLM's _DEFAULT_MAX_LENGTH
 MAX_GEN_TOKS = 256  # HFLM's max_gen_toks
+MAX_RESIDENT_TOKENS = 2**18  # streamprune eval's default --max-resident-tokens
 
 
 @register_model("streamprune")
@@ -84,6 +85,7 @@ class StreamedLM(TemplateLM):
         self.stack, self.tokenizer, self.stop_ids = opened.stack, opened.tokenizer, _stop_ids(opened)
         self._batch_size, self._max_length, self.add_bos_token = batch_size, max_length, add_bos_token
         self.progress, self.share_contexts = progress, share_contexts
+        self.max_resident_tokens = MAX_RESIDENT_TOKENS
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "StreamedLM":
@@ -97,11 +99,14 @@ class StreamedLM(TemplateLM):
         return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
-    def from_opened(cls, opened, batch_size: int = 4, max_length: int | None = None, progress: bool = True) -> "StreamedLM":
-        """The backend over a model streamprune has already opened (loading.open_model)."""
+    def from_opened(cls, opened, batch_size: int = 4, max_length: int | None = None, progress: bool = True,
+                    max_resident_tokens: int = MAX_RESIDENT_TOKENS) -> "StreamedLM":
+        """The backend over a model streamprune has already opened (loading.open_model); max_resident_tokens
+        (tokens whose hidden states or caches are kept at once: more go in rounds) as streamprune eval's."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
         lm._serve(opened, batch_size, max_length, None, progress, True)
+        lm.max_resident_tokens = max_resident_tokens
         return lm
 
     # -- what the harness asks of a model ---------------------------------------------------------
@@ -161,7 +166,7 @@ class StreamedLM(TemplateLM):
             tokens = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
             scored.append(Request(tuple(tokens), len(tokens) - len(continuation_enc)))
         greedy: list = []
-        logprobs = streamed_logprobs(self.stack, scored, batch_size=self._batch_size, progress=self.progress and not disable_tqdm,
+        logprobs = streamed_logprobs(self.stack, scored, batch_size=self._batch_size, max_resident_tokens=self.max_resident_tokens, progress=self.progress and not disable_tqdm,
                                      desc="lm-eval loglikelihood", greedy=greedy, share_contexts=self.share_contexts)
         results = [(float(lp.sum()), bool(g)) for lp, g in zip(logprobs, greedy)]
         for (pair, _, _), result in zip(requests, results):
@@ -206,7 +211,8 @@ class StreamedLM(TemplateLM):
             contexts = {n: self.tok_encode(requests[n].args[0], left_truncate_len=room) for n in numbers}
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
             generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks, self.tokenizer, until,
-                                        self.stop_ids, progress=self.progress and not disable_tqdm, batch_size=self._batch_size)
+                                        self.stop_ids, progress=self.progress and not disable_tqdm, batch_size=self._batch_size,
+                                        max_resident_tokens=self.max_resident_tokens)
             for n, tokens in zip(ordered, generated):
                 text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
                 results[n] = text

@@ -264,7 +264,8 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
 
     from .harness import StreamedLM
 
-    lm = StreamedLM.from_opened(scorer.opened, batch_size=config.batch_size, progress=progress)
+    lm = StreamedLM.from_opened(scorer.opened, batch_size=config.batch_size, progress=progress,
+                                max_resident_tokens=config.max_resident_tokens)
     output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
                                      num_fewshot=config.num_fewshot, limit=config.limit)
     results = {}
