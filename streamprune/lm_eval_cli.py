@@ -10,10 +10,15 @@ lm-eval's command unchanged, so every option of `lm_eval` works as documented th
 
 from __future__ import annotations
 
+import os
 import sys
+
+from .errors import StreamPruneError, one_line
 
 
 def main() -> None:
+    """Runs lm-eval's command; a StreamPruneError (bad --model_args, a model streamprune cannot open) is
+    one `Error: ...` line on stderr and exit status 1, with the traceback only under STREAMPRUNE_DEBUG=1."""
     try:
         from lm_eval.__main__ import cli_evaluate
 
@@ -21,7 +26,13 @@ def main() -> None:
     except ImportError:
         sys.stderr.write("Error: lm-evaluation-harness is not installed; pip install 'streamprune[lmeval]'\n")
         sys.exit(1)
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except StreamPruneError as exc:
+        if os.environ.get("STREAMPRUNE_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"\nError: {one_line(exc)}\n")
+        sys.exit(getattr(exc, "exit_code", 1))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def choose_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise StreamPruneError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise StreamPruneError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        raise StreamPruneError(f"device {name} was asked for but CUDA is not available here; use cpu")
     return device
 
 
@@ -103,6 +103,8 @@ def compute_dtype(reader: CheckpointReader, requested: str, device: torch.device
     GFLOP/s on the development machine), and float32 holds every float16 value exactly.
     """
     if requested != "auto":
+        if requested not in DTYPES:
+            raise StreamPruneError(f"unknown dtype {requested!r}; use auto, {', '.join(DTYPES)}")
         return DTYPES[requested]
     stored = stored_dtype(reader)
     if stored not in DTYPES.values():

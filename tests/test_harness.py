@@ -6,6 +6,7 @@ them through lm_eval.simple_evaluate on the same tiny float64 checkpoint.
 """
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,33 @@ def test_generation_stops_at_a_stop_id_or_string_and_bad_model_args_are_refused(
         StreamedLM(pretrained=str(model_dir), device="cpu", revision="main")
     with pytest.raises(StreamPruneError, match="batch_size"):
         StreamedLM(pretrained=str(model_dir), device="cpu", batch_size="many")
+    # bad values are refused too, not read as something else (a typo must not turn sharing off)
+    for args, fragment in (({"share_contexts": "maybe"}, "share_contexts must be true or false, not 'maybe'"),
+                           ({"dtype": "int8"}, "unknown dtype 'int8'; use auto, "),
+                           ({"max_length": "abc"}, "max_length must be a whole number, not 'abc'"),
+                           ({"offload_dir": str(model_dir / "missing")}, "is not a folder")):
+        with pytest.raises(StreamPruneError, match=re.escape(fragment)):
+            StreamedLM(pretrained=str(model_dir), device="cpu", **args)
+    assert StreamedLM(pretrained=str(model_dir), device="cpu", share_contexts="off", progress="0").share_contexts is False
+
+
+def test_lm_eval_command_reports_bad_model_args_in_one_line(tiny_checkpoint, monkeypatch, capsys):
+    """streamprune-lm-eval: a StreamPruneError is one `Error: ...` line on stderr and exit status 1."""
+    import sys
+
+    from streamprune.lm_eval_cli import main as lm_eval_main
+
+    monkeypatch.chdir(ROOT)
+    model_dir = tiny_checkpoint("llama", layers=2)
+    monkeypatch.setattr(sys, "argv", ["streamprune-lm-eval", "--model", "streamprune", "--model_args",
+                                      f"pretrained={model_dir},device=cpu,revision=main", "--tasks", "sp_boolq",
+                                      "--include_path", "tests/data/lmeval", "--limit", "2"])
+    with pytest.raises(SystemExit) as exit_:
+        lm_eval_main()
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "StreamPruneError" not in err  # no traceback of it (lm-eval's own logging may print other noise here)
+    assert err.splitlines()[-1].startswith("Error: unknown --model_args revision for streamprune; it takes pretrained, ")
 
 
 def test_chat_templates_are_applied_as_the_hf_backend_applies_them(tiny_checkpoint, monkeypatch, tmp_path):

@@ -28,6 +28,8 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import StreamPruneError
 
 try:
@@ -72,10 +74,14 @@ class StreamedLM(TemplateLM):
         super().__init__()
         if unknown:
             raise StreamPruneError(f"unknown --model_args {', '.join(sorted(unknown))} for streamprune; it takes {', '.join(MODEL_ARGS)}")
+        if offload_dir is not None and not Path(offload_dir).is_dir():
+            raise StreamPruneError(f"offload_dir {offload_dir} is not a folder; make it or choose another")
         budget = Budget(max_gpu_bytes=parse_size(max_gpu_memory), max_cpu_bytes=parse_size(max_host_memory), offload_dir=offload_dir)
-        opened = open_model(pretrained, device, dtype, _flag(trust_remote_code), budget)
-        self._serve(opened, _rows_per_pass(batch_size), int(max_length) if max_length else None,
-                    None if add_bos_token is None else _flag(add_bos_token), _flag(progress), _flag(share_contexts))
+        flags = {name: _flag(name, value) for name, value in (("trust_remote_code", trust_remote_code), ("progress", progress),
+                                                               ("share_contexts", share_contexts), ("add_bos_token", add_bos_token))}
+        opened = open_model(pretrained, device, dtype, flags["trust_remote_code"], budget)
+        self._serve(opened, _rows_per_pass(batch_size), _whole("max_length", max_length), flags["add_bos_token"],
+                    flags["progress"], flags["share_contexts"])
 
     def _serve(self, opened, batch_size: int, max_length: int | None, add_bos_token: bool | None, progress: bool,
                share_contexts: bool) -> None:
@@ -262,8 +268,27 @@ def _greedy_only(kwargs: dict) -> None:
         raise StreamPruneError("streamed generation does not apply repetition_penalty, which the task asks for")
 
 
-def _flag(value) -> bool:
-    """--model_args gives strings: 'True', 'false', '1'."""
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes")
-    return bool(value)
+def _flag(name: str, value) -> bool | None:
+    """A yes/no model argument: --model_args gives strings ('True', 'false', '1', 'on'); None stays None.
+    Anything else is refused: a typo must not turn a feature off."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise StreamPruneError(f"{name} must be true or false, not {value!r}")
+
+
+def _whole(name: str, value) -> int | None:
+    """A positive whole-number model argument (a string from --model_args), or None."""
+    if value in (None, ""):
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise StreamPruneError(f"{name} must be a whole number, not {value!r}") from None
+    if number < 1:
+        raise StreamPruneError(f"{name} must be at least 1")
+    return number
