@@ -109,6 +109,7 @@ def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monke
     assert tasks["sp_boolq"]["source"] == "lm-eval" and "acc_stderr" in tasks["sp_boolq"]
     assert tasks["sp_rolling"]["primary"] == "word_perplexity" and not tasks["sp_rolling"]["in_macro_mean"]
     assert tasks["macro_mean"] == pytest.approx(tasks["boolq"]["acc"])
+    assert json.loads(out.read_text())["versions"]["lm_eval"] == lm_eval.__version__
     assert "sp_boolq acc (lm-eval, n=60)" in result.output
 
 

@@ -212,8 +212,10 @@ def evaluate(
         jobs.append((name, requests, partial(_task_result, task, examples), partial(_answer_name, name, examples)))
     results["timings"]["prepare_s"] = round(time.perf_counter() - started, 3)
     step = time.perf_counter()
-    logprobs = scorer.score([request for _, requests, _, _ in jobs for request in requests])
-    results["timings"]["scoring_s"] = round(time.perf_counter() - step, 3)
+    scored = [request for _, requests, _, _ in jobs for request in requests]
+    logprobs = scorer.score(scored) if scored else []  # lm-eval tasks alone: no pass of our own
+    if scored:
+        results["timings"]["scoring_s"] = round(time.perf_counter() - step, 3)
     _check_finite(jobs, logprobs, scorer.dtype)
     offset = 0
     for name, requests, finish, _ in jobs:
@@ -233,6 +235,10 @@ def evaluate(
     results["timings"]["total_s"] = round(time.perf_counter() - started, 3)
     results["peak_memory"] = peak_memory(scorer.device)
     results["versions"] = versions()
+    if config.harness_tasks:  # lm-eval's task definitions and metrics are part of what the numbers mean
+        import lm_eval
+
+        results["versions"]["lm_eval"] = lm_eval.__version__
     return results
 
 
