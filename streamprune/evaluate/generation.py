@@ -19,6 +19,7 @@ import torch
 from .. import progress as progress_bars
 from ..blocks import DecoderStack, kv_cache, left_padded, with_cache
 from ..errors import StreamPruneError
+from .loglikelihood import chunked
 
 
 class _Parking:
@@ -135,23 +136,6 @@ class _Group:
         return all(self.done)
 
 
-def _rounds(contexts: list[list[int]], max_new_tokens: int, batch_size: int, max_resident_tokens: int) -> list[list[int]]:
-    """Row numbers in rounds of whole groups of batch_size rows, each round at most max_resident_tokens
-    context and new tokens (one group at least): a round's masks and call arguments stay on the device."""
-    rounds, current, tokens = [], [], 0
-    for start in range(0, len(contexts), batch_size):
-        group = list(range(start, min(start + batch_size, len(contexts))))
-        size = sum(len(contexts[n]) + max_new_tokens for n in group)
-        if current and tokens + size > max_resident_tokens:
-            rounds.append(current)
-            current, tokens = [], 0
-        current += group
-        tokens += size
-    if current:
-        rounds.append(current)
-    return rounds
-
-
 def _parked_bytes(stack: DecoderStack, first: _Group, groups: list[list[list[int]]], max_new_tokens: int) -> int:
     """The bytes a round parks at most: a token's keys and values in block 0 (2 x heads x head size x
     item size, from the first group's entry) for every block and every row's padded context and new
@@ -186,14 +170,16 @@ def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_toke
     if min(len(c) for c in contexts) == 0:
         raise StreamPruneError("a generation context is empty")
     new: list = [None] * len(contexts)
-    rounds = _rounds(contexts, max_new_tokens, batch_size, max_resident_tokens)
+    # rounds of whole groups, each at most max_resident_tokens context and new tokens: a round's masks and
+    # call arguments stay on the device
+    groups = [list(range(start, min(start + batch_size, len(contexts)))) for start in range(0, len(contexts), batch_size)]
+    rounds = chunked(groups, lambda group: sum(len(contexts[n]) + max_new_tokens for n in group), max_resident_tokens)
     with stack.decoding() as (inputs, logits_of), \
             progress_bars.bar(total=max_new_tokens * len(rounds), desc="Generating", unit="token", enabled=progress, leave=False) as bar:
-        for numbers in rounds:
-            groups = [numbers[i : i + batch_size] for i in range(0, len(numbers), batch_size)]
-            decoded = _decode(stack, [[contexts[n] for n in group] for group in groups], inputs, logits_of, max_new_tokens,
+        for round_ in rounds:
+            decoded = _decode(stack, [[contexts[n] for n in group] for group in round_], inputs, logits_of, max_new_tokens,
                               tokenizer, until, stop_ids, batch_size, bar)
-            for group, done in zip(groups, decoded):
+            for group, done in zip(round_, decoded):
                 for n, tokens in zip(group, done.new):
                     new[n] = tokens
     return new

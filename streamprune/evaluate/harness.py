@@ -84,14 +84,13 @@ class StreamedLM(TemplateLM):
                     flags["progress"], flags["share_contexts"])
 
     def _serve(self, opened, batch_size: int, max_length: int | None, add_bos_token: bool | None, progress: bool,
-               share_contexts: bool) -> None:
+               share_contexts: bool, max_resident_tokens: int = MAX_RESIDENT_TOKENS) -> None:
         """Takes the opened model and the settings, already parsed."""
         if opened.tokenizer is None:
             raise StreamPruneError(f"{opened.model_dir} has no tokenizer; lm-eval's tasks need one")
         self.stack, self.tokenizer, self.stop_ids = opened.stack, opened.tokenizer, _stop_ids(opened)
         self._batch_size, self._max_length, self.add_bos_token = batch_size, max_length, add_bos_token
-        self.progress, self.share_contexts = progress, share_contexts
-        self.max_resident_tokens = MAX_RESIDENT_TOKENS
+        self.progress, self.share_contexts, self.max_resident_tokens = progress, share_contexts, max_resident_tokens
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "StreamedLM":
@@ -111,8 +110,7 @@ class StreamedLM(TemplateLM):
         (tokens whose hidden states or caches are kept at once: more go in rounds) as streamprune eval's."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
-        lm._serve(opened, batch_size, max_length, None, progress, True)
-        lm.max_resident_tokens = max_resident_tokens
+        lm._serve(opened, batch_size, max_length, None, progress, True, max_resident_tokens)
         return lm
 
     # -- what the harness asks of a model ---------------------------------------------------------

@@ -38,6 +38,11 @@ class Request:
         if not 1 <= self.start < len(self.tokens):
             raise ValueError(f"start {self.start} must be in [1, {len(self.tokens)})")
 
+    @property
+    def scored(self) -> int:
+        """How many tokens are scored (the continuation's length)."""
+        return len(self.tokens) - self.start
+
 
 @dataclass
 class _Row:
@@ -62,14 +67,19 @@ def _batches(rows: list[_Row], batch_size: int, max_resident_tokens: int) -> lis
     longest, more of shorter ones (_fill); the batches in chunks of at most max_resident_tokens padded tokens."""
     ordered = sorted(rows, key=lambda row: len(row.tokens), reverse=True)
     batches = _fill(ordered, lambda row: _padded_length([row]), batch_size * _padded_length(ordered[:1])) if ordered else []
-    chunks, chunk, tokens = [], [], 0
-    for batch in batches:
-        size = len(batch) * _padded_length(batch)
-        if chunk and tokens + size > max_resident_tokens:
+    return chunked(batches, lambda batch: len(batch) * _padded_length(batch), max_resident_tokens)
+
+
+def chunked(items: list, size, limit: int) -> list[list]:
+    """Consecutive items in chunks whose sizes (size(item), e.g. tokens) add up to at most `limit`, one
+    item at least: the rounds whose hidden states or caches are resident together."""
+    chunks, chunk, total = [], [], 0
+    for item in items:
+        if chunk and total + size(item) > limit:
             chunks.append(chunk)
-            chunk, tokens = [], 0
-        chunk.append(batch)
-        tokens += size
+            chunk, total = [], 0
+        chunk.append(item)
+        total += size(item)
     if chunk:
         chunks.append(chunk)
     return chunks
@@ -119,7 +129,7 @@ def _score_row(hidden: torch.Tensor, row: _Row, requests: list[Request], logits_
     With `greedy`, greedy[n] is whether every scored token is the most likely one (the harness's
     is_greedy: argmax of the logits, first index on ties, as torch.argmax)."""
     for n in row.requests:
-        results[n] = torch.empty(len(requests[n].tokens) - requests[n].start, dtype=torch.float64)
+        results[n] = torch.empty(requests[n].scored, dtype=torch.float64)
         if greedy is not None:
             greedy[n] = True
     for a in range(row.first_position, len(row.tokens), HEAD_POSITIONS):
@@ -215,7 +225,7 @@ def _shared_groups(requests: list[Request]) -> list[list[int]]:
     least two requests, and a continuation of two or more tokens among them (single-token answers after
     one context already share one row)."""
     return [numbers for numbers in _by_context(requests).values()
-            if len(numbers) > 1 and any(len(requests[n].tokens) - requests[n].start > 1 for n in numbers)]
+            if len(numbers) > 1 and any(requests[n].scored > 1 for n in numbers)]
 
 
 def _by_context(requests: list[Request]) -> dict[tuple[int, ...], list[int]]:
@@ -236,20 +246,6 @@ def _sharing_fits(stack: DecoderStack, requests: list[Request], batch_size: int,
     tokens = min(sum(len(r.tokens) for r in requests), max_resident_tokens)
     longest = max(len(r.tokens) for r in requests)
     return stack.placement_for(tokens * stack.text_config.hidden_size, batch_size * 4 * longest) == "device"
-
-
-def _context_chunks(groups: list[tuple[tuple[int, ...], list[int]]], requests: list[Request], max_resident_tokens: int):
-    """Groups in chunks of at most max_resident_tokens context plus continuation tokens (one at least)."""
-    chunk, tokens = [], 0
-    for group in groups:
-        size = len(group[0]) + sum(len(requests[n].tokens) - requests[n].start for n in group[1])
-        if chunk and tokens + size > max_resident_tokens:
-            yield chunk
-            chunk, tokens = [], 0
-        chunk.append(group)
-        tokens += size
-    if chunk:
-        yield chunk
 
 
 @torch.inference_mode()
@@ -279,7 +275,8 @@ def shared_context_logprobs(
         greedy[:] = [None] * len(requests)
     results: list = [None] * len(requests)
     ordered = sorted(_by_context(requests).items(), key=lambda item: len(item[0]), reverse=True)
-    chunks = list(_context_chunks(ordered, requests, max_resident_tokens))
+    # chunks of at most max_resident_tokens context plus continuation tokens
+    chunks = chunked(ordered, lambda group: len(group[0]) + sum(requests[n].scored for n in group[1]), max_resident_tokens)
     with progress_bars.bar(total=len(chunks) * stack.num_blocks, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
             stack.decoding() as (inputs, logits_of):
         for chunk in chunks:
@@ -307,7 +304,7 @@ class _Continuations:
     def __init__(self, rows, requests: list[Request], inputs, stack: DecoderStack, cache, mask, placeholder):
         device = stack.device
         self.rows = rows  # (context number in the batch, request number)
-        widest = max(len(requests[n].tokens) - 1 - requests[n].start for _, n in rows)
+        widest = max(requests[n].scored - 1 for _, n in rows)
         self.owner = torch.tensor([g for g, _ in rows], device=device)
         ids = torch.zeros((len(rows), widest), dtype=torch.long)
         own_mask = torch.zeros((len(rows), widest), dtype=torch.long)
@@ -342,11 +339,11 @@ class _SharedBatch:
             raise _NoCache
         self.padding = (mask == 0)[..., None]
         self.placeholder = torch.zeros((1, 1, ids.shape[1], 1), dtype=stack.dtype, device=device)
-        rows = sorted(((g, n) for g, (_, numbers) in enumerate(groups) for n in numbers
-                       if len(requests[n].tokens) - requests[n].start > 1), key=lambda row: len(requests[row[1]].tokens) - requests[row[1]].start)
+        rows = sorted(((g, n) for g, (_, numbers) in enumerate(groups) for n in numbers if requests[n].scored > 1),
+                      key=lambda row: requests[row[1]].scored)
         # sorted by length, so that little of a pass is padding
         self.parts = [_Continuations(part, requests, inputs, stack, self.cache, mask, self.placeholder)
-                      for part in _fill(rows, lambda row: len(requests[row[1]].tokens) - 1 - requests[row[1]].start, max_tokens)]
+                      for part in _fill(rows, lambda row: requests[row[1]].scored - 1, max_tokens)]
 
     def run(self, block, index: int) -> None:
         """Block `index` over the contexts (filling its cache entry), then over the continuations."""
@@ -376,15 +373,14 @@ class _SharedBatch:
 
         for g, (_, numbers) in enumerate(self.groups):
             for n in numbers:
-                if len(requests[n].tokens) - requests[n].start == 1:  # in no pass: its one token is the context's
+                if requests[n].scored == 1:  # in no pass: its one token is the context's
                     record(n, last[g : g + 1])
         for part in self.parts:
             rows = max(1, HEAD_POSITIONS // part.hidden.shape[1])
             for a in range(0, len(part.rows), rows):
                 logits = logits_of(part.hidden[a : a + rows])  # (rows, widest, vocab)
                 for r, (g, n) in enumerate(part.rows[a : a + rows]):
-                    following = len(requests[n].tokens) - requests[n].start - 1
-                    record(n, torch.cat([last[g : g + 1], logits[r, :following]]))
+                    record(n, torch.cat([last[g : g + 1], logits[r, : requests[n].scored - 1]]))
 
 
 @torch.inference_mode()

@@ -61,7 +61,6 @@ class EvalConfig:
         if self.load_in_8bit and self.load_in_4bit:
             raise StreamPruneError("choose one of --load-in-8bit and --load-in-4bit")
 
-
     @property
     def builtin_tasks(self) -> tuple[str, ...]:
         return tuple(t for t in self.tasks if t in all_tasks())
@@ -211,10 +210,11 @@ def evaluate(
         requests = requests_for(examples, scorer.tokenizer, scorer.max_length)
         jobs.append((name, requests, partial(_task_result, task, examples), partial(_answer_name, name, examples)))
     results["timings"]["prepare_s"] = round(time.perf_counter() - started, 3)
-    step = time.perf_counter()
     scored = [request for _, requests, _, _ in jobs for request in requests]
-    logprobs = scorer.score(scored) if scored else []  # lm-eval tasks alone: no pass of our own
-    if scored:
+    logprobs = []
+    if scored:  # lm-eval tasks alone: no pass of our own
+        step = time.perf_counter()
+        logprobs = scorer.score(scored)
         results["timings"]["scoring_s"] = round(time.perf_counter() - step, 3)
     _check_finite(jobs, logprobs, scorer.dtype)
     offset = 0
