@@ -2,10 +2,13 @@
 
     streamprune-lm-eval --model streamprune --model_args pretrained=DIR,device=cuda,dtype=auto --tasks hellaswag
 
-lm-eval 0.4.13 (the current release) finds models only in its own source tree or among classes already
-imported when its command runs; it has no entry points for installed packages.  This command imports
-streamprune's backend (streamprune.evaluate.harness.StreamedLM, registered as "streamprune") and then runs
-lm-eval's command unchanged, so every option of `lm_eval` works as documented there.
+streamprune declares StreamedLM in lm-eval's plugin group `lm_eval.models` (setup.cfg), so an lm-eval that
+discovers plugins (its main branch since EleutherAI/lm-evaluation-harness#4013) runs `lm_eval --model
+streamprune` itself.  lm-eval 0.4.13 (the current release) has no such discovery: it finds models only in its
+own source tree or among classes already imported when its command runs.  This command imports streamprune's
+backend (streamprune.evaluate.harness.StreamedLM, registered as "streamprune") and then runs lm-eval's
+command unchanged, so every option of `lm_eval` works as documented there, with either kind of lm-eval; it
+also prints streamprune's errors as one line.
 """
 
 from __future__ import annotations

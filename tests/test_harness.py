@@ -131,6 +131,36 @@ def test_lm_eval_command_with_the_streamprune_model_prints_the_hf_backends_numbe
     assert len(tables[0]) >= 4 and tables[0] == tables[1]
 
 
+def test_lm_eval_finds_the_installed_backend_by_its_entry_point(tiny_checkpoint):
+    """setup.cfg declares StreamedLM in lm-eval's plugin group `lm_eval.models`. With an lm-eval that
+    discovers plugins (its main branch since PR 4013), plain `lm_eval --model streamprune` runs, in a process
+    that never imported streamprune itself, and prints the HF backend's table; with one that does not
+    (0.4.13), it fails as README says, and streamprune-lm-eval is the way."""
+    import importlib.metadata as md
+    import subprocess
+    import sys
+
+    from lm_eval.api import registry
+
+    (entry,) = [e for e in md.entry_points(group="lm_eval.models") if e.name == "streamprune"]
+    assert entry.load() is StreamedLM
+    model_dir = tiny_checkpoint("llama", layers=2)
+
+    def lm_eval_command(model, *args):
+        return subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", *args,
+                               "--tasks", "sp_boolq", "--include_path", "tests/data/lmeval", "--limit", "8"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    streamed = lm_eval_command("streamprune", f"pretrained={model_dir},device=cpu,dtype=float64")
+    if not hasattr(registry, "load_plugins"):
+        assert streamed.returncode != 0 and "streamprune" in streamed.stderr
+        return
+    assert streamed.returncode == 0, streamed.stderr[-2000:]
+    hf = lm_eval_command("hf", f"pretrained={model_dir},dtype=float64", "--device", "cpu")
+    tables = [[line for line in run.stdout.splitlines() if line.startswith("|")] for run in (streamed, hf)]
+    assert len(tables[0]) >= 3 and tables[0] == tables[1]
+
+
 def test_a_sweep_evaluates_lm_eval_tasks(tiny_checkpoint, monkeypatch, tmp_path):
     from streamprune.data import WIKITEXT_CALIBRATION
     from streamprune.sweep import SweepSpec, run_sweep
