@@ -7,9 +7,12 @@ streamprune.evaluate.generation.greedy_generate in a fresh child process each:
   memory  the default budget: caches and the contexts' hidden states stay in (host) memory
   disk    --offload disk: every cache entry waits in a file between block visits
   cramped the default placement (auto) under a host-memory limit below the caches' size
-It prints peak RSS, wall time and the caches' size (from the config: keys and values of every block for
+It prints peak RSS, wall time, the bytes the process handed to write() (/proc/self/io's wchar: the parked
+caches' files, a few KB of output; reads are not counted, since the checkpoint and the parked files are
+read through memory maps), the caches' size (from the config: keys and values of every block for
 every row's context and new tokens), checks that the three runs generate the same tokens, and writes
-JSON.  The memory run is the baseline: the disk runs should save about the caches' size.
+JSON.  The memory run is the baseline: the disk runs hold less host memory (the caches, less what the
+reading of each visit's entry costs) and should write the caches about once.
 
   python benchmarks/generation_cache.py --workdir /tmp/gencache --json benchmarks/results/generation_cache_cpu.json
 """
@@ -45,7 +48,12 @@ started = time.perf_counter()
 stack = open_model(model_dir, device="cpu", dtype="bfloat16", budget=budget).stack
 tokens = greedy_generate(stack, contexts, new, batch_size=4)
 from streamprune.state import peak_rss_bytes
-print(json.dumps({"wall_s": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(), "tokens": tokens}))
+try:  # bytes handed to write() calls by this process (Linux), files and pipes alike
+    io = {k: int(v) for k, v in (line.split(": ") for line in open("/proc/self/io").read().splitlines())}
+except OSError:
+    io = {}
+print(json.dumps({"wall_s": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(),
+                  "written_bytes": io.get("wchar"), "tokens": tokens}))
 """
 
 
@@ -75,10 +83,11 @@ def main() -> int:
     base = runs["memory"]
     print(f"\ncaches {cache_bytes / GIB:.2f} GiB ({args.requests} requests, {args.layers} blocks, up to {args.context} + "
           f"{args.new_tokens} tokens, bf16)")
-    print(f"{'caches':8s} {'wall s':>8s} {'x memory':>9s} {'peak GiB':>9s} {'saved GiB':>10s}")
+    print(f"{'caches':8s} {'wall s':>8s} {'x memory':>9s} {'peak GiB':>9s} {'saved GiB':>10s} {'written GiB':>12s}")
+    gib = lambda n: f"{n / GIB:.2f}" if n is not None else "-"  # noqa: E731
     for kind, run in runs.items():
         print(f"{kind:8s} {run['wall_s']:8.1f} {run['wall_s'] / base['wall_s']:9.2f} {run['peak_rss_bytes'] / GIB:9.2f} "
-              f"{(base['peak_rss_bytes'] - run['peak_rss_bytes']) / GIB:10.2f}")
+              f"{(base['peak_rss_bytes'] - run['peak_rss_bytes']) / GIB:10.2f} {gib(run['written_bytes']):>12s}")
     print(f"\nsame tokens in the three runs: {same}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def _expected(model_dir, contexts, new_tokens):
 
 
 class _Recorded(generation._Parking):
-    """_Parking that records its placement and how many tensors it wrote."""
+    """_Parking that records its placement, how many tensors it wrote and what it still held at the end."""
 
     made: list = []
 
@@ -36,9 +36,13 @@ class _Recorded(generation._Parking):
         self.parked = 0
         _Recorded.made.append(self)
 
-    def park(self, name, tensor):
+    def park(self, name, tensor, *args):
         self.parked += 1
-        return super().park(name, tensor)
+        return super().park(name, tensor, *args)
+
+    def close(self):
+        self.left = sorted(self.shapes)
+        super().close()
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
@@ -70,9 +74,25 @@ def test_caches_parked_in_files_between_visits_give_the_same_tokens(tiny_checkpo
         # 3 groups x 3 blocks x (keys, values) per pass, 8 passes, plus the contexts' hidden states
         assert parking.parked == 3 * 3 * 2 * 8 + 3 * 2
         assert list(tmp_path.iterdir()) == []
+        assert parking.left and not [name for name in parking.left if name.endswith("-h")]  # freed once read
+        if family == "llama":  # bytes written: each cache once (context and 7 fed tokens), hidden states once
+            config = stack.text_config
+            head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            groups = [contexts[0:2], contexts[2:4], contexts[4:]]
+            caches = sum(len(g) * (max(map(len, g)) + 7) for g in groups) * 3 * 2 * config.num_key_value_heads * head * 8
+            hidden = sum(len(g) * max(map(len, g)) for g in groups) * 2 * config.hidden_size * 8
+            assert parking.bytes_written == caches + hidden
     _Recorded.made.clear()
     assert greedy_generate(open_model(model_dir, device="cpu").stack, contexts, 8, batch_size=2) == expected
     assert _Recorded.made == []  # room on the device: nothing parked
+    # host copies (what a GPU parks in host memory; on a CPU placement.choose_placement never picks it)
+    stack = open_model(model_dir, device="cpu").stack
+    monkeypatch.setattr(stack, "placement_of_bytes", lambda *args: "cpu")
+    assert greedy_generate(stack, contexts, 8, batch_size=2) == expected
+    (parking,) = _Recorded.made
+    assert parking.placement == "cpu" and parking.parked == 3 * 3 * 2 * 8 + 3 * 2
+    if family == "llama":
+        assert parking.bytes_written == caches + hidden
 
 
 def test_rounds_and_rows_that_stop_early(tiny_checkpoint, tmp_path):
@@ -92,7 +112,13 @@ def test_rounds_and_rows_that_stop_early(tiny_checkpoint, tmp_path):
     # the same with every cache in files, and with row 0 alone in its group: a whole group stops early
     parked = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
     assert greedy_generate(parked, contexts, 10, stop_ids={stop}, batch_size=2) == stopped
-    assert greedy_generate(parked, contexts[:1] + contexts, 10, stop_ids={stop}, batch_size=1) == [[stop]] + stopped
+    _Recorded.made.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "_Parking", _Recorded)
+        assert greedy_generate(parked, contexts[:1] + contexts, 10, stop_ids={stop}, batch_size=1) == [[stop]] + stopped
+    # groups 0 and 1 (row 0 twice) stopped at their first token: nothing of theirs was held to the end
+    left = _Recorded.made[0].left
+    assert left and not [name for name in left if name.split("-")[0] in ("0", "1")]
     assert greedy_generate(stack, contexts, 0) == [[]] * len(contexts)
 
 
@@ -107,7 +133,7 @@ def test_parked_bytes_bound_the_caches_of_a_round(tiny_checkpoint, family):
     contexts = _contexts()
     groups, new = [contexts[0:2], contexts[2:4]], 6  # widths 13 and 9
     with stack.decoding() as (inputs, _):
-        group = generation._Group(0, groups[0], inputs, stack.device)
+        group = generation._Group(0, groups[0], inputs, stack.device, new)
         group.run(stack.load_block(0), 0, None)
         stack.free_block(0)
         estimate = generation._parked_bytes(stack, group, groups, new)
@@ -151,3 +177,32 @@ def test_parked_files_are_removed_when_decoding_stops_with_an_error(tiny_checkpo
         greedy_generate(stack, _contexts(), 8, _FailingTokenizer(), until=["never"], batch_size=2)
     assert _FailingTokenizer.calls == 3
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("placement", ["cpu", "disk"])
+def test_a_cache_that_grew_is_parked_by_writing_its_new_positions_only(placement, tmp_path):
+    """_Parking stores positions first, so a cache that only appended since its last visit is parked by
+    writing its new positions: the first ones stay as parked before (here, deliberately, the tensor's own
+    first positions are changed and must not be written), the others are the tensor's. Without
+    `appends` (a sliding-window layer) the whole tensor is written again."""
+    parking = generation._Parking(placement, torch.device("cpu"), str(tmp_path))
+    try:
+        first = torch.arange(2 * 3 * 5 * 4, dtype=torch.float64).view(2, 3, 5, 4)
+        parked = parking.park("0-0k", first, True, 9)
+        assert parked.device.type == "meta" and parked.shape == first.shape
+        assert torch.equal(parking.fetch("0-0k", parked), first)
+        grown = -torch.arange(2 * 3 * 7 * 4, dtype=torch.float64).view(2, 3, 7, 4)
+        parked = parking.park("0-0k", grown, True, 9)
+        back = parking.fetch("0-0k", parked)
+        assert back.shape == (2, 3, 7, 4)
+        assert torch.equal(back[:, :, :5], first) and torch.equal(back[:, :, 5:], grown[:, :, 5:])
+        if placement == "disk":  # positions x rows x heads x size x 8 bytes, nothing more
+            assert (parking.folder / "0-0k").stat().st_size == 7 * 2 * 3 * 4 * 8
+        window = grown[:, :, 3:] + 0.5  # dropped its oldest positions: written whole
+        assert torch.equal(parking.fetch("0-0k", parking.park("0-0k", window, False, 9)), window)
+        longer = torch.cat([window, torch.rand(2, 3, 8, 4, dtype=torch.float64)], dim=2)  # past the capacity
+        assert torch.equal(parking.fetch("0-0k", parking.park("0-0k", longer, True, 9)), longer)
+        hidden = torch.randn(2, 6, 8, dtype=torch.float64)  # (rows, positions, hidden), parked whole
+        assert torch.equal(parking.fetch("0-h", parking.park("0-h", hidden)), hidden)
+    finally:
+        parking.close()

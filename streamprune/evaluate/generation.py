@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from .. import progress as progress_bars
 from ..blocks import DecoderStack, kv_cache, left_padded, with_cache
@@ -24,11 +25,24 @@ from .loglikelihood import chunked
 
 class _Parking:
     """Holds tensors between block visits at a placement (placement module): `device` keeps them,
-    `cpu` moves them to host memory, `disk` writes each to a file and keeps a meta tensor of its shape
-    (what transformers' cache reads between visits: the keys' shape, for the cache's length)."""
+    `cpu` copies them into host memory, `disk` writes them to a file; the latter two return a meta
+    tensor of the shape in their place (what transformers' cache reads between visits: the keys' shape,
+    for the cache's length).
+
+    Parked tensors are stored sequence-major, (positions, ...) with the positions axis (dim -2) moved to
+    the front, so that a key/value cache that only grew since its last visit is parked by writing its
+    new positions alone: one token's keys and values per decoding step instead of the whole cache (a
+    file opened for appending; a host copy made with room for `capacity` positions). What goes back to
+    the device is still the whole cache, which attention reads whole. Host copies are pageable memory of
+    their exact size: pinned memory would come from torch's caching host allocator, which rounds each
+    request up to a power of two and keeps it pinned after use, beyond what the memory limits allowed.
+    `bytes_written` counts what went to files or host copies."""
 
     def __init__(self, placement: str, device: torch.device, directory: str | None):
         self.placement, self.device, self.folder = placement, device, None
+        self.shapes: dict[str, torch.Size] = {}  # of what is parked under each name
+        self.host: dict[str, torch.Tensor] = {}  # placement cpu: (capacity, ...) sequence-major copies
+        self.bytes_written = 0
         if placement == "disk":
             try:
                 self.folder = Path(tempfile.mkdtemp(prefix=".kv-cache-", dir=directory))
@@ -36,25 +50,59 @@ class _Parking:
                 raise StreamPruneError(f"cannot make a folder for the key/value cache in {directory or tempfile.gettempdir()}: "
                                        f"{exc.strerror}; choose another folder (streamprune eval --offload-dir, or offload_dir in --model_args)") from exc
 
-    def park(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def park(self, name: str, tensor: torch.Tensor, appends: bool = False, capacity: int = 0) -> torch.Tensor:
+        """Parks `tensor` (..., positions, last) under `name`; with `appends`, the positions parked under
+        that name before are known to be its first ones, unchanged, and only the others are written.
+        Returns what stands for it until fetch: the tensor itself on the device, else a meta tensor.
+        Raises StreamPruneError when the file cannot be written."""
         if self.placement == "device":
             return tensor
+        length, before = tensor.shape[-2], self.shapes.pop(name, None)
+        same_rows = before is not None and before[:-2] == tensor.shape[:-2] and before[-1] == tensor.shape[-1]
+        kept = before[-2] if appends and same_rows and before[-2] <= length else 0
+        new = tensor[..., kept:, :].movedim(-2, 0)
         if self.placement == "cpu":
-            return tensor.to("cpu")
-        data = tensor.detach().to("cpu").contiguous()
-        try:
-            data.view(torch.uint8).numpy().tofile(self.folder / name)
-        except OSError as exc:
-            raise StreamPruneError(f"cannot write the key/value cache to {self.folder}: {exc.strerror}") from exc
-        return torch.empty(data.shape, dtype=data.dtype, device="meta")
+            store = self.host.get(name)
+            if store is None or store.shape[0] < length or not same_rows:
+                old = store
+                store = torch.empty((max(capacity, length), *new.shape[1:]), dtype=tensor.dtype)
+                if kept:
+                    store[:kept].copy_(old[:kept])
+                self.host[name] = store
+            store[kept:length].copy_(new)
+        else:
+            try:
+                with open(self.folder / name, "ab" if kept else "wb") as file:
+                    file.write(new.to("cpu").contiguous().view(torch.uint8).numpy())
+            except OSError as exc:
+                raise StreamPruneError(f"cannot write the key/value cache to {self.folder}: {exc.strerror}") from exc
+        self.shapes[name] = tensor.shape  # only once written: a failed write leaves no stale length
+        self.bytes_written += new.numel() * new.element_size()
+        return torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
 
     def fetch(self, name: str, parked: torch.Tensor) -> torch.Tensor:
-        if self.placement != "disk":
-            return parked.to(self.device)
-        values = torch.from_file(str(self.folder / name), size=parked.numel(), dtype=parked.dtype)
-        return values.view(parked.shape).to(self.device)
+        """The tensor parked under `name`, on the device (with the shape and dtype of `parked`)."""
+        if self.placement == "device":
+            return parked
+        major = (parked.shape[-2], *parked.shape[:-2], parked.shape[-1])
+        if self.placement == "cpu":
+            values = self.host[name][: parked.shape[-2]].to(self.device)
+        else:
+            values = torch.from_file(str(self.folder / name), size=parked.numel(), dtype=parked.dtype).view(major).to(self.device)
+        return values.movedim(0, -2)
+
+    def release(self, prefix: str) -> None:
+        """Forgets every tensor parked under a name that starts with `prefix` (a group that finished, or
+        its contexts' hidden states once read), so that its memory or file goes now, not with the round."""
+        for name in [name for name in self.shapes if name.startswith(prefix)]:
+            del self.shapes[name]
+            self.host.pop(name, None)
+            if self.folder is not None:
+                (self.folder / name).unlink(missing_ok=True)
 
     def close(self) -> None:
+        self.host.clear()
+        self.shapes.clear()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -67,9 +115,10 @@ class _Group:
     While the contexts are read, the call arguments (masks of rows x width^2, rotary tables) are made
     again for each block visit rather than kept for every group of the round at once."""
 
-    def __init__(self, number: int, contexts: list[list[int]], inputs, device: torch.device):
+    def __init__(self, number: int, contexts: list[list[int]], inputs, device: torch.device, max_new_tokens: int):
         self.number, self.device, self.inputs = number, device, inputs
         self.ids, self.mask, self.positions = left_padded(contexts, device)
+        self.capacity = self.ids.shape[1] + max_new_tokens  # positions its cache can reach
         self.hidden, self.kwargs = inputs(self.ids, attention_mask=self.mask, position_ids=self.positions)
         self.cache = kv_cache(self.kwargs[0])
         if self.cache is None:
@@ -107,8 +156,11 @@ class _Group:
         if parking is None:
             return
         layer = self.cache.layers[index]
-        layer.keys = parking.park(f"{self.number}-{index}k", layer.keys)
-        layer.values = parking.park(f"{self.number}-{index}v", layer.values)
+        # a full-attention layer only appends; a sliding-window one drops its oldest positions
+        appends = type(layer) is DynamicLayer
+        capacity = self.capacity if appends else 0  # a sliding window keeps fewer
+        layer.keys = parking.park(f"{self.number}-{index}k", layer.keys, appends, capacity)
+        layer.values = parking.park(f"{self.number}-{index}v", layer.values, appends, capacity)
         if self.reading and not last:
             self.hidden, self.hidden_parked = parking.park(f"{self.number}-h", self.hidden), True
 
@@ -198,7 +250,7 @@ def _decode(stack: DecoderStack, groups: list[list[list[int]]], inputs, logits_o
                 try:
                     if step == 0 and index == 0:  # groups are made as block 0 first reaches them
                         for number, rows in enumerate(groups):
-                            group = _Group(number, rows, inputs, stack.device)
+                            group = _Group(number, rows, inputs, stack.device, max_new_tokens)
                             group.run(block, 0, parking)
                             if number == 0:
                                 placement = stack.placement_of_bytes(_parked_bytes(stack, group, groups, max_new_tokens),
@@ -216,6 +268,8 @@ def _decode(stack: DecoderStack, groups: list[list[list[int]]], inputs, logits_o
             for group in live:
                 if not group.finished:
                     group.step(logits_of, inputs, tokenizer, until, stop_ids, more=step + 1 < max_new_tokens)
+                    if parking is not None:  # what no later visit reads goes now
+                        parking.release(f"{group.number}-" if group.finished else f"{group.number}-h")
             bar.update()
             if all(group.finished for group in live):
                 break
