@@ -166,10 +166,22 @@ def test_perplexity_text_from_jsonl_is_its_documents_not_the_json(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "opt", "gpt_neox"])
-def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint, family):
+def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint, family, monkeypatch):
     """Requests that share a context (multiple-choice endings) run it once per block; every answer's
     log-probabilities equal the whole model's on its own unpadded row, and the unshared path's (float64).
-    Contexts of several lengths are left-padded together and exceed Mistral's and Gemma 2's window of 8."""
+    Contexts of several lengths are left-padded together and exceed Mistral's and Gemma 2's window of 8;
+    with batch_size 1 every context is a batch of its own, and continuations of contexts of different
+    widths share passes (each context left-padded to the widest of its pass)."""
+    from streamprune.evaluate import loglikelihood
+
+    mixed_widths = []
+    made = loglikelihood._Continuations.__init__
+
+    def spied(self, rows, requests, inputs, stack, contexts):
+        made(self, rows, requests, inputs, stack, contexts)
+        mixed_widths.append(len({contexts[b].mask.shape[1] for b, _, _ in rows}) > 1)
+
+    monkeypatch.setattr(loglikelihood._Continuations, "__init__", spied)
     model_dir = tiny_checkpoint(family, tie_embeddings=None)
     generator = torch.Generator().manual_seed(3)
     requests = []
@@ -188,16 +200,21 @@ def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint
     shared_greedy, plain_greedy = [], []
     shared = streamed_logprobs(stack, requests, batch_size=3, max_resident_tokens=80, greedy=shared_greedy)
     plain = streamed_logprobs(stack, requests, batch_size=3, greedy=plain_greedy, share_contexts=False)
+    assert not any(mixed_widths)
+    mixed_greedy = []
+    mixed = streamed_logprobs(stack, requests, batch_size=1, greedy=mixed_greedy)
+    assert any(mixed_widths) and mixed_greedy == shared_greedy
     # Gemma 2's eager attention takes its softmax in float32, so rows padded to other lengths (left for
     # contexts batched together, right to a multiple of 8 unshared) differ from one another in the 8th digit
     tol = 1e-6 if family == "gemma2" else 1e-10
-    for request, a, b in zip(requests, shared, plain):
+    for request, a, b, c in zip(requests, shared, plain, mixed):
         with torch.no_grad():
             log_probs = model(input_ids=torch.tensor([request.tokens])).logits[0].log_softmax(-1)
         targets = torch.tensor(request.tokens[request.start :])
         expected = log_probs[request.start - 1 : -1].gather(1, targets[:, None]).squeeze(1)
         torch.testing.assert_close(a, expected, rtol=tol, atol=tol)
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+        torch.testing.assert_close(c, expected, rtol=tol, atol=tol)
     assert shared_greedy == plain_greedy and shared_greedy[-2:] == [True, False]
 
 
@@ -224,8 +241,10 @@ def test_batches_hold_batch_size_rows_of_the_longest_in_tokens_with_little_paddi
 
 
 def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, monkeypatch):
-    """With the LM head limited to 4 positions a call, the continuations' logits come in slices of rows
-    (one row a call, or two for the shortest); every score equals the unshared path's (float64)."""
+    """With the LM head limited to 4 positions a call, the continuations' logits come 4 positions at a
+    time, of real positions only (packed, not rows padded to the longest); every score equals the
+    unshared path's (float64), also when the unshared path's calls, packed across a batch's rows, split
+    rows and answers between them."""
     from streamprune.evaluate import loglikelihood
 
     model_dir = tiny_checkpoint("llama", layers=2)
@@ -238,7 +257,7 @@ def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, 
     stack = open_model(model_dir, device="cpu").stack
     plain = streamed_logprobs(stack, requests, batch_size=3, share_contexts=False)
     calls = []
-    monkeypatch.setattr(loglikelihood, "HEAD_POSITIONS", 4)
+    monkeypatch.setattr(loglikelihood, "HEAD_LOGITS", 4 * stack.text_config.vocab_size + 3)  # 4 positions a call
     original = stack.decoding
 
     @contextmanager
@@ -250,6 +269,8 @@ def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, 
     shared = loglikelihood.shared_context_logprobs(stack, requests, batch_size=3)
     for a, b in zip(shared, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    # the contexts' last positions (3 x 1), then the 6 continuations of 2+ tokens, in slices
-    assert calls[0] == (3, 1) and len(calls) > 3
-    assert all(rows * width <= 4 or rows == 1 for rows, width in calls)
+    for a, b in zip(streamed_logprobs(stack, requests, batch_size=3, share_contexts=False), plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # the contexts' last positions (3 x 1), then the continuations' real positions (2 + 5 + 1 after
+    # each of 3 contexts), packed: 24, four at a time
+    assert calls == [(3, 1)] + [(1, 4)] * 6

@@ -19,13 +19,20 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 
 from .. import progress as progress_bars
 from ..blocks import DecoderStack, kv_cache, left_padded, return_freed_memory
 from ..walker import BlockWalker
 
 PAD_TO_MULTIPLE = 8
-HEAD_POSITIONS = 512  # positions per LM-head call: bounds the logits' memory
+HEAD_LOGITS = 2**23  # logits per LM-head call (32 MiB in float32, as much again for their log-softmax)
+
+
+def head_positions(vocab_size: int) -> int:
+    """Positions per LM-head call: HEAD_LOGITS over the vocabulary (170 for SmolLM2's 49152, 64 for
+    Llama 3's 128256), which bounds the logits' memory whatever the vocabulary."""
+    return max(1, HEAD_LOGITS // vocab_size)
 MIN_PASS_TOKENS = 256  # below this a pass's matrix products lose more speed than padding costs (_fill)
 
 
@@ -124,24 +131,34 @@ def _padded_ids(batch: list[_Row]) -> torch.Tensor:
     return ids
 
 
-def _score_row(hidden: torch.Tensor, row: _Row, requests: list[Request], logits_of, results: list, greedy: list | None = None) -> None:
-    """Fills results[n] for every request n read from this row; hidden is (padded length, hidden_size).
-    With `greedy`, greedy[n] is whether every scored token is the most likely one (the harness's
-    is_greedy: argmax of the logits, first index on ties, as torch.argmax)."""
-    for n in row.requests:
-        results[n] = torch.empty(requests[n].scored, dtype=torch.float64)
-        if greedy is not None:
-            greedy[n] = True
-    for a in range(row.first_position, len(row.tokens), HEAD_POSITIONS):
-        b = min(a + HEAD_POSITIONS, len(row.tokens))
-        log_probs = _log_probs(logits_of(hidden[a:b]))
+def _score_rows(hidden: torch.Tensor, batch: list[_Row], requests: list[Request], logits_of, positions: int,
+                results: list, greedy: list | None = None) -> None:
+    """Fills results[n] for every request n read from the batch's rows; hidden is (rows, padded length,
+    hidden_size). The positions whose next-token distributions are needed, of all rows, are packed and
+    go through logits_of `positions` at a time: one LM-head call for a batch of answers of a
+    token each, not one a row (a matrix-vector product, memory-bound). With `greedy`, greedy[n] is
+    whether every scored token is the most likely one (the harness's is_greedy: argmax of the logits,
+    first index on ties, as torch.argmax)."""
+    spans, wanted, offset = [], [], 0
+    for i, row in enumerate(batch):
+        spans.append(hidden[i, row.first_position : len(row.tokens)])
         for n in row.requests:
-            request = requests[n]
-            lo, hi = max(a, request.start - 1), b  # positions j predict token j + 1
+            request = requests[n]  # positions start - 1 ... predict tokens start ...
+            wanted.append((n, offset + request.start - 1 - row.first_position, request.tokens[request.start :]))
+            results[n] = torch.empty(request.scored, dtype=torch.float64)
+            if greedy is not None:
+                greedy[n] = True
+        offset += len(row.tokens) - row.first_position
+    packed = torch.cat(spans)
+    for a in range(0, len(packed), positions):
+        b = min(a + positions, len(packed))
+        log_probs = _log_probs(logits_of(packed[a:b]))
+        for n, first, targets in wanted:
+            lo, hi = max(a, first), min(b, first + len(targets))
             if lo >= hi:
                 continue
-            picked, is_greedy = _picked(log_probs[lo - a : hi - a], request.tokens[lo + 1 : hi + 1], greedy is not None)
-            results[n][lo - (request.start - 1) : hi - (request.start - 1)] = picked
+            picked, is_greedy = _picked(log_probs[lo - a : hi - a], targets[lo - first : hi - first], greedy is not None)
+            results[n][lo - first : hi - first] = picked
             if greedy is not None:
                 greedy[n] = greedy[n] and is_greedy
 
@@ -212,9 +229,9 @@ def streamed_logprobs(
                 bar.update()
             with stack.output_head() as logits_of:
                 for batch, acts in zip(chunk, activations):
-                    hidden = acts.hidden.read(0, len(batch))
-                    for i, row in enumerate(batch):
-                        _score_row(hidden[i], row, requests, logits_of, results, greedy)
+                    _score_rows(acts.hidden.read(0, len(batch)), batch, requests, logits_of,
+                                head_positions(stack.text_config.vocab_size), results, greedy)
+                    return_freed_memory()  # as after a block: the logits' heap memory
                     acts.close()
             bar.update()
     return results
@@ -241,11 +258,16 @@ class _NoCache(Exception):
 
 
 def _sharing_fits(stack: DecoderStack, requests: list[Request], batch_size: int, max_resident_tokens: int) -> bool:
-    """Whether the shared path's hidden states (all on the compute device) fit the memory limits: the
-    placement the unshared path would choose for a chunk of them must be the device itself."""
+    """Whether the shared path's hidden states, and one block's key/value cache entry of its contexts (all
+    on the compute device), fit the memory limits: the placement the unshared path would choose for a
+    chunk of them must be the device itself."""
+    config = stack.text_config
     tokens = min(sum(len(r.tokens) for r in requests), max_resident_tokens)
     longest = max(len(r.tokens) for r in requests)
-    return stack.placement_for(tokens * stack.text_config.hidden_size, batch_size * 4 * longest) == "device"
+    heads = getattr(config, "num_attention_heads", 1)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv = 2 * (getattr(config, "num_key_value_heads", None) or heads) * head_dim  # per token, an upper bound for contexts
+    return stack.placement_for(tokens * (config.hidden_size + kv), batch_size * 4 * longest) == "device"
 
 
 @torch.inference_mode()
@@ -260,11 +282,12 @@ def shared_context_logprobs(
 ) -> list[torch.Tensor]:
     """streamed_logprobs for requests that share contexts: each distinct context runs once per block.
 
-    Per chunk of contexts, in each block visit: the contexts (left-padded, with the attention mask and
-    position ids of HF generate) run through the block and fill its entry of a key/value cache of
-    transformers' own class; then every continuation (its tokens but the last, right-padded, at the
-    positions after its context) runs through the block with that entry, selected for its context, as
-    its past, so it attends to its context exactly as in one whole row.  The continuation pass's masks and
+    Per chunk of contexts, in each block visit: the contexts (in batches, left-padded, with the attention
+    mask and position ids of HF generate) run through the block and fill its entry of a key/value cache
+    of transformers' own class; then every continuation of the chunk (its tokens but the last, right-
+    padded, at the positions after its context; in passes of similar lengths across the context batches)
+    runs through the block with that entry, selected for its context, as its past, so it attends to its
+    context exactly as in one whole row; then the entry is dropped.  The continuation pass's masks and
     rotary embeddings come from the decoder's own forward with a cache standing for the contexts
     (1-wide placeholders of their length), so sliding windows and local/global layers are the model's.
     The first continuation token is scored from the context's last position.  Results equal the
@@ -280,107 +303,145 @@ def shared_context_logprobs(
     with progress_bars.bar(total=len(chunks) * stack.num_blocks, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
             stack.decoding() as (inputs, logits_of):
         for chunk in chunks:
-            # contexts of similar length together (sorted), as many as batch_size of the longest, and their continuations
+            # contexts of similar length together (sorted), as many as batch_size of the longest
             max_tokens = batch_size * len(chunk[0][0])
-            batches = [_SharedBatch(groups, requests, inputs, stack, max_tokens)
-                       for groups in _fill(chunk, lambda group: len(group[0]), max_tokens)]
+            contexts = [_Contexts(groups, inputs, stack) for groups in _fill(chunk, lambda group: len(group[0]), max_tokens)]
+            # the chunk's continuations, of all its contexts, sorted by length: passes of little padding
+            rows = sorted(((b, g, n) for b, batch in enumerate(contexts) for g, (_, numbers) in enumerate(batch.groups)
+                           for n in numbers if requests[n].scored > 1), key=lambda row: requests[row[2]].scored)
+            longest = max(len(requests[n].tokens) for _, numbers in chunk for n in numbers)
+            parts = [_Continuations(sorted(part), requests, inputs, stack, contexts)
+                     for part in _fill(rows, lambda row: requests[row[2]].scored - 1, batch_size * longest)]
             for index in range(stack.num_blocks):
                 block = stack.load_block(index)
                 try:
-                    for batch in batches:
+                    for batch in contexts:
                         batch.run(block, index)
+                    for part in parts:
+                        part.run(block, index, contexts)
+                    for batch in contexts:  # this block's entries are done with
+                        batch.forget(index)
                 finally:
                     stack.free_block(index)
                 bar.update()
-            for batch in batches:
-                batch.score(logits_of, requests, results, greedy)
+            _score(contexts, parts, logits_of, requests, results, greedy)
     return results
 
 
-class _Continuations:
-    """Continuations of some of a _SharedBatch's contexts, right-padded to the longest of them, with the
-    cache that stands for their contexts and what each block is called with."""
+class _Contexts:
+    """Some distinct contexts, left-padded (HF generate's attention mask and position ids), with what
+    each block is called with; each block visit fills that block's entry of their key/value cache, which
+    the continuations read (_Continuations) before it is dropped."""
 
-    def __init__(self, rows, requests: list[Request], inputs, stack: DecoderStack, cache, mask, placeholder):
+    def __init__(self, groups, inputs, stack: DecoderStack):
+        self.groups = groups  # (context tokens, request numbers)
+        ids, self.mask, positions = left_padded([context for context, _ in groups], stack.device)
+        self.hidden, self.kwargs = inputs(ids, attention_mask=self.mask, position_ids=positions)
+        self.cache = kv_cache(self.kwargs[0])
+        if self.cache is None:
+            raise _NoCache
+        self.padding = (self.mask == 0)[..., None]
+        self.placeholder = torch.zeros((1, 1, 1, 1), dtype=stack.dtype, device=stack.device)
+
+    def run(self, block, index: int) -> None:
+        out = block(self.hidden, **self.kwargs[index])
+        # a padding position attends to nothing (NaN in eager attention); zeroed, it harms no one
+        self.hidden = (out[0] if isinstance(out, tuple) else out).masked_fill(self.padding, 0)
+
+    def forget(self, index: int) -> None:
+        layer = self.cache.layers[index]
+        layer.keys = layer.values = self.placeholder
+
+
+class _Continuations:
+    """Continuations (their tokens but the last) of contexts from any of a chunk's _Contexts batches,
+    right-padded to the longest of them, each after its context left-padded to the widest of theirs.
+    Left padding only shifts a context's keys by the same number of positions as the continuation's
+    queries, so attention, sliding windows included, is the same as in its own batch."""
+
+    def __init__(self, rows, requests: list[Request], inputs, stack: DecoderStack, contexts: list[_Contexts]):
         device = stack.device
-        self.rows = rows  # (context number in the batch, request number)
-        widest = max(requests[n].scored - 1 for _, n in rows)
-        self.owner = torch.tensor([g for g, _ in rows], device=device)
+        self.rows = rows  # (context batch, context number in it, request number), by batch
+        self.width = max(contexts[b].mask.shape[1] for b, _, _ in rows)
+        batches = sorted({b for b, _, _ in rows})
+        self.select = [(b, torch.tensor([g for c, g, _ in rows if c == b], device=device)) for b in batches]
+        context_mask = torch.cat([F.pad(contexts[b].mask[chosen], (self.width - contexts[b].mask.shape[1], 0))
+                                  for b, chosen in self.select])
+        widest = max(requests[n].scored - 1 for _, _, n in rows)
         ids = torch.zeros((len(rows), widest), dtype=torch.long)
         own_mask = torch.zeros((len(rows), widest), dtype=torch.long)
-        for r, (_, n) in enumerate(rows):
+        for r, (_, _, n) in enumerate(rows):
             tail = requests[n].tokens[requests[n].start : -1]
             ids[r, : len(tail)] = torch.tensor(tail)
             own_mask[r, : len(tail)] = 1
         ids, own_mask = ids.to(device), own_mask.to(device)
         try:
-            self.past = type(cache)(config=stack.decoder.config)
+            self.past = type(contexts[0].cache)(config=stack.decoder.config)
         except TypeError:  # a cache class built otherwise than transformers' DynamicCache
             raise _NoCache from None
-        for layer_index in range(len(self.past.layers)):  # 1-wide placeholders of the contexts' length
-            self.past.update(placeholder, placeholder, layer_index)
+        # 1-wide placeholders of the contexts' length, so that the decoder makes the masks of a whole row
+        self.placeholder = torch.zeros((1, 1, self.width, 1), dtype=stack.dtype, device=device)
+        for layer_index in range(len(self.past.layers)):
+            self.past.update(self.placeholder, self.placeholder, layer_index)
+        # the past's length per layer: the contexts' width, or a sliding window's, which keeps fewer
+        self.lengths = [layer.keys.shape[-2] for layer in self.past.layers]
         self.hidden, self.kwargs = inputs(
-            ids, cache=self.past, attention_mask=torch.cat([mask[self.owner], own_mask], dim=1),
-            position_ids=mask.sum(-1)[self.owner][:, None] + torch.arange(widest, device=device),
+            ids, cache=self.past, attention_mask=torch.cat([context_mask, own_mask], dim=1),
+            position_ids=context_mask.sum(-1)[:, None] + torch.arange(widest, device=device),
         )
 
-
-class _SharedBatch:
-    """Some contexts (left-padded) and their continuations (right-padded, in groups of similar length),
-    with what each block is called with: shared_context_logprobs's unit of work."""
-
-    def __init__(self, groups, requests: list[Request], inputs, stack: DecoderStack, max_tokens: int):
-        device = stack.device
-        self.groups = groups
-        ids, mask, positions = left_padded([context for context, _ in groups], device)
-        self.hidden, self.kwargs = inputs(ids, attention_mask=mask, position_ids=positions)
-        self.cache = kv_cache(self.kwargs[0])
-        if self.cache is None:
-            raise _NoCache
-        self.padding = (mask == 0)[..., None]
-        self.placeholder = torch.zeros((1, 1, ids.shape[1], 1), dtype=stack.dtype, device=device)
-        rows = sorted(((g, n) for g, (_, numbers) in enumerate(groups) for n in numbers if requests[n].scored > 1),
-                      key=lambda row: requests[row[1]].scored)
-        # sorted by length, so that little of a pass is padding
-        self.parts = [_Continuations(part, requests, inputs, stack, self.cache, mask, self.placeholder)
-                      for part in _fill(rows, lambda row: requests[row[1]].scored - 1, max_tokens)]
-
-    def run(self, block, index: int) -> None:
-        """Block `index` over the contexts (filling its cache entry), then over the continuations."""
+    def run(self, block, index: int, contexts: list[_Contexts]) -> None:
+        """Block `index` over the continuations, their contexts' entries of that block as their past."""
+        own = self.past.layers[index]
+        keys, values = [], []
+        for b, chosen in self.select:  # a narrower batch's entry, left-padded (its window's last positions)
+            layer = contexts[b].cache.layers[index]
+            pad = (0, 0, self.lengths[index] - layer.keys.shape[-2], 0)
+            keys.append(F.pad(layer.keys[chosen], pad))
+            values.append(F.pad(layer.values[chosen], pad))
+        own.keys, own.values = torch.cat(keys), torch.cat(values)
         out = block(self.hidden, **self.kwargs[index])
-        # a padding position attends to nothing (NaN in eager attention); zeroed, it harms no one
-        self.hidden = (out[0] if isinstance(out, tuple) else out).masked_fill(self.padding, 0)
-        layer = self.cache.layers[index]
-        for part in self.parts:
-            own = part.past.layers[index]
-            own.keys, own.values = layer.keys[part.owner], layer.values[part.owner]
-            out = block(part.hidden, **part.kwargs[index])
-            part.hidden = out[0] if isinstance(out, tuple) else out
-            own.keys = own.values = self.placeholder  # this block's entries are done with
-        layer.keys = layer.values = self.placeholder
+        self.hidden = out[0] if isinstance(out, tuple) else out
+        own.keys = own.values = self.placeholder
 
-    def score(self, logits_of, requests: list[Request], results: list, greedy: list | None) -> None:
-        """Log-probabilities of every continuation: its first token from its context's last position,
-        the others from its own positions, the logits of at most HEAD_POSITIONS positions at a time
-        (a batch's continuations hold up to batch_size times its longest context in tokens)."""
-        last = logits_of(self.hidden[:, -1:])[:, -1]  # (contexts, vocab)
 
-        def record(n: int, logits: torch.Tensor) -> None:
-            request = requests[n]
-            results[n], flag = _picked(_log_probs(logits), request.tokens[request.start :], greedy is not None)
-            if greedy is not None:
-                greedy[n] = flag
+def _score(contexts: list[_Contexts], parts: list[_Continuations], logits_of, requests: list[Request], results: list,
+           greedy: list | None) -> None:
+    """Log-probabilities of every continuation: its first token from its context's last position, the
+    others from its own positions. Only real positions get logits (a part's rows are padded to its
+    longest; the LM head costs per position about what a block does), packed and head_positions at a
+    time."""
+    first = [_log_probs(logits_of(batch.hidden[:, -1:])[:, -1]) for batch in contexts]  # (contexts, vocab) each
+    positions = head_positions(first[0].shape[-1])
 
-        for g, (_, numbers) in enumerate(self.groups):
+    def record(b: int, g: int, n: int, rest: torch.Tensor, rest_hits: torch.Tensor) -> None:
+        token = requests[n].tokens[requests[n].start]
+        results[n] = torch.cat([first[b][g, token : token + 1].double(), rest])
+        if greedy is not None:
+            greedy[n] = bool(first[b][g].argmax() == token) and bool(rest_hits.all())
+
+    for part in parts:
+        spans = [requests[n].scored - 1 for _, _, n in part.rows]  # positions j predict token j + 1
+        packed = torch.cat([part.hidden[r, :k] for r, k in enumerate(spans)])
+        targets = torch.tensor([t for _, _, n in part.rows for t in requests[n].tokens[requests[n].start + 1 :]])
+        picked = torch.empty(len(targets), dtype=torch.float64)
+        hits = torch.empty(len(targets), dtype=torch.bool)
+        for a in range(0, len(targets), positions):
+            log_probs = _log_probs(logits_of(packed[None, a : a + positions])[0])
+            chunk = targets[a : a + len(log_probs)]
+            picked[a : a + len(chunk)] = log_probs.gather(1, chunk[:, None]).squeeze(1).double()
+            hits[a : a + len(chunk)] = log_probs.argmax(dim=-1) == chunk
+        offset = 0
+        for (b, g, n), k in zip(part.rows, spans):
+            record(b, g, n, picked[offset : offset + k], hits[offset : offset + k])
+            offset += k
+        # logits just under 32 MiB come from glibc's heap (reuse_freed_memory), which only a trim returns
+        return_freed_memory()
+    for b, batch in enumerate(contexts):
+        for g, (_, numbers) in enumerate(batch.groups):
             for n in numbers:
                 if requests[n].scored == 1:  # in no pass: its one token is the context's
-                    record(n, last[g : g + 1])
-        for part in self.parts:
-            rows = max(1, HEAD_POSITIONS // part.hidden.shape[1])
-            for a in range(0, len(part.rows), rows):
-                logits = logits_of(part.hidden[a : a + rows])  # (rows, widest, vocab)
-                for r, (g, n) in enumerate(part.rows[a : a + rows]):
-                    record(n, torch.cat([last[g : g + 1], logits[r, : requests[n].scored - 1]]))
+                    record(b, g, n, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.bool))
 
 
 @torch.inference_mode()
@@ -392,6 +453,5 @@ def whole_model_logprobs(model, requests: list[Request], batch_size: int = 4) ->
     for chunk in _batches(_rows(requests), batch_size, max_resident_tokens=2**62):
         for batch in chunk:
             logits = model(input_ids=_padded_ids(batch).to(device), use_cache=False).logits
-            for i, row in enumerate(batch):
-                _score_row(logits[i], row, requests, lambda scores: scores, results)
+            _score_rows(logits, batch, requests, lambda scores: scores, head_positions(logits.shape[-1]), results)
     return results
