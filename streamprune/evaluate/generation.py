@@ -84,10 +84,10 @@ class _Parking:
         """The tensor parked under `name`, on the device (with the shape and dtype of `parked`)."""
         if self.placement == "device":
             return parked
-        major = (parked.shape[-2], *parked.shape[:-2], parked.shape[-1])
         if self.placement == "cpu":
             values = self.host[name][: parked.shape[-2]].to(self.device)
         else:
+            major = (parked.shape[-2], *parked.shape[:-2], parked.shape[-1])
             values = torch.from_file(str(self.folder / name), size=parked.numel(), dtype=parked.dtype).view(major).to(self.device)
         return values.movedim(0, -2)
 

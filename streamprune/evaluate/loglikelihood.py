@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +28,13 @@ from ..walker import BlockWalker
 
 PAD_TO_MULTIPLE = 8
 HEAD_LOGITS = 2**23  # logits per LM-head call (32 MiB in float32, as much again for their log-softmax)
+MIN_PASS_TOKENS = 256  # below this a pass's matrix products lose more speed than padding costs (_fill)
 
 
 def head_positions(vocab_size: int) -> int:
     """Positions per LM-head call: HEAD_LOGITS over the vocabulary (170 for SmolLM2's 49152, 64 for
     Llama 3's 128256), which bounds the logits' memory whatever the vocabulary."""
     return max(1, HEAD_LOGITS // vocab_size)
-MIN_PASS_TOKENS = 256  # below this a pass's matrix products lose more speed than padding costs (_fill)
 
 
 @dataclass(frozen=True)
@@ -134,46 +135,48 @@ def _padded_ids(batch: list[_Row]) -> torch.Tensor:
 def _score_rows(hidden: torch.Tensor, batch: list[_Row], requests: list[Request], logits_of, positions: int,
                 results: list, greedy: list | None = None) -> None:
     """Fills results[n] for every request n read from the batch's rows; hidden is (rows, padded length,
-    hidden_size). The positions whose next-token distributions are needed, of all rows, are packed and
-    go through logits_of `positions` at a time: one LM-head call for a batch of answers of a
-    token each, not one a row (a matrix-vector product, memory-bound). With `greedy`, greedy[n] is
-    whether every scored token is the most likely one (the harness's is_greedy: argmax of the logits,
-    first index on ties, as torch.argmax)."""
-    spans, wanted, offset = [], [], 0
+    hidden_size). The positions whose next-token distributions are needed, of all rows, are packed
+    (_packed_scores): one LM-head call for a batch of answers of a token each, not one a row (a
+    matrix-vector product, memory-bound). With `greedy`, greedy[n] is whether every scored token is the
+    most likely one (the harness's is_greedy: argmax of the logits, first index on ties, as torch.argmax)."""
+    spans, wanted, numbers, offset = [], [], [], 0
     for i, row in enumerate(batch):
         spans.append(hidden[i, row.first_position : len(row.tokens)])
         for n in row.requests:
             request = requests[n]  # positions start - 1 ... predict tokens start ...
-            wanted.append((n, offset + request.start - 1 - row.first_position, request.tokens[request.start :]))
-            results[n] = torch.empty(request.scored, dtype=torch.float64)
-            if greedy is not None:
-                greedy[n] = True
+            wanted.append((offset + request.start - 1 - row.first_position, request.tokens[request.start :]))
+            numbers.append(n)
         offset += len(row.tokens) - row.first_position
-    packed = torch.cat(spans)
+    for n, (picked, hits) in zip(numbers, _packed_scores(torch.cat(spans), wanted, logits_of, positions, greedy is not None)):
+        results[n] = picked
+        if greedy is not None:
+            greedy[n] = bool(hits.all())
+
+
+def _packed_scores(packed: torch.Tensor, wanted: list, logits_of, positions: int, greedy: bool) -> list[tuple]:
+    """Per answer of `wanted` (its first position in `packed`, its target tokens), the float64
+    log-probabilities of its targets at its positions of `packed` (positions, hidden_size), and with
+    `greedy` whether each is the argmax (first index on ties, as torch.argmax; else None). The logits come
+    `positions` at a time, so a call may hold the ends and starts of several answers."""
+    scores = [(torch.empty(len(targets), dtype=torch.float64), torch.empty(len(targets), dtype=torch.bool) if greedy else None)
+              for _, targets in wanted]
     for a in range(0, len(packed), positions):
         b = min(a + positions, len(packed))
         log_probs = _log_probs(logits_of(packed[a:b]))
-        for n, first, targets in wanted:
+        for (first, targets), (picked, hits) in zip(wanted, scores):
             lo, hi = max(a, first), min(b, first + len(targets))
             if lo >= hi:
                 continue
-            picked, is_greedy = _picked(log_probs[lo - a : hi - a], targets[lo - first : hi - first], greedy is not None)
-            results[n][lo - first : hi - first] = picked
-            if greedy is not None:
-                greedy[n] = greedy[n] and is_greedy
+            chosen, rows = torch.tensor(targets[lo - first : hi - first], dtype=torch.long), log_probs[lo - a : hi - a]
+            picked[lo - first : hi - first] = rows.gather(1, chosen[:, None]).squeeze(1).double()
+            if greedy:
+                hits[lo - first : hi - first] = rows.argmax(dim=-1) == chosen
+    return scores
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     """log-softmax over the vocabulary, in float32 at least, on the CPU."""
     return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1).cpu()
-
-
-def _picked(log_probs: torch.Tensor, targets, greedy: bool) -> tuple[torch.Tensor, bool | None]:
-    """The float64 log-probabilities of `targets` at their positions of log_probs (positions, vocab), and
-    with `greedy` whether each is the argmax (first index on ties, as torch.argmax; None without)."""
-    targets = torch.tensor(targets, dtype=torch.long)
-    picked = log_probs.gather(1, targets[:, None]).squeeze(1).double()
-    return picked, bool((log_probs.argmax(dim=-1) == targets).all()) if greedy else None
 
 
 @torch.inference_mode()
@@ -414,7 +417,7 @@ def _score(contexts: list[_Contexts], parts: list[_Continuations], logits_of, re
     first = [_log_probs(logits_of(batch.hidden[:, -1:])[:, -1]) for batch in contexts]  # (contexts, vocab) each
     positions = head_positions(first[0].shape[-1])
 
-    def record(b: int, g: int, n: int, rest: torch.Tensor, rest_hits: torch.Tensor) -> None:
+    def record(b: int, g: int, n: int, rest: torch.Tensor, rest_hits: torch.Tensor | None) -> None:
         token = requests[n].tokens[requests[n].start]
         results[n] = torch.cat([first[b][g, token : token + 1].double(), rest])
         if greedy is not None:
@@ -423,18 +426,11 @@ def _score(contexts: list[_Contexts], parts: list[_Continuations], logits_of, re
     for part in parts:
         spans = [requests[n].scored - 1 for _, _, n in part.rows]  # positions j predict token j + 1
         packed = torch.cat([part.hidden[r, :k] for r, k in enumerate(spans)])
-        targets = torch.tensor([t for _, _, n in part.rows for t in requests[n].tokens[requests[n].start + 1 :]])
-        picked = torch.empty(len(targets), dtype=torch.float64)
-        hits = torch.empty(len(targets), dtype=torch.bool)
-        for a in range(0, len(targets), positions):
-            log_probs = _log_probs(logits_of(packed[None, a : a + positions])[0])
-            chunk = targets[a : a + len(log_probs)]
-            picked[a : a + len(chunk)] = log_probs.gather(1, chunk[:, None]).squeeze(1).double()
-            hits[a : a + len(chunk)] = log_probs.argmax(dim=-1) == chunk
-        offset = 0
-        for (b, g, n), k in zip(part.rows, spans):
-            record(b, g, n, picked[offset : offset + k], hits[offset : offset + k])
-            offset += k
+        starts = accumulate(spans, initial=0)
+        wanted = [(start, requests[n].tokens[requests[n].start + 1 :]) for start, (_, _, n) in zip(starts, part.rows)]
+        scores = _packed_scores(packed, wanted, lambda hidden: logits_of(hidden[None])[0], positions, greedy is not None)
+        for (b, g, n), (picked, hits) in zip(part.rows, scores):
+            record(b, g, n, picked, hits)
         # logits just under 32 MiB come from glibc's heap (reuse_freed_memory), which only a trim returns
         return_freed_memory()
     for b, batch in enumerate(contexts):
