@@ -77,11 +77,12 @@ def load_config(model_dir: Path, trust_remote_code: bool = False):
         raise StreamPruneError(f"cannot read {model_dir / 'config.json'}: {' '.join(str(exc).split())}") from exc
 
 
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    """The model's tokenizer, or None when the directory has none (token ids can still be given)."""
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False, options: dict | None = None):
+    """The model's tokenizer, or None when the directory has none (token ids can still be given);
+    `options` go to AutoTokenizer.from_pretrained (add_bos_token, as lm-eval's HFLM gives it)."""
     if not any(model_dir.glob("tokenizer*")):
         return None
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code, **(options or {}))
 
 
 def stored_dtype(reader: CheckpointReader) -> torch.dtype:
@@ -122,10 +123,11 @@ class OpenedModel:
 
 
 def open_model(
-    model: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, budget: Budget | None = None
+    model: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False, budget: Budget | None = None,
+    tokenizer_options: dict | None = None,
 ) -> OpenedModel:
     """Config, lazy reader and block skeleton (where the blocks are is derived from the model); no
-    weights are read yet."""
+    weights are read yet.  tokenizer_options go to the tokenizer's from_pretrained (load_tokenizer)."""
     model_dir = resolve_model_dir(str(model))
     config = load_config(model_dir, trust_remote_code)
     reader = CheckpointReader(model_dir)
@@ -139,4 +141,4 @@ def open_model(
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise StreamPruneError(f"{model_dir} does not match its config.json: {problems[0]}{more}")
-    return OpenedModel(model_dir, stack, load_tokenizer(model_dir, trust_remote_code))
+    return OpenedModel(model_dir, stack, load_tokenizer(model_dir, trust_remote_code, tokenizer_options))

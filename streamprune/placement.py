@@ -141,17 +141,26 @@ class FileStates:
         self.file = open(self.path, "r+b", buffering=0)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop on the compute device. Raises StreamPruneError when the file is shorter."""
         buffer = bytearray(self.row_bytes * (stop - start))
+        view = memoryview(buffer)
         self.file.seek(start * self.row_bytes)
-        self.file.readinto(buffer)
+        while view:  # one read(2) moves at most 2 GiB - 4 KiB on Linux; a batch of 7B rows is more
+            count = self.file.readinto(view)
+            if not count:
+                raise StreamPruneError(f"the hidden-state file {self.path} ended early; was it truncated?")
+            view = view[count:]
         rows = torch.frombuffer(buffer, dtype=self.dtype).view(stop - start, *self.shape[1:])
         return rows.to(self.compute)
 
     def write(self, start: int, values: torch.Tensor) -> None:
+        """Writes `values` (rows, *shape[1:]) from row `start`. Raises StreamPruneError when it cannot."""
         data = values.detach().to("cpu").contiguous().view(torch.uint8)
+        view = memoryview(data.numpy())
         self.file.seek(start * self.row_bytes)
         try:
-            self.file.write(memoryview(data.numpy()))
+            while view:  # as in read: the unbuffered file writes what one write(2) takes
+                view = view[self.file.write(view) :]
         except OSError as exc:
             raise StreamPruneError(f"cannot write the hidden states to {self.path}: {exc.strerror}") from exc
 

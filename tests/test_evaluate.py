@@ -33,10 +33,16 @@ def test_streamed_scores_equal_the_whole_model_with_padding_sharing_and_chunks(t
     requests.append(Request(tuple(range(1, 40)), start=1))
     stack = open_model(model_dir, device="cpu").stack
     streamed = streamed_logprobs(stack, requests, batch_size=2, max_resident_tokens=64)
-    whole = whole_model_logprobs(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64), requests, batch_size=1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    whole = whole_model_logprobs(model, requests, batch_size=3)
     for request, a, b in zip(requests, streamed, whole):
+        with torch.no_grad():  # each request alone, unpadded: logits at positions start - 1 ... predict start ...
+            log_probs = model(input_ids=torch.tensor([request.tokens])).logits[0].log_softmax(-1)
+        targets = torch.tensor(request.tokens[request.start :])
+        expected = log_probs[request.start - 1 : -1].gather(1, targets[:, None]).squeeze(1)
         assert a.shape == (len(request.tokens) - request.start,)
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(a, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(b, expected, rtol=1e-10, atol=1e-10)
     assert not torch.equal(streamed[1], streamed[2])  # same row, different targets
 
 
@@ -169,7 +175,8 @@ def test_perplexity_text_from_jsonl_is_its_documents_not_the_json(tmp_path):
 def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint, family, monkeypatch):
     """Requests that share a context (multiple-choice endings) run it once per block; every answer's
     log-probabilities equal the whole model's on its own unpadded row, and the unshared path's (float64).
-    Contexts of several lengths are left-padded together and exceed Mistral's and Gemma 2's window of 8;
+    Contexts of several lengths are left-padded together and exceed Mistral's and Gemma 2's window of 8,
+    and so do some endings, right-padded in passes with shorter ones;
     with batch_size 1 every context is a batch of its own, and continuations of contexts of different
     widths share passes (each context left-padded to the widest of its pass)."""
     from streamprune.evaluate import loglikelihood
@@ -187,7 +194,7 @@ def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint
     requests = []
     for context_length in (3, 9, 17, 12, 17):
         context = torch.randint(0, 256, (context_length,), generator=generator).tolist()
-        for ending_length in (1, 4, 7, 2):
+        for ending_length in (1, 4, 20, 2):  # 20: padded past a window of 8 in a pass with short ones
             ending = torch.randint(0, 256, (ending_length,), generator=generator).tolist()
             requests.append(Request(tuple(context + ending), context_length))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
@@ -269,8 +276,19 @@ def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, 
     shared = loglikelihood.shared_context_logprobs(stack, requests, batch_size=3)
     for a, b in zip(shared, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    unshared_calls = []
+    head = stack.output_head
+
+    @contextmanager
+    def counted_head():
+        with head() as logits_of:
+            yield lambda packed: unshared_calls.append(packed.shape[0]) or logits_of(packed)
+
+    monkeypatch.setattr(stack, "output_head", counted_head)
     for a, b in zip(streamed_logprobs(stack, requests, batch_size=3, share_contexts=False), plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # every scored position once (3 contexts x (1 + 3 + 6 + 2)), at most 4 a call: the endings of 6 split
+    assert sum(unshared_calls) == 36 and max(unshared_calls) == 4
     # the contexts' last positions (3 x 1), then the continuations' real positions (2 + 5 + 1 after
     # each of 3 contexts), packed: 24, four at a time
     assert calls == [(3, 1)] + [(1, 4)] * 6

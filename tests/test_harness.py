@@ -247,3 +247,79 @@ def test_chat_templates_are_applied_as_the_hf_backend_applies_them(tiny_checkpoi
         for [(ll_a, _)], [(ll_b, _)] in zip(a["resps"], b["resps"]):
             assert float(ll_a) == pytest.approx(float(ll_b), rel=1e-9)
     assert [s["resps"] for s in outputs[0]["samples"]["sp_continue"]] == [s["resps"] for s in outputs[1]["samples"]["sp_continue"]]
+
+
+def _requests(kind, args):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(kind, {}, a, i) for i, a in enumerate(args)]
+
+
+def _with_json(source, target, name, **values):
+    """A copy of checkpoint `source` at `target` whose JSON file `name` has `values` set."""
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    path = target / name
+    data = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**data, **values}))
+    return str(target)
+
+
+def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpoint, tmp_path):
+    """HFLM hands the task's generation arguments to HF generate, which adds the model's generation config
+    (generation_config.json, else config.json): a repetition penalty (Qwen2.5-Instruct ships 1.05) and
+    no_repeat_ngram_size change greedy choices and are applied; the EOS ids of config.json end a
+    generation when there is no generation_config.json; other settings that would change the choices,
+    sampling and arguments that are no generation setting are refused, naming where they came from."""
+    from streamprune.errors import StreamPruneError
+
+    base = tiny_checkpoint("llama", layers=2)
+    prompts = ["Once upon a time", "The capital of France is", "x"]
+    plain = [(p, {"until": [], "max_gen_toks": 24}) for p in prompts]
+
+    def both(model_dir, args):
+        streamed = StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=2, progress=False).generate_until(_requests("generate_until", args))
+        whole = HFLM(pretrained=str(model_dir), device="cpu", dtype="float64", batch_size=2).generate_until(_requests("generate_until", args))
+        assert streamed == whole
+        return streamed
+
+    free = both(base, plain)
+    # a sampling model config (do_sample, as chat models ship), made greedy by the task's do_sample false
+    penalised = _with_json(base, tmp_path / "penalised", "generation_config.json", repetition_penalty=1.3, do_sample=True, temperature=0.7)
+    assert both(penalised, plain) != free
+    assert both(base, [(p, {**kwargs, "no_repeat_ngram_size": 2}) for p, kwargs in plain]) != free
+    lm = StreamedLM(pretrained=str(base), device="cpu", progress=False)
+    (tokens,) = greedy_generate(lm.stack, [lm.tok_encode(prompts[0])], 24)
+    ends = _with_json(base, tmp_path / "ends", "config.json", eos_token_id=[lm.tokenizer.eos_token_id, tokens[4]])
+    assert len(both(ends, plain)[0]) < len(free[0])
+    for extra, fragment in (({"min_new_tokens": 3}, "the task's generation arguments set min_new_tokens = 3, which streamed"),
+                            ({"foo": 1}, "generation arguments foo are not generation settings"),
+                            ({"max_length": 40}, "set max_length"),
+                            ({"do_sample": True, "temperature": 0.5}, "greedy only; the task's generation arguments with the "
+                                                                       "model's generation config ask for sampling"),
+                            ({"num_beams": 2}, "ask for beam search")):
+        with pytest.raises(StreamPruneError, match=re.escape(fragment)):
+            lm.generate_until(_requests("generate_until", [("x", {"until": [], "max_gen_toks": 4, **extra})]))
+    suppressing = _with_json(base, tmp_path / "suppressing", "generation_config.json", suppress_tokens=[250])
+    with pytest.raises(StreamPruneError, match=re.escape("the model's generation config (generation_config.json) set suppress_tokens")):
+        StreamedLM(pretrained=suppressing, device="cpu", progress=False).generate_until(_requests("generate_until", plain))
+
+
+def test_add_bos_token_gives_the_tokenizer_a_bos_as_the_hf_backend_does(tiny_checkpoint):
+    """HFLM passes add_bos_token to the tokenizer's from_pretrained: a tokenizer that adds no BOS by
+    default then starts every encoding with it, and the scores change with it."""
+    model_dir = str(tiny_checkpoint("llama", layers=2))
+    streamed = StreamedLM(pretrained=model_dir, device="cpu", batch_size=2, progress=False, add_bos_token="true")
+    whole = HFLM(pretrained=model_dir, device="cpu", dtype="float64", batch_size=2, add_bos_token=True)
+    bos = streamed.tokenizer.bos_token_id
+    assert streamed.tok_encode("hello")[0] == bos and whole.tok_encode("hello") == streamed.tok_encode("hello")
+    assert StreamedLM(pretrained=model_dir, device="cpu", progress=False).tok_encode("hello")[0] != bos
+    args = [("Ctx one.", " alpha beta"), ("Q?", " y")]
+    ours, theirs = (lm.loglikelihood(_requests("loglikelihood", args)) for lm in (streamed, whole))
+    for (a, greedy_a), (b, greedy_b) in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=1e-9) and greedy_a == greedy_b
+    texts = [("hello world, " * 5,)]
+    assert streamed.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)) == pytest.approx(
+        whole.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)), rel=1e-9)

@@ -1,6 +1,7 @@
 """Where hidden states live never changes a result: device, host memory and disk give the same bits."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,36 @@ def test_file_states_round_trip_any_dtype(tmp_path):
         path = states.path
         states.close()
         assert not path.exists()
+
+
+class _ShortTransfers:
+    """An unbuffered file whose reads and writes move at most 7 bytes a call, as Linux's read(2) and
+    write(2) move at most 2 GiB - 4 KiB (a batch of 7B-model hidden states can be more)."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def readinto(self, buffer):
+        return self.file.readinto(memoryview(buffer)[:7])
+
+    def write(self, data):
+        return self.file.write(memoryview(data)[:7])
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_file_states_move_every_byte_when_the_system_moves_fewer_a_call(tmp_path):
+    states = FileStates((4, 3, 5), torch.float32, tmp_path, torch.device("cpu"))
+    states.file = _ShortTransfers(states.file)
+    values = torch.randn(4, 3, 5)
+    states.write(0, values)
+    assert states.path.read_bytes() == values.numpy().tobytes()
+    assert torch.equal(states.read(1, 4), values[1:4])
+    os.truncate(states.path, 2 * states.row_bytes)
+    with pytest.raises(StreamPruneError, match="ended early"):
+        states.read(1, 4)
+    states.close()
 
 
 def hashes(directory):

@@ -116,7 +116,7 @@ class _Group:
     again for each block visit rather than kept for every group of the round at once."""
 
     def __init__(self, number: int, contexts: list[list[int]], inputs, device: torch.device, max_new_tokens: int):
-        self.number, self.device, self.inputs = number, device, inputs
+        self.number, self.device, self.inputs, self.contexts = number, device, inputs, contexts
         self.ids, self.mask, self.positions = left_padded(contexts, device)
         self.capacity = self.ids.shape[1] + max_new_tokens  # positions its cache can reach
         self.hidden, self.kwargs = inputs(self.ids, attention_mask=self.mask, position_ids=self.positions)
@@ -164,10 +164,19 @@ class _Group:
         if self.reading and not last:
             self.hidden, self.hidden_parked = parking.park(f"{self.number}-h", self.hidden), True
 
-    def step(self, logits_of, inputs, tokenizer, until, stop_ids, more: bool) -> None:
+    def step(self, logits_of, inputs, tokenizer, until, stop_ids, more: bool, processor=None) -> None:
         """The greedy next token of every row (argmax, first index on ties as torch.argmax), the stop
-        rules applied per row, and with `more` the block inputs for the next pass."""
-        token = logits_of(self.hidden[:, -1:])[:, -1].argmax(dim=-1)
+        rules applied per row, and with `more` the block inputs for the next pass.  A `processor` (a
+        transformers LogitsProcessorList) first changes each row's float32 logits, as HF generate's,
+        given that row's own tokens: HF generate's, which leave out the padding, for any batch."""
+        logits = logits_of(self.hidden[:, -1:])[:, -1]
+        if processor:
+            logits = logits.float()
+            for row, context in enumerate(self.contexts):
+                if not self.done[row]:
+                    ids = torch.tensor([context + self.new[row]], device=logits.device)
+                    logits[row : row + 1] = processor(ids, logits[row : row + 1])
+        token = logits.argmax(dim=-1)
         for row, value in enumerate(token.tolist()):
             if not self.done[row]:
                 self.new[row].append(value)
@@ -202,7 +211,7 @@ def _parked_bytes(stack: DecoderStack, first: _Group, groups: list[list[list[int
 @torch.no_grad()
 def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_tokens: int, tokenizer=None,
                     until: list[str] | None = None, stop_ids=(), progress: bool = False, batch_size: int = 4,
-                    max_resident_tokens: int = 2**18) -> list[list[int]]:
+                    max_resident_tokens: int = 2**18, processor=None) -> list[list[int]]:
     """Greedy continuations of token-id contexts, one block resident at a time, every row in each visit.
 
     contexts: lists of token ids (Python ints), none empty; rows next to each other decode together in groups of
@@ -213,7 +222,9 @@ def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_toke
     later pass runs every block over one new token per row.  The caches wait between visits where the
     memory limits of the stack's budget put them (module docstring), in rounds of at most
     max_resident_tokens tokens.  A row stops at one of stop_ids or once its decoded text holds a string
-    of `until`; a group stops when all its rows have, every row after max_new_tokens.
+    of `until`; a group stops when all its rows have, every row after max_new_tokens.  `processor`, a
+    transformers LogitsProcessorList (a repetition penalty: harness._greedy_processor), changes each
+    row's logits before its argmax as in HF generate.
     Returns the new token ids per row (a stop string's tokens included, as HF generate's stopping
     criteria).  Raises StreamPruneError for an empty context or a decoder without a key/value cache.
     """
@@ -230,7 +241,7 @@ def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_toke
             progress_bars.bar(total=max_new_tokens * len(rounds), desc="Generating", unit="token", enabled=progress, leave=False) as bar:
         for round_ in rounds:
             decoded = _decode(stack, [[contexts[n] for n in group] for group in round_], inputs, logits_of, max_new_tokens,
-                              tokenizer, until, stop_ids, batch_size, bar)
+                              tokenizer, until, stop_ids, batch_size, bar, processor)
             for group, done in zip(round_, decoded):
                 for n, tokens in zip(group, done.new):
                     new[n] = tokens
@@ -238,7 +249,7 @@ def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_toke
 
 
 def _decode(stack: DecoderStack, groups: list[list[list[int]]], inputs, logits_of, max_new_tokens: int, tokenizer, until,
-            stop_ids, batch_size: int, bar) -> list[_Group]:
+            stop_ids, batch_size: int, bar, processor) -> list[_Group]:
     """One round: every group through every block visit, a pass per generated token."""
     last = stack.num_blocks - 1
     live: list[_Group] = []
@@ -267,7 +278,7 @@ def _decode(stack: DecoderStack, groups: list[list[list[int]]], inputs, logits_o
                     stack.free_block(index)
             for group in live:
                 if not group.finished:
-                    group.step(logits_of, inputs, tokenizer, until, stop_ids, more=step + 1 < max_new_tokens)
+                    group.step(logits_of, inputs, tokenizer, until, stop_ids, more=step + 1 < max_new_tokens, processor=processor)
                     if parking is not None:  # what no later visit reads goes now
                         parking.release(f"{group.number}-" if group.finished else f"{group.number}-h")
             bar.update()

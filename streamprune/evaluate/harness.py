@@ -18,9 +18,12 @@ The requests are those of lm-eval's Hugging Face backend (HFLM), answered the sa
   arguments in each block visit, batch_size rows per forward call (longest contexts first, as HFLM),
   left-padded with HF generate's attention mask and position ids, one pass over the blocks per generated
   token with key/value caches placed as hidden states are; stop strings and max_gen_toks as the harness passes them
-  (lm-eval's normalize_gen_kwargs, handle_stop_sequences and postprocess_generated_text), and the EOS ids
-  of the tokenizer and of generation_config.json.  Sampling, beam search and repetition_penalty are
-  refused, not ignored;
+  (lm-eval's normalize_gen_kwargs, handle_stop_sequences and postprocess_generated_text), the EOS ids
+  of the tokenizer and of the model's generation config, and of that config (generation_config.json,
+  else config.json, as transformers) with the task's arguments as HFLM passes them to HF generate, the
+  greedy settings: repetition_penalty and no_repeat_ngram_size applied by transformers' own logits
+  processors; sampling, beam search and every other setting that would change greedy choices refused,
+  not ignored;
 - apply_chat_template: the tokenizer's chat template, as HFLM (lm-eval's --apply_chat_template).
 
 Requires the optional extra: pip install 'streamprune[lmeval]'.
@@ -28,7 +31,11 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+
+from transformers import GenerationConfig, LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers.generation import GenerationMode
 
 from ..errors import StreamPruneError
 
@@ -79,7 +86,9 @@ class StreamedLM(TemplateLM):
         budget = Budget(max_gpu_bytes=parse_size(max_gpu_memory), max_cpu_bytes=parse_size(max_host_memory), offload_dir=offload_dir)
         flags = {name: _flag(name, value) for name, value in (("trust_remote_code", trust_remote_code), ("progress", progress),
                                                                ("share_contexts", share_contexts), ("add_bos_token", add_bos_token))}
-        opened = open_model(pretrained, device, dtype, flags["trust_remote_code"], budget)
+        # HFLM gives add_bos_token to the tokenizer itself: one that adds no BOS by default then adds it
+        tokenizer_options = {} if flags["add_bos_token"] is None else {"add_bos_token": flags["add_bos_token"]}
+        opened = open_model(pretrained, device, dtype, flags["trust_remote_code"], budget, tokenizer_options)
         self._serve(opened, _rows_per_pass(batch_size), _whole("max_length", max_length), flags["add_bos_token"],
                     flags["progress"], flags["share_contexts"])
 
@@ -88,7 +97,9 @@ class StreamedLM(TemplateLM):
         """Takes the opened model and the settings, already parsed."""
         if opened.tokenizer is None:
             raise StreamPruneError(f"{opened.model_dir} has no tokenizer; lm-eval's tasks need one")
-        self.stack, self.tokenizer, self.stop_ids = opened.stack, opened.tokenizer, _stop_ids(opened)
+        self.stack, self.tokenizer = opened.stack, opened.tokenizer
+        self.generation_config = _generation_config(opened)
+        self.stop_ids = _stop_ids(opened.tokenizer, self.generation_config)
         self._batch_size, self._max_length, self.add_bos_token = batch_size, max_length, add_bos_token
         self.progress, self.share_contexts, self.max_resident_tokens = progress, share_contexts, max_resident_tokens
 
@@ -207,7 +218,7 @@ class StreamedLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
-            _greedy_only(kwargs)
+            processor = _greedy_processor(self.generation_config, kwargs)
             room = self.max_length - max_gen_toks
             if room <= 0:
                 raise StreamPruneError(f"the task asks for {max_gen_toks} new tokens, which leaves no room for a context "
@@ -216,7 +227,7 @@ class StreamedLM(TemplateLM):
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
             generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks, self.tokenizer, until,
                                         self.stop_ids, progress=self.progress and not disable_tqdm, batch_size=self._batch_size,
-                                        max_resident_tokens=self.max_resident_tokens)
+                                        max_resident_tokens=self.max_resident_tokens, processor=processor)
             for n, tokens in zip(ordered, generated):
                 text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
                 results[n] = text
@@ -242,28 +253,73 @@ def _rows_per_pass(batch_size) -> int:
     return rows
 
 
-def _stop_ids(opened) -> set[int]:
-    """The ids that end a generation: the tokenizer's EOS and the model's generation_config.json ones
-    (a list in chat models: Gemma 3's <end_of_turn>, Llama 3's <|eot_id|>), as HF generate stops."""
-    ids = {opened.tokenizer.eos_token_id} - {None}
+def _generation_config(opened) -> GenerationConfig:
+    """The model's generation config as transformers gives a loaded model: generation_config.json, else
+    one made from config.json (GenerationConfig.from_model_config, as PreTrainedModel.from_pretrained).
+    Raises StreamPruneError for a generation_config.json transformers refuses."""
     try:
-        from transformers import GenerationConfig
-
-        configured = GenerationConfig.from_pretrained(opened.model_dir).eos_token_id
-    except (OSError, ValueError):
-        configured = None
-    ids |= set(configured if isinstance(configured, (list, tuple)) else [configured]) - {None}
-    return ids
+        return GenerationConfig.from_pretrained(opened.model_dir)
+    except OSError:  # no generation_config.json
+        return GenerationConfig.from_model_config(opened.stack.config)
+    except ValueError as exc:
+        raise StreamPruneError(f"generation_config.json in {opened.model_dir} is not valid: {exc}") from None
 
 
-def _greedy_only(kwargs: dict) -> None:
-    """Refuses generation arguments that greedy decoding would silently ignore."""
-    if kwargs.get("do_sample") or (kwargs.get("temperature") or 0) > 0:
-        raise StreamPruneError("streamed generation is greedy only; the task asks for sampling (do_sample or temperature > 0)")
-    if (kwargs.get("num_beams") or 1) > 1:
-        raise StreamPruneError("streamed generation is greedy only; the task asks for beam search (num_beams > 1)")
-    if kwargs.get("repetition_penalty") not in (None, 1, 1.0):
-        raise StreamPruneError("streamed generation does not apply repetition_penalty, which the task asks for")
+def _stop_ids(tokenizer, generation_config: GenerationConfig) -> set[int]:
+    """The ids that end a generation: the tokenizer's EOS and the generation config's (a list in chat
+    models: Gemma 3's <end_of_turn>, Llama 3's <|eot_id|>), as HF generate stops."""
+    configured = generation_config.eos_token_id
+    return ({tokenizer.eos_token_id} | set(configured if isinstance(configured, (list, tuple)) else [configured])) - {None}
+
+
+# Settings of a generation config that change greedy choices and that streamed decoding does not apply,
+# with the values that leave them off (transformers' GenerationMixin._get_logits_processor)
+NOT_APPLIED = {"guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "bad_words_ids": (None,), "min_length": (None, 0),
+               "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+               "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
+               "watermarking_config": (None,)}
+
+
+def _greedy_processor(model_config: GenerationConfig, task_kwargs: dict) -> LogitsProcessorList:
+    """What HF generate changes greedy logits with in HFLM: the model's generation config updated with a
+    task's generation arguments (lm-eval's normalize_gen_kwargs output, less until and max_gen_toks; the
+    temperature 0 of greedy decoding dropped, as HFLM drops it).  repetition_penalty and
+    no_repeat_ngram_size become transformers' own logits processors; settings that only sampling reads
+    (top_p, top_k, ...) change nothing.  Raises StreamPruneError for an argument that is no generation
+    setting (HF generate refuses it too), sampling, beam search and other decoding modes, and settings
+    that change greedy choices and are not applied (NOT_APPLIED, a task's max_length), naming where each
+    came from: a model's own repetition penalty (Qwen2.5-Instruct's 1.05) is applied, never ignored."""
+    kwargs = dict(task_kwargs)
+    if not kwargs.get("do_sample") and not kwargs.get("temperature"):
+        kwargs.pop("temperature", None)
+    unknown = sorted(name for name in kwargs if not hasattr(GenerationConfig(), name))
+    if unknown:
+        raise StreamPruneError(f"the task's generation arguments {', '.join(unknown)} are not generation settings (HF generate "
+                               f"refuses them too)")
+    if "max_length" in kwargs:
+        raise StreamPruneError("the task's generation arguments set max_length (context and new tokens, in HFLM as padded in "
+                               "its batch); streamed generation takes max_gen_toks: set that instead")
+    config = copy.deepcopy(model_config)
+    config.update(**kwargs)
+
+    def source(name: str) -> str:
+        return "the task's generation arguments" if name in kwargs else "the model's generation config (generation_config.json)"
+
+    mode = config.get_generation_mode()
+    if mode != GenerationMode.GREEDY_SEARCH:
+        asked = "sampling" if mode == GenerationMode.SAMPLE else mode.value.replace("_", " ")
+        raise StreamPruneError(f"streamed generation is greedy only; the task's generation arguments with the model's generation "
+                               f"config ask for {asked} (do_sample {config.do_sample}, num_beams {config.num_beams})")
+    for name, off in NOT_APPLIED.items():
+        if getattr(config, name, None) not in off:
+            raise StreamPruneError(f"{source(name)} set {name} = {getattr(config, name)!r}, which streamed generation does not "
+                                   f"apply; it would change greedy choices")
+    processor = LogitsProcessorList()
+    if config.repetition_penalty not in (None, 1, 1.0):
+        processor.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processor.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    return processor
 
 
 def _flag(name: str, value) -> bool | None:

@@ -372,12 +372,14 @@ class _Continuations:
                                   for b, chosen in self.select])
         widest = max(requests[n].scored - 1 for _, _, n in rows)
         ids = torch.zeros((len(rows), widest), dtype=torch.long)
-        own_mask = torch.zeros((len(rows), widest), dtype=torch.long)
         for r, (_, _, n) in enumerate(rows):
             tail = requests[n].tokens[requests[n].start : -1]
             ids[r, : len(tail)] = torch.tensor(tail)
-            own_mask[r, : len(tail)] = 1
-        ids, own_mask = ids.to(device), own_mask.to(device)
+        ids = ids.to(device)
+        # The right padding is not masked: a causal model's real positions never attend to it, and masked,
+        # a padding position past a sliding window would attend to nothing, turn NaN, and in the next
+        # block spread through the weight 0 its key gets (Gemma 2 in float64).
+        own_mask = torch.ones((len(rows), widest), dtype=torch.long, device=device)
         try:
             self.past = type(contexts[0].cache)(config=stack.decoder.config)
         except TypeError:  # a cache class built otherwise than transformers' DynamicCache
