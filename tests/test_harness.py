@@ -323,3 +323,25 @@ def test_add_bos_token_gives_the_tokenizer_a_bos_as_the_hf_backend_does(tiny_che
     texts = [("hello world, " * 5,)]
     assert streamed.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)) == pytest.approx(
         whole.loglikelihood_rolling(_requests("loglikelihood_rolling", texts)), rel=1e-9)
+
+
+def test_a_log_likelihood_that_is_not_finite_stops_the_evaluation(tiny_checkpoint, monkeypatch):
+    """HFLM hands a NaN on and lm-eval ranks answers by it; StreamedLM raises NumericalError instead,
+    naming the dtype to evaluate in."""
+    from streamprune.errors import NumericalError
+    from streamprune.evaluate import harness
+
+    lm = StreamedLM(pretrained=str(tiny_checkpoint("llama", layers=2, dtype="float32")), device="cpu", progress=False)
+    args = [("Ctx one.", " alpha beta"), ("Q?", " y")]
+    assert all(math.isfinite(value) for value, _ in lm.loglikelihood(_requests("loglikelihood", args)))
+    scores = harness.streamed_logprobs
+
+    def overflowed(*a, **k):
+        values = scores(*a, **k)
+        values[1] = torch.full_like(values[1], float("nan"))
+        return values
+
+    monkeypatch.setattr(harness, "streamed_logprobs", overflowed)
+    with pytest.raises(NumericalError, match=re.escape("is not finite: the activations overflowed float32 or the model is "
+                                                       "damaged; evaluate with dtype=float64 in --model_args")):
+        lm.loglikelihood(_requests("loglikelihood", args))

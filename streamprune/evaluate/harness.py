@@ -37,7 +37,8 @@ from pathlib import Path
 from transformers import GenerationConfig, LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 from transformers.generation import GenerationMode
 
-from ..errors import StreamPruneError
+from ..checks import first_nonfinite, wider_dtypes
+from ..errors import NumericalError, StreamPruneError
 
 try:
     from lm_eval import utils as lm_utils
@@ -175,7 +176,8 @@ class StreamedLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probabilities, whether each of its tokens is the argmax) per
-        ((context, continuation), context_enc, continuation_enc), with HFLM's left truncation."""
+        ((context, continuation), context_enc, continuation_enc), with HFLM's left truncation.  Raises
+        NumericalError when one is not finite (HFLM would hand it on)."""
         scored = []
         for _, context_enc, continuation_enc in requests:
             tokens = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
@@ -183,6 +185,11 @@ class StreamedLM(TemplateLM):
         greedy: list = []
         logprobs = streamed_logprobs(self.stack, scored, batch_size=self._batch_size, max_resident_tokens=self.max_resident_tokens, progress=self.progress and not disable_tqdm,
                                      desc="lm-eval loglikelihood", greedy=greedy, share_contexts=self.share_contexts)
+        bad = first_nonfinite(logprobs)
+        if bad is not None:  # lm-eval would rank the answers by it all the same
+            raise NumericalError(f"the log-likelihood of a request ({len(scored[bad].tokens)} tokens) is not finite: the activations "
+                                 f"overflowed {str(self.stack.dtype).removeprefix('torch.')} or the model is damaged; evaluate "
+                                 f"with {wider_dtypes(self.stack.dtype).replace('--dtype ', 'dtype=')} in --model_args")
         results = [(float(lp.sum()), bool(g)) for lp, g in zip(logprobs, greedy)]
         for (pair, _, _), result in zip(requests, results):
             if pair is not None:
