@@ -57,9 +57,9 @@ class PruneConfig:
             raise StreamPruneError(f"--budgets owl counts outliers of the method's score, and {self.method} has no single score; use another method")
         for name in ("nsamples", "calib_mult", "seqlen", "batch_size"):
             if getattr(self, name) < 1:
-                raise StreamPruneError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise StreamPruneError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.stat_norm not in STAT_NORMS:
-            raise StreamPruneError(f"stat-norm must be one of {', '.join(STAT_NORMS)}, got {self.stat_norm!r}")
+            raise StreamPruneError(f"--stat-norm must be one of {', '.join(STAT_NORMS)}, got {self.stat_norm!r}")
         if self.dtype not in DTYPES:
             raise StreamPruneError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         allowed = {option.name: option for option in self.allowed_options()}

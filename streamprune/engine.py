@@ -363,7 +363,7 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
         manifest.timings["blocks_s"].append(round(block_seconds, 3))
         record(blocks_done=index + 1)
         bar.update()
-        if stop_asked() and index + 1 < stack.num_blocks:
+        if stop_asked():  # after the last block too: a sweep must stop, and the rerun only writes the rest
             record(status="interrupted")
             raise Interrupted(
                 f"stopped after block {index + 1} of {stack.num_blocks}; rerun the same command to resume where it stopped"
@@ -442,12 +442,20 @@ def prune(
     if checks.ENABLED:  # embeddings, final norm, LM head: refused now, not after the last block
         stack.reader.check_tensors(stack.non_block_keys())
     calibration: CalibrationSet
+    # a method that gathers no statistics (magnitude) runs no block forward: no corpus to load or download
+    uses_calibration = bool(config.statistics) or config.budgets == "owl"
     if plan.resumed:
         remove_partial_files(out)
-        calibration = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen)
+        if uses_calibration:
+            calibration = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen)
+        else:
+            calibration = CalibrationSet(torch.zeros((0, config.seqlen), dtype=torch.int64))
         log.warning("resuming the unfinished run in %s: %d of its %d blocks are done", out, plan.start_block, stack.num_blocks)
     else:
-        calibration = calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
+        if uses_calibration:
+            calibration = calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
+        else:
+            calibration = CalibrationSet(torch.zeros((0, config.seqlen), dtype=torch.int64))
         make_output(out)
         save_windows(out / CALIBRATION_IDS_FILE, calibration)
     earlier_seconds = manifest.timings["total_s"]

@@ -20,8 +20,11 @@ from .errors import StreamPruneError, one_line
 
 
 def main() -> None:
-    """Runs lm-eval's command; a StreamPruneError (bad --model_args, a model streamprune cannot open) is
-    one `Error: ...` line on stderr and exit status 1, with the traceback only under STREAMPRUNE_DEBUG=1."""
+    """Runs lm-eval's command with streamprune's error rules: a StreamPruneError (bad --model_args, a model
+    streamprune cannot open) is one `Error: ...` line on stderr and its exit status (1); lm-eval's own
+    errors (an unknown task, a dataset it cannot download offline) one `Error: Type: message` line and
+    status 1; Ctrl-C `Error: interrupted` and status 130 (as `streamprune eval`).  STREAMPRUNE_DEBUG=1
+    shows the traceback instead.  lm-eval's own usage errors (argparse) are left as lm-eval prints them."""
     try:
         from lm_eval.__main__ import cli_evaluate
 
@@ -29,13 +32,24 @@ def main() -> None:
     except ImportError:
         sys.stderr.write("Error: lm-evaluation-harness is not installed; pip install 'streamprune[lmeval]'\n")
         sys.exit(1)
+    debug = os.environ.get("STREAMPRUNE_DEBUG") == "1"
     try:
         cli_evaluate()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write("\nError: interrupted\n")
+        sys.exit(130)
     except StreamPruneError as exc:
-        if os.environ.get("STREAMPRUNE_DEBUG") == "1":
+        if debug:
             raise
         sys.stderr.write(f"\nError: {one_line(exc)}\n")
         sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as exc:  # lm-eval's: still one line, as streamprune's own commands print them
+        if debug:
+            raise
+        sys.stderr.write(f"\nError: {type(exc).__name__}: {one_line(exc)} (rerun with STREAMPRUNE_DEBUG=1 for the traceback)\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ def choose_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError as exc:
         raise StreamPruneError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
+    if device.type not in ("cpu", "cuda"):  # torch knows mps, xpu, ...; streaming is built for these two
+        raise StreamPruneError(f"device {name} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise StreamPruneError(f"device {name} was asked for but CUDA is not available here; use cpu")
     return device

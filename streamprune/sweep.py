@@ -171,7 +171,7 @@ class SweepSpec:
             if pattern != "unstructured":
                 parse_pattern(pattern)
         if self.seeds < 1:
-            raise StreamPruneError(f"seeds must be at least 1, got {self.seeds}")
+            raise StreamPruneError(f"--seeds must be at least 1, got {self.seeds}")
         if not self.points():
             raise StreamPruneError("the grid is empty: give methods (or geometries), alphas, and sparsities or patterns")
         self.eval_config()  # validates the evaluation options
@@ -330,7 +330,10 @@ def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool)
             # a setting a sweep from an earlier version did not record had its default then
             defaults = {f.name: f.default for f in dataclasses.fields(SweepSpec) if f.default is not dataclasses.MISSING}
             changed = [k for k, v in current.items() if _as_json(recorded.get(k, defaults.get(k))) != _as_json(v)]
-            if changed and not overwrite:
+            # a sweep that stopped before any result (a bad input found late: a task name, the device, an
+            # offline corpus) protects nothing; its calibration draws are of the old settings and go with it
+            done = [p for folder in ("results", "checkpoints") if (outdir / folder).is_dir() for p in (outdir / folder).iterdir()]
+            if changed and not overwrite and done:
                 k = changed[0]
                 what = "the model" if k == "model_fingerprint" else f"--{k.replace('_', '-')}"
                 raise StreamPruneError(
@@ -338,6 +341,8 @@ def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool)
                     "rerun with the same settings to continue it, or pass --overwrite to start over"
                 )
             if changed:
+                if not done:
+                    log.warning("replacing the sweep in %s, which has no results yet, with these settings", outdir)
                 shutil.rmtree(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     write_json(recorded_path, current)
@@ -370,6 +375,11 @@ def _metrics(result: dict) -> dict:
 
 
 SPREAD = ("ppl", "macro_mean")  # the metrics whose spread over draws is reported
+# the keys of a row (_row, _metrics) that are not a task's metric: every other is one, whatever its name
+# (lm-eval's exact_match, word_perplexity, a group's subtasks)
+NOT_TASK_METRICS = frozenset({"label", "method", "geometry", "alpha", "reconstruct", "options", "sparsity", "pattern", "setting",
+                              "failed", "seeds", "ppl", "ppl_slices", "ppl_slices_mean", "macro_mean", "prune_s", "eval_s",
+                              "peak_host_rss_bytes", "peak_gpu_allocated_bytes"})
 
 
 def _row(label: str, point: GridPoint | None, results: list[dict], setting: dict | None = None) -> dict:
@@ -470,7 +480,9 @@ def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: boo
     for setting in settings:
         at = spec.at(setting)
         calibration, pruning, evaluation = (_suffix(setting, f) for f in (CALIBRATION_FIELDS, PRUNE_FIELDS, EVAL_FIELDS))
-        for seed in spec.draws():
+        # drawn only where a configuration runs blocks over it (magnitude alone needs no corpus)
+        uses_calibration = any(p.prune_config(at, calib="unused", seed=at.seed).statistics or at.budgets == "owl" for p in at.points())
+        for seed in spec.draws() if uses_calibration else ():
             ids_file = _ids_file(outdir, seed, spec, calibration)
             if not ids_file.is_file():
                 tokenizer = tokenizer or load_tokenizer(model_dir)
@@ -603,7 +615,8 @@ def markdown_tables(rows: list[dict], spec: SweepSpec) -> str:
             lines += ["| " + " | ".join([r["label"]] + cells_of(r)) + " |" for r in others]
             lines.append("")
         lines += [f"Best pruned: **{best['label']}** (bold); dense in italics." if best else "Every configuration failed.", ""]
-    metric_columns = [k for k in rows[0] if k.endswith(("_acc", "_acc_norm"))] + ["macro_mean"] * has_acc
+    metric_columns = list(dict.fromkeys(k for row in rows for k in row if k not in NOT_TASK_METRICS
+                                        and not k.startswith(tuple(f"{m}_" for m in SPREAD)))) + ["macro_mean"] * has_acc
     lines += ["## Every configuration", "",
               "| configuration | " + " | ".join((["ppl"] if has_ppl else []) + metric_columns + ["prune s", "eval s"]) + " |",
               "|" + "---|" * (1 + has_ppl + len(metric_columns) + 2)]

@@ -292,3 +292,18 @@ def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, 
     # the contexts' last positions (3 x 1), then the continuations' real positions (2 + 5 + 1 after
     # each of 3 contexts), packed: 24, four at a time
     assert calls == [(3, 1)] + [(1, 4)] * 6
+
+
+def test_num_fewshot_zero_agrees_with_the_built_in_tasks_and_more_is_refused_for_them(caplog):
+    from streamprune.errors import StreamPruneError
+    from streamprune.evaluate.runner import EvalConfig
+
+    assert EvalConfig(tasks=("boolq",), num_fewshot=0).num_fewshot == 0  # they are zero-shot
+    with pytest.raises(StreamPruneError, match="--include-path and --num-fewshot apply to lm-eval tasks"):
+        EvalConfig(tasks=("boolq",), num_fewshot=2)
+    with pytest.raises(StreamPruneError, match="--limit must be at least 1"):
+        EvalConfig(tasks=("boolq",), limit=0)
+    pytest.importorskip("lm_eval")
+    with caplog.at_level("WARNING", logger="streamprune"):
+        EvalConfig(tasks=("boolq", "sp_boolq"), num_fewshot=2)
+    assert "--num-fewshot 2 applies to the lm-eval tasks; the built-in tasks (boolq) stay zero-shot" in caplog.text

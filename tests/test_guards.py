@@ -450,3 +450,18 @@ def test_a_sweep_starts_a_configuration_over_after_a_library_upgrade(tiny_checkp
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "resuming" not in result.stderr  # started over, not resumed across the upgrade
+
+
+def test_magnitude_pruning_reads_no_calibration_corpus(tiny_checkpoint, tmp_path):
+    """Magnitude runs no block forward: a corpus that cannot be loaded (offline, the default hub corpus)
+    does not stop it, and the weights come out as with a corpus that loads."""
+    model = tiny_checkpoint("llama", dtype="float32", layers=2)
+    args = ["prune", model, None, "--method", "magnitude", "--nsamples", "4", "--seqlen", "16", "--quiet"]
+    with_corpus = invoke(*[tmp_path / "a" if a is None else a for a in args], "--calib", WIKI)
+    without = invoke(*[tmp_path / "b" if a is None else a for a in args], "--calib", tmp_path / "missing.txt")
+    assert with_corpus.exit_code == 0 and without.exit_code == 0, without.output
+    for shard in sorted((tmp_path / "a").glob("*.safetensors")):
+        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+    assert manifest(tmp_path / "b")["status"] == "complete" and manifest(tmp_path / "b")["calibration"]["windows"] == 0
+    wanda = invoke(*prune_args(model, tmp_path / "c", "--calib", tmp_path / "missing.txt"))
+    assert "Error: " in wanda.stderr and "missing.txt" in wanda.stderr  # a method that needs it still says so

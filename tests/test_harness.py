@@ -168,12 +168,16 @@ def test_a_sweep_evaluates_lm_eval_tasks(tiny_checkpoint, monkeypatch, tmp_path)
 
     monkeypatch.chdir(ROOT)
     spec = SweepSpec(alphas=(0.5,), geometries=("modified",), sparsities=(0.5,), calib=str(WIKITEXT_CALIBRATION), nsamples=3,
-                     calib_seqlen=16, ppl=None, tasks=("sp_boolq", "sp_hellaswag"), limit=6, include_path="tests/data/lmeval",
-                     device="cpu")
+                     calib_seqlen=16, ppl=None, tasks=("sp_boolq", "sp_hellaswag", "sp_rolling"), limit=6,
+                     include_path="tests/data/lmeval", device="cpu")
     rows = run_sweep(str(tiny_checkpoint("llama", layers=2)), tmp_path / "sweep", spec, progress=False, echo=lambda *_: None)
     assert [r["label"] for r in rows] == ["dense", "EN-Modified a=0.5 50%"]
-    for row in rows:
+    for row in rows:  # a perplexity is not averaged with accuracies
         assert row["macro_mean"] == pytest.approx((row["sp_boolq_acc"] + row["sp_hellaswag_acc"]) / 2)
+        assert row["sp_rolling_word_perplexity"] > 1
+    # results.md's table of every configuration has every task's metric, not only the accuracies
+    assert ("| configuration | sp_boolq_acc | sp_hellaswag_acc | sp_rolling_word_perplexity | macro_mean | prune s | eval s |"
+            in (tmp_path / "sweep" / "results.md").read_text())
 
 
 def test_generation_stops_at_a_stop_id_or_string_and_bad_model_args_are_refused(tiny_checkpoint):
@@ -220,6 +224,24 @@ def test_lm_eval_command_reports_bad_model_args_in_one_line(tiny_checkpoint, mon
     err = capsys.readouterr().err
     assert "StreamPruneError" not in err  # no traceback of it (lm-eval's own logging may print other noise here)
     assert err.splitlines()[-1].startswith("Error: unknown --model_args revision for streamprune; it takes pretrained, ")
+    # lm-eval's own errors and Ctrl-C are one line too (a process of its own: lm-eval's log handlers of
+    # earlier tests write to streams pytest has closed, and report that with tracebacks)
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-m", "streamprune.lm_eval_cli", "--model", "streamprune", "--model_args",
+                          f"pretrained={model_dir},device=cpu", "--tasks", "no_such_task", "--include_path", "tests/data/lmeval",
+                          "--limit", "2"], capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert re.fullmatch(r"Error: \w+: .*no_such_task.* \(rerun with STREAMPRUNE_DEBUG=1 for the traceback\)", run.stderr.splitlines()[-1])
+    import lm_eval.__main__
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        lm_eval_main()
+    assert exit_.value.code == 130 and capsys.readouterr().err.splitlines()[-1] == "Error: interrupted"
 
 
 def test_chat_templates_are_applied_as_the_hf_backend_applies_them(tiny_checkpoint, monkeypatch, tmp_path):

@@ -80,17 +80,19 @@ def test_sigkill_then_the_same_command_gives_a_bitwise_identical_checkpoint(mode
     assert not list(out.glob(".*.tmp"))
 
 
-def test_ctrl_c_stops_after_the_block_says_how_to_resume_and_resumes(model_and_reference, tmp_path):
+@pytest.mark.parametrize("block", [1, 4])
+def test_ctrl_c_stops_after_the_block_says_how_to_resume_and_resumes(model_and_reference, tmp_path, block):
+    """Also during the last block: the command stops (a sweep must not go on), and the rerun writes the rest."""
     model, reference = model_and_reference
     out = tmp_path / "out"
-    stopped = subprocess.run([sys.executable, str(KILL_AT), "sigint_after_block", "1", *prune_args(model, out)],
+    stopped = subprocess.run([sys.executable, str(KILL_AT), "sigint_after_block", str(block), *prune_args(model, out)],
                              capture_output=True, text=True)
     assert stopped.returncode == 130
     assert stopped.stderr.strip().splitlines()[-1] == (
-        "Error: stopped after block 1 of 4; rerun the same command to resume where it stopped"
+        f"Error: stopped after block {block} of 4; rerun the same command to resume where it stopped"
     )
     manifest = json.loads((out / "streamprune.json").read_text())
-    assert manifest["status"] == "interrupted" and manifest["blocks_done"] == 1
+    assert manifest["status"] == "interrupted" and manifest["blocks_done"] == block
     assert not looks_complete(out)
     assert run_cli(prune_args(model, out)).exit_code == 0
     assert file_hashes(out) == reference

@@ -87,6 +87,30 @@ def test_an_interrupted_sweep_continues_without_redoing_finished_configurations(
         run_sweep(model, out, spec(nsamples=4), progress=False, echo=lambda *_: None)
 
 
+def test_a_sweep_that_stopped_before_any_result_gives_way_to_other_settings(tiny_checkpoint, tmp_path, counted_prunes):
+    """A bad input found only once the sweep has begun (a task name lm-eval does not know) leaves its
+    settings in OUTDIR; the corrected command starts over without --overwrite, since nothing was done."""
+    model = str(tiny_checkpoint("llama"))
+    out = tmp_path / "sweep"
+    small = dict(alphas=(0.0,), geometries=("original",))
+    with pytest.raises(StreamPruneError, match="no_such_task"):
+        run_sweep(model, out, spec(**small, tasks=("no_such_task",)), progress=False, echo=lambda *_: None)
+    assert (out / "sweep.json").is_file() and not counted_prunes
+    rows = run_sweep(model, out, spec(**small), progress=False, echo=lambda *_: None)
+    assert [r["label"] for r in rows] == ["dense", "EN-Original a=0 50%"] and len(counted_prunes) == 1
+    with pytest.raises(StreamPruneError, match="--nsamples differs"):  # once there are results, they are kept
+        run_sweep(model, out, spec(**small, nsamples=4), progress=False, echo=lambda *_: None)
+
+
+def test_a_magnitude_sweep_draws_no_calibration(tiny_checkpoint, tmp_path, counted_prunes):
+    """Magnitude pruning runs no block over calibration text, so a corpus that cannot be loaded (the
+    default hub corpus offline) stops neither the sweep nor its prunings."""
+    rows = run_sweep(str(tiny_checkpoint("llama")), tmp_path / "sweep", spec(methods=("magnitude",), alphas=(), geometries=(),
+                     calib=str(tmp_path / "missing.txt")), progress=False, echo=lambda *_: None)
+    assert [r["label"] for r in rows] == ["dense", "magnitude 50%"] and len(counted_prunes) == 1
+    assert not list((tmp_path / "sweep").glob("calibration_ids*"))
+
+
 def test_sweep_command_and_spec_file(tiny_checkpoint, tmp_path):
     spec_file = tmp_path / "grid.yaml"
     spec_file.write_text(

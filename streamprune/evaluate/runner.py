@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -19,6 +20,8 @@ from ..state import peak_memory, reset_peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
 from .perplexity import load_text, perplexity_from, perplexity_requests
 from .tasks import accuracy, all_tasks, get_task, requests_for, subset
+
+log = logging.getLogger("streamprune")
 
 
 @dataclass(frozen=True)
@@ -44,20 +47,23 @@ class EvalConfig:
             harness_available(self.harness_tasks)
             if self.load_in_8bit or self.load_in_4bit:
                 raise StreamPruneError("lm-eval tasks are evaluated streamed; for a quantized whole model use lm_eval --model hf")
-        elif self.include_path or self.num_fewshot is not None:
+        elif self.include_path or self.num_fewshot:  # 0 agrees with the built-in tasks, which are zero-shot
             raise StreamPruneError("--include-path and --num-fewshot apply to lm-eval tasks; the built-in tasks are zero-shot")
         if self.num_fewshot is not None and self.num_fewshot < 0:
-            raise StreamPruneError("num-fewshot must be at least 0")
+            raise StreamPruneError("--num-fewshot must be at least 0")
+        if self.num_fewshot and self.builtin_tasks:
+            log.warning("--num-fewshot %d applies to the lm-eval tasks; the built-in tasks (%s) stay zero-shot",
+                        self.num_fewshot, ", ".join(self.builtin_tasks))
         if not self.ppl and not self.tasks:
             raise StreamPruneError("nothing to evaluate: give --ppl and/or --tasks")
         if self.ppl_slices and not self.ppl:
             raise StreamPruneError("--ppl-slices needs --ppl (the text to slice)")
         for name in ("seqlen", "batch_size", "max_resident_tokens"):
             if getattr(self, name) < 1:
-                raise StreamPruneError(f"{name.replace('_', '-')} must be at least 1")
+                raise StreamPruneError(f"--{name.replace('_', '-')} must be at least 1")
         for name in ("max_windows", "limit", "ppl_slices"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise StreamPruneError(f"{name.replace('_', '-')} must be at least 1")
+                raise StreamPruneError(f"--{name.replace('_', '-')} must be at least 1")
         if self.load_in_8bit and self.load_in_4bit:
             raise StreamPruneError("choose one of --load-in-8bit and --load-in-4bit")
 
