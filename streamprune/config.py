@@ -61,7 +61,7 @@ class PruneConfig:
         if self.stat_norm not in STAT_NORMS:
             raise StreamPruneError(f"--stat-norm must be one of {', '.join(STAT_NORMS)}, got {self.stat_norm!r}")
         if self.dtype not in DTYPES:
-            raise StreamPruneError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise StreamPruneError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         allowed = {option.name: option for option in self.allowed_options()}
         given = dict(self.options)
         unknown = [name for name in given if name not in allowed]

@@ -156,7 +156,7 @@ class FileStates:
     def write(self, start: int, values: torch.Tensor) -> None:
         """Writes `values` (rows, *shape[1:]) from row `start`. Raises StreamPruneError when it cannot."""
         data = values.detach().to("cpu").contiguous().view(torch.uint8)
-        view = memoryview(data.numpy())
+        view = memoryview(data.numpy()).cast("B")  # bytes: a short write is counted in bytes, not rows
         self.file.seek(start * self.row_bytes)
         try:
             while view:  # as in read: the unbuffered file writes what one write(2) takes

@@ -340,10 +340,12 @@ def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool)
                     f"{outdir} holds a sweep with other settings ({what} differs); "
                     "rerun with the same settings to continue it, or pass --overwrite to start over"
                 )
-            if changed:
-                if not done:
-                    log.warning("replacing the sweep in %s, which has no results yet, with these settings", outdir)
+            if changed and overwrite:
                 shutil.rmtree(outdir)
+            elif changed:  # nothing done yet: only what the sweep wrote goes, its settings and calibration draws
+                log.warning("replacing the sweep in %s, which has no results yet, with these settings", outdir)
+                for path in [recorded_path, *outdir.glob("calibration_ids*.safetensors")]:
+                    path.unlink()
     outdir.mkdir(parents=True, exist_ok=True)
     write_json(recorded_path, current)
 
@@ -481,7 +483,7 @@ def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: boo
         at = spec.at(setting)
         calibration, pruning, evaluation = (_suffix(setting, f) for f in (CALIBRATION_FIELDS, PRUNE_FIELDS, EVAL_FIELDS))
         # drawn only where a configuration runs blocks over it (magnitude alone needs no corpus)
-        uses_calibration = any(p.prune_config(at, calib="unused", seed=at.seed).statistics or at.budgets == "owl" for p in at.points())
+        uses_calibration = any(p.prune_config(at, calib="unused", seed=at.seed).statistics for p in at.points())
         for seed in spec.draws() if uses_calibration else ():
             ids_file = _ids_file(outdir, seed, spec, calibration)
             if not ids_file.is_file():

@@ -463,5 +463,7 @@ def test_magnitude_pruning_reads_no_calibration_corpus(tiny_checkpoint, tmp_path
     for shard in sorted((tmp_path / "a").glob("*.safetensors")):
         assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
     assert manifest(tmp_path / "b")["status"] == "complete" and manifest(tmp_path / "b")["calibration"]["windows"] == 0
+    owl = invoke(*[tmp_path / "d" if a is None else a for a in args], "--budgets", "owl", "--calib", tmp_path / "missing.txt")
+    assert owl.exit_code == 0, owl.output  # OWL's outlier ratios of magnitude scores come from the weights too
     wanda = invoke(*prune_args(model, tmp_path / "c", "--calib", tmp_path / "missing.txt"))
     assert "Error: " in wanda.stderr and "missing.txt" in wanda.stderr  # a method that needs it still says so

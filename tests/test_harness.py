@@ -113,6 +113,25 @@ def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monke
     assert "sp_boolq acc (lm-eval, n=60)" in result.output
 
 
+def test_a_task_whose_dataset_cannot_be_reached_says_what_to_do_offline(tiny_checkpoint, monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    def offline(**_):  # what datasets raises for a hub dataset offline (lm-eval's arc_easy: allenai/ai2_arc)
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", "sp_boolq", "--include-path",
+                                       "tests/data/lmeval", "--quiet", "--json", str(out)])
+    assert result.exit_code == 1 and not out.exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: lm-eval could not load a task's dataset (Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)); "
+        "offline, write a task YAML over local files (dataset_path: json, with data_files) and pass its folder with --include-path")
+
+
 def test_lm_eval_command_with_the_streamprune_model_prints_the_hf_backends_numbers(tiny_checkpoint, monkeypatch, capsys):
     import sys
 
@@ -311,6 +330,10 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
     # a sampling model config (do_sample, as chat models ship), made greedy by the task's do_sample false
     penalised = _with_json(base, tmp_path / "penalised", "generation_config.json", repetition_penalty=1.3, do_sample=True, temperature=0.7)
     assert both(penalised, plain) != free
+    # without generation_config.json, transformers reads config.json's generation settings
+    assert both(_with_json(base, tmp_path / "legacy", "config.json", repetition_penalty=1.3), plain) != free
+    # and the model's max_new_tokens wins over the max_length HFLM passes
+    assert both(_with_json(base, tmp_path / "capped", "generation_config.json", max_new_tokens=5), plain) != free
     assert both(base, [(p, {**kwargs, "no_repeat_ngram_size": 2}) for p, kwargs in plain]) != free
     lm = StreamedLM(pretrained=str(base), device="cpu", progress=False)
     (tokens,) = greedy_generate(lm.stack, [lm.tok_encode(prompts[0])], 24)
@@ -324,9 +347,10 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
                             ({"num_beams": 2}, "ask for beam search")):
         with pytest.raises(StreamPruneError, match=re.escape(fragment)):
             lm.generate_until(_requests("generate_until", [("x", {"until": [], "max_gen_toks": 4, **extra})]))
-    suppressing = _with_json(base, tmp_path / "suppressing", "generation_config.json", suppress_tokens=[250])
-    with pytest.raises(StreamPruneError, match=re.escape("the model's generation config (generation_config.json) set suppress_tokens")):
-        StreamedLM(pretrained=suppressing, device="cpu", progress=False).generate_until(_requests("generate_until", plain))
+    for name in ("generation_config.json", "config.json"):
+        suppressing = _with_json(base, tmp_path / f"suppressing-{name}", name, suppress_tokens=[250])
+        with pytest.raises(StreamPruneError, match=re.escape(f"the model's generation config ({name}) set suppress_tokens")):
+            StreamedLM(pretrained=suppressing, device="cpu", progress=False).generate_until(_requests("generate_until", plain))
 
 
 def test_add_bos_token_gives_the_tokenizer_a_bos_as_the_hf_backend_does(tiny_checkpoint):

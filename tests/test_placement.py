@@ -54,10 +54,10 @@ class _ShortTransfers:
         self.file = file
 
     def readinto(self, buffer):
-        return self.file.readinto(memoryview(buffer)[:7])
+        return self.file.readinto(memoryview(buffer).cast("B")[:7])
 
     def write(self, data):
-        return self.file.write(memoryview(data)[:7])
+        return self.file.write(memoryview(data).cast("B")[:7])
 
     def __getattr__(self, name):
         return getattr(self.file, name)

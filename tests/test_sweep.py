@@ -96,7 +96,9 @@ def test_a_sweep_that_stopped_before_any_result_gives_way_to_other_settings(tiny
     with pytest.raises(StreamPruneError, match="no_such_task"):
         run_sweep(model, out, spec(**small, tasks=("no_such_task",)), progress=False, echo=lambda *_: None)
     assert (out / "sweep.json").is_file() and not counted_prunes
+    (out / "notes.txt").write_text("mine")  # not the sweep's: kept
     rows = run_sweep(model, out, spec(**small), progress=False, echo=lambda *_: None)
+    assert (out / "notes.txt").read_text() == "mine"
     assert [r["label"] for r in rows] == ["dense", "EN-Original a=0 50%"] and len(counted_prunes) == 1
     with pytest.raises(StreamPruneError, match="--nsamples differs"):  # once there are results, they are kept
         run_sweep(model, out, spec(**small, nsamples=4), progress=False, echo=lambda *_: None)

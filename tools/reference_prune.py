@@ -219,6 +219,8 @@ def main() -> int:
     options = manifest["config"]
     with safe_open(pruned_dir / manifest["calibration_ids"], framework="pt") as handle:
         input_ids = handle.get_tensor("input_ids")
+    if not len(input_ids):  # a method without statistics (magnitude) drew no text; its masks ignore the inputs
+        input_ids = torch.zeros((1, options["seqlen"]), dtype=torch.int64)
     if options["method"] == "sparsegpt" or options.get("reconstruct"):
         # the weights are the result: SparseGPT's own masks, or (reconstruction) the output's masks held
         names = [n for n in json.loads((pruned_dir / "model.safetensors.index.json").read_text())["weight_map"]

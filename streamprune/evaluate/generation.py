@@ -168,7 +168,8 @@ class _Group:
         """The greedy next token of every row (argmax, first index on ties as torch.argmax), the stop
         rules applied per row, and with `more` the block inputs for the next pass.  A `processor` (a
         transformers LogitsProcessorList) first changes each row's float32 logits, as HF generate's,
-        given that row's own tokens: HF generate's, which leave out the padding, for any batch."""
+        given that row's own tokens, without padding: HF generate's for a row alone (its repetition
+        penalty leaves the padding out in any batch; its no_repeat_ngram_size counts it)."""
         logits = logits_of(self.hidden[:, -1:])[:, -1]
         if processor:
             logits = logits.float()

@@ -20,10 +20,10 @@ The requests are those of lm-eval's Hugging Face backend (HFLM), answered the sa
   token with key/value caches placed as hidden states are; stop strings and max_gen_toks as the harness passes them
   (lm-eval's normalize_gen_kwargs, handle_stop_sequences and postprocess_generated_text), the EOS ids
   of the tokenizer and of the model's generation config, and of that config (generation_config.json,
-  else config.json, as transformers) with the task's arguments as HFLM passes them to HF generate, the
-  greedy settings: repetition_penalty and no_repeat_ngram_size applied by transformers' own logits
-  processors; sampling, beam search and every other setting that would change greedy choices refused,
-  not ignored;
+  else config.json's generation settings, as transformers loads them) with the task's arguments as HFLM
+  passes them to HF generate, the greedy settings: repetition_penalty and no_repeat_ngram_size applied
+  by transformers' own logits processors, the model's max_new_tokens over max_gen_toks; sampling, beam
+  search and every other setting that would change greedy choices refused, not ignored;
 - apply_chat_template: the tokenizer's chat template, as HFLM (lm-eval's --apply_chat_template).
 
 Requires the optional extra: pip install 'streamprune[lmeval]'.
@@ -99,7 +99,7 @@ class StreamedLM(TemplateLM):
         if opened.tokenizer is None:
             raise StreamPruneError(f"{opened.model_dir} has no tokenizer; lm-eval's tasks need one")
         self.stack, self.tokenizer = opened.stack, opened.tokenizer
-        self.generation_config = _generation_config(opened)
+        self.generation_config, self.generation_config_file = _generation_config(opened)
         self.stop_ids = _stop_ids(opened.tokenizer, self.generation_config)
         self._batch_size, self._max_length, self.add_bos_token = batch_size, max_length, add_bos_token
         self.progress, self.share_contexts, self.max_resident_tokens = progress, share_contexts, max_resident_tokens
@@ -225,14 +225,15 @@ class StreamedLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
-            processor = _greedy_processor(self.generation_config, kwargs)
+            processor, new_tokens = _greedy_settings(self.generation_config, self.generation_config_file, kwargs)
             room = self.max_length - max_gen_toks
             if room <= 0:
                 raise StreamPruneError(f"the task asks for {max_gen_toks} new tokens, which leaves no room for a context "
                                        f"in max_length {self.max_length}; pass a larger max_length in --model_args")
             contexts = {n: self.tok_encode(requests[n].args[0], left_truncate_len=room) for n in numbers}
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
-            generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks, self.tokenizer, until,
+            # HF generate takes the model's own max_new_tokens over the max_length HFLM passes
+            generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks if new_tokens is None else new_tokens, self.tokenizer, until,
                                         self.stop_ids, progress=self.progress and not disable_tqdm, batch_size=self._batch_size,
                                         max_resident_tokens=self.max_resident_tokens, processor=processor)
             for n, tokens in zip(ordered, generated):
@@ -260,16 +261,18 @@ def _rows_per_pass(batch_size) -> int:
     return rows
 
 
-def _generation_config(opened) -> GenerationConfig:
-    """The model's generation config as transformers gives a loaded model: generation_config.json, else
-    one made from config.json (GenerationConfig.from_model_config, as PreTrainedModel.from_pretrained).
-    Raises StreamPruneError for a generation_config.json transformers refuses."""
-    try:
-        return GenerationConfig.from_pretrained(opened.model_dir)
-    except OSError:  # no generation_config.json
-        return GenerationConfig.from_model_config(opened.stack.config)
-    except ValueError as exc:
-        raise StreamPruneError(f"generation_config.json in {opened.model_dir} is not valid: {exc}") from None
+def _generation_config(opened) -> tuple[GenerationConfig, str]:
+    """The model's generation config as transformers gives a loaded model (GenerationMixin's loading in
+    from_pretrained): generation_config.json, else the generation settings of config.json; and the
+    name of the file it came from.  Raises StreamPruneError for one transformers refuses."""
+    for name, options in (("generation_config.json", {}), ("config.json", {"config_file_name": "config.json", "_from_model_config": True})):
+        try:
+            return GenerationConfig.from_pretrained(opened.model_dir, **options), name
+        except OSError:  # no such file
+            continue
+        except ValueError as exc:
+            raise StreamPruneError(f"{name} in {opened.model_dir} is not a valid generation config: {exc}") from None
+    return GenerationConfig.from_model_config(opened.stack.config), "config.json"
 
 
 def _stop_ids(tokenizer, generation_config: GenerationConfig) -> set[int]:
@@ -287,15 +290,17 @@ NOT_APPLIED = {"guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "bad_
                "watermarking_config": (None,)}
 
 
-def _greedy_processor(model_config: GenerationConfig, task_kwargs: dict) -> LogitsProcessorList:
-    """What HF generate changes greedy logits with in HFLM: the model's generation config updated with a
-    task's generation arguments (lm-eval's normalize_gen_kwargs output, less until and max_gen_toks; the
-    temperature 0 of greedy decoding dropped, as HFLM drops it).  repetition_penalty and
-    no_repeat_ngram_size become transformers' own logits processors; settings that only sampling reads
-    (top_p, top_k, ...) change nothing.  Raises StreamPruneError for an argument that is no generation
-    setting (HF generate refuses it too), sampling, beam search and other decoding modes, and settings
-    that change greedy choices and are not applied (NOT_APPLIED, a task's max_length), naming where each
-    came from: a model's own repetition penalty (Qwen2.5-Instruct's 1.05) is applied, never ignored."""
+def _greedy_settings(model_config: GenerationConfig, config_file: str, task_kwargs: dict) -> tuple[LogitsProcessorList, int | None]:
+    """What HF generate decodes greedily with in HFLM: the model's generation config (from config_file)
+    updated with a task's generation arguments (lm-eval's normalize_gen_kwargs output, less until and
+    max_gen_toks; the temperature 0 of greedy decoding dropped, as HFLM drops it).  Returns the logits
+    processor (repetition_penalty and no_repeat_ngram_size as transformers' own processors; settings
+    that only sampling reads, top_p, top_k, ..., change nothing) and the model's own max_new_tokens if it
+    sets one (HF generate takes it over the max_length HFLM passes), else None.  Raises StreamPruneError
+    for an argument that is no generation setting (HF generate refuses it too), sampling, beam search
+    and other decoding modes, and settings that change greedy choices and are not applied (NOT_APPLIED,
+    a task's max_length), naming where each came from: a model's own repetition penalty
+    (Qwen2.5-Instruct's 1.05) is applied, never ignored."""
     kwargs = dict(task_kwargs)
     if not kwargs.get("do_sample") and not kwargs.get("temperature"):
         kwargs.pop("temperature", None)
@@ -310,7 +315,7 @@ def _greedy_processor(model_config: GenerationConfig, task_kwargs: dict) -> Logi
     config.update(**kwargs)
 
     def source(name: str) -> str:
-        return "the task's generation arguments" if name in kwargs else "the model's generation config (generation_config.json)"
+        return "the task's generation arguments" if name in kwargs else f"the model's generation config ({config_file})"
 
     mode = config.get_generation_mode()
     if mode != GenerationMode.GREEDY_SEARCH:
@@ -326,7 +331,7 @@ def _greedy_processor(model_config: GenerationConfig, task_kwargs: dict) -> Logi
         processor.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.no_repeat_ngram_size:
         processor.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
-    return processor
+    return processor, config.max_new_tokens
 
 
 def _flag(name: str, value) -> bool | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..checks import first_nonfinite, wider_dtypes
-from ..errors import NumericalError, StreamPruneError
+from ..errors import NumericalError, StreamPruneError, one_line
 from ..loading import choose_device, load_tokenizer, open_model, warn_beyond_context
 from ..placement import Budget
 from ..checkpoint import resolve_model_dir
@@ -52,8 +53,7 @@ class EvalConfig:
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise StreamPruneError("--num-fewshot must be at least 0")
         if self.num_fewshot and self.builtin_tasks:
-            log.warning("--num-fewshot %d applies to the lm-eval tasks; the built-in tasks (%s) stay zero-shot",
-                        self.num_fewshot, ", ".join(self.builtin_tasks))
+            _warn_zero_shot(self.num_fewshot, self.builtin_tasks)
         if not self.ppl and not self.tasks:
             raise StreamPruneError("nothing to evaluate: give --ppl and/or --tasks")
         if self.ppl_slices and not self.ppl:
@@ -75,6 +75,11 @@ class EvalConfig:
     def harness_tasks(self) -> tuple[str, ...]:
         """Tasks that are not built in: lm-evaluation-harness's (or the YAMLs under include_path)."""
         return tuple(t for t in self.tasks if t not in all_tasks())
+
+
+@functools.cache  # once per process: a sweep makes a config per configuration
+def _warn_zero_shot(num_fewshot: int, builtin: tuple[str, ...]) -> None:
+    log.warning("--num-fewshot %d applies to the lm-eval tasks; the built-in tasks (%s) stay zero-shot", num_fewshot, ", ".join(builtin))
 
 
 def harness_available(tasks) -> None:
@@ -278,8 +283,12 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
 
     lm = StreamedLM.from_opened(scorer.opened, batch_size=config.batch_size, progress=progress,
                                 max_resident_tokens=config.max_resident_tokens)
-    output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
-                                     num_fewshot=config.num_fewshot, limit=config.limit)
+    try:
+        output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
+                                         num_fewshot=config.num_fewshot, limit=config.limit)
+    except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", offline or down
+        raise StreamPruneError(f"lm-eval could not load a task's dataset ({one_line(exc)}); offline, write a task YAML "
+                               "over local files (dataset_path: json, with data_files) and pass its folder with --include-path") from None
     results = {}
     # a subtask enters the macro mean in place of its group only when the group has no accuracy of its own
     parents = {sub: group for group, subs in output.get("group_subtasks", {}).items() for sub in subs}
