@@ -478,8 +478,9 @@ def prune(
         def embed() -> Activations | None:  # block 0's inputs, again after OWL's first pass
             return stack.embed(calibration.input_ids, config.batch_size, statistics_bytes(stack, config)) if config.statistics else None
 
-        acts = embed()
-        manifest.placement = acts.placement if acts else None
+        # every block written (a run stopped after its last): only the rest of the checkpoint is left to write
+        acts = embed() if plan.start_block < stack.num_blocks else None
+        manifest.placement = acts.placement if acts else manifest.placement
         if not plan.resumed:
             manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
         overlap = device.type == "cuda" if overlap is None else overlap

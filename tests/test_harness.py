@@ -111,6 +111,7 @@ def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monke
     assert tasks["macro_mean"] == pytest.approx(tasks["boolq"]["acc"])
     assert json.loads(out.read_text())["versions"]["lm_eval"] == lm_eval.__version__
     assert "sp_boolq acc (lm-eval, n=60)" in result.output
+    assert "Tokenizing inputs" not in result.stderr  # --quiet reaches lm-eval's tokenising bar
 
 
 def test_a_task_whose_dataset_cannot_be_reached_says_what_to_do_offline(tiny_checkpoint, monkeypatch, tmp_path):

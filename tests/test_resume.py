@@ -81,8 +81,9 @@ def test_sigkill_then_the_same_command_gives_a_bitwise_identical_checkpoint(mode
 
 
 @pytest.mark.parametrize("block", [1, 4])
-def test_ctrl_c_stops_after_the_block_says_how_to_resume_and_resumes(model_and_reference, tmp_path, block):
-    """Also during the last block: the command stops (a sweep must not go on), and the rerun writes the rest."""
+def test_ctrl_c_stops_after_the_block_says_how_to_resume_and_resumes(model_and_reference, tmp_path, block, monkeypatch):
+    """Also during the last block: the command stops (a sweep must not go on), and the rerun writes the
+    rest, without running the calibration text through the embeddings again."""
     model, reference = model_and_reference
     out = tmp_path / "out"
     stopped = subprocess.run([sys.executable, str(KILL_AT), "sigint_after_block", str(block), *prune_args(model, out)],
@@ -94,8 +95,12 @@ def test_ctrl_c_stops_after_the_block_says_how_to_resume_and_resumes(model_and_r
     manifest = json.loads((out / "streamprune.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["blocks_done"] == block
     assert not looks_complete(out)
+    embedded = []
+    real_embed = streamprune.blocks.DecoderStack.embed
+    monkeypatch.setattr(streamprune.blocks.DecoderStack, "embed", lambda *a, **k: embedded.append(1) or real_embed(*a, **k))
     assert run_cli(prune_args(model, out)).exit_code == 0
     assert file_hashes(out) == reference
+    assert len(embedded) == (block < 4)
 
 
 def test_a_full_disk_is_a_clear_error_and_the_run_resumes_once_space_is_free(model_and_reference, tmp_path, monkeypatch):

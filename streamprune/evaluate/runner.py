@@ -283,12 +283,20 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
 
     lm = StreamedLM.from_opened(scorer.opened, batch_size=config.batch_size, progress=progress,
                                 max_resident_tokens=config.max_resident_tokens)
+    import datasets
+
+    bars_were_off = datasets.are_progress_bars_disabled()
+    if not progress:  # --quiet: datasets' bars too (preparing a task's split); lm-eval's own request-building bar stays
+        datasets.disable_progress_bars()
     try:
         output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
                                          num_fewshot=config.num_fewshot, limit=config.limit)
     except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", offline or down
         raise StreamPruneError(f"lm-eval could not load a task's dataset ({one_line(exc)}); offline, write a task YAML "
                                "over local files (dataset_path: json, with data_files) and pass its folder with --include-path") from None
+    finally:
+        if not bars_were_off:
+            datasets.enable_progress_bars()
     results = {}
     # a subtask enters the macro mean in place of its group only when the group has no accuracy of its own
     parents = {sub: group for group, subs in output.get("group_subtasks", {}).items() for sub in subs}
