@@ -444,18 +444,14 @@ def prune(
     calibration: CalibrationSet
     # a method that gathers no statistics (magnitude) runs no block forward: no corpus to load or download
     uses_calibration = bool(config.statistics)  # OWL's outlier ratios of such a method come from its weights
+    no_text = CalibrationSet(torch.zeros((0, config.seqlen), dtype=torch.int64))
     if plan.resumed:
         remove_partial_files(out)
-        if uses_calibration:
-            calibration = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen)
-        else:
-            calibration = CalibrationSet(torch.zeros((0, config.seqlen), dtype=torch.int64))
+        calibration = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen) if uses_calibration else no_text
         log.warning("resuming the unfinished run in %s: %d of its %d blocks are done", out, plan.start_block, stack.num_blocks)
     else:
-        if uses_calibration:
-            calibration = calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
-        else:
-            calibration = CalibrationSet(torch.zeros((0, config.seqlen), dtype=torch.int64))
+        calibration = (calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
+                       if uses_calibration else no_text)
         make_output(out)
         save_windows(out / CALIBRATION_IDS_FILE, calibration)
     earlier_seconds = manifest.timings["total_s"]

@@ -224,7 +224,7 @@ def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_toke
     memory limits of the stack's budget put them (module docstring), in rounds of at most
     max_resident_tokens tokens.  A row stops at one of stop_ids or once its decoded text holds a string
     of `until`; a group stops when all its rows have, every row after max_new_tokens.  `processor`, a
-    transformers LogitsProcessorList (a repetition penalty: harness._greedy_processor), changes each
+    transformers LogitsProcessorList (a repetition penalty: harness._greedy_settings), changes each
     row's logits before its argmax as in HF generate.
     Returns the new token ids per row (a stop string's tokens included, as HF generate's stopping
     criteria).  Raises StreamPruneError for an empty context or a decoder without a key/value cache.

@@ -269,14 +269,13 @@ def _generation_config(opened) -> tuple[GenerationConfig, str]:
     """The model's generation config as transformers gives a loaded model (GenerationMixin's loading in
     from_pretrained): generation_config.json, else the generation settings of config.json; and the
     name of the file it came from.  Raises StreamPruneError for one transformers refuses."""
-    for name, options in (("generation_config.json", {}), ("config.json", {"config_file_name": "config.json", "_from_model_config": True})):
-        try:
-            return GenerationConfig.from_pretrained(opened.model_dir, **options), name
-        except OSError:  # no such file
-            continue
-        except ValueError as exc:
-            raise StreamPruneError(f"{name} in {opened.model_dir} is not a valid generation config: {exc}") from None
-    return GenerationConfig.from_model_config(opened.stack.config), "config.json"
+    name, options = "generation_config.json", {}
+    if not (opened.model_dir / name).is_file():  # config.json, which open_model has read, always is
+        name, options = "config.json", {"config_file_name": "config.json", "_from_model_config": True}
+    try:
+        return GenerationConfig.from_pretrained(opened.model_dir, **options), name
+    except ValueError as exc:
+        raise StreamPruneError(f"{name} in {opened.model_dir} is not a valid generation config: {exc}") from None
 
 
 def _stop_ids(tokenizer, generation_config: GenerationConfig) -> set[int]:
