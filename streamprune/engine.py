@@ -369,16 +369,15 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
                 f"stopped after block {index + 1} of {stack.num_blocks}; rerun the same command to resume where it stopped"
             )
 
+    replay = acts is not None and 0 < start_block < stack.num_blocks  # with every block written, nothing to replay
     with stop_requests() as stop_asked, BlockWalker(stack, read_ahead=overlap) as walker, progress_bars.bar(
-        total=stack.num_blocks, desc="Pruning blocks", unit="block", enabled=show_progress
+        total=stack.num_blocks, desc="Pruning blocks", unit="block", enabled=show_progress, initial=0 if replay else start_block
     ) as bar:
-        if acts is not None and 0 < start_block < stack.num_blocks:  # with every block written, nothing to replay
+        if replay:
             bar.set_description_str("Replaying written blocks")
             for index, _ in walker.blocks(range(start_block), reader_for=written_shard):
                 stack.run_block(index, acts, config.batch_size, write_back=True)
                 bar.update()
-        else:
-            bar.update(start_block)
         bar.set_description_str("Pruning blocks")
         pending = None
         try:

@@ -55,14 +55,17 @@ class _LogLines(tqdm):
         super().close()
 
 
-def bar(*, total: int, desc: str, unit: str, enabled: bool = True, leave: bool = True) -> tqdm:
+def bar(*, total: int | None, desc: str, unit: str, enabled: bool = True, leave: bool = True, initial: int = 0,
+        iterable=None) -> tqdm:
     """A progress bar on stderr: tqdm's on a terminal (or a notebook's), whole lines otherwise; a disabled
-    one if not enabled."""
+    one if not enabled.  `initial` counts work an earlier session did: shown as done, but left out of the
+    rate and ETA (tqdm's `initial`), which an `update(initial)` at the start would inflate.  With an
+    iterable, iterating the bar yields its items and counts them, as tqdm(iterable)."""
     if auto_tqdm is not tqdm:  # a notebook: its widget
         cls = auto_tqdm
     else:
         cls = tqdm if stderr_is_terminal() else _LogLines
-    return cls(total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, file=sys.stderr)
+    return cls(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, file=sys.stderr, initial=initial)
 
 
 def message(line: str) -> None:

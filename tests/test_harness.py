@@ -111,7 +111,32 @@ def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monke
     assert tasks["macro_mean"] == pytest.approx(tasks["boolq"]["acc"])
     assert json.loads(out.read_text())["versions"]["lm_eval"] == lm_eval.__version__
     assert "sp_boolq acc (lm-eval, n=60)" in result.output
-    assert "Tokenizing inputs" not in result.stderr  # --quiet reaches lm-eval's tokenising bar
+    assert result.stderr == ""  # --quiet reaches lm-eval's own bars (building requests, tokenising) too
+
+
+def test_lm_evals_bars_write_whole_lines_in_a_log(tiny_checkpoint, monkeypatch):
+    """stderr is not a terminal here: lm-eval's request-building bar prints lines, no carriage returns, and
+    lm-eval's own tqdm is back in place afterwards.  What lm-eval prints (its line before bootstrapping a
+    stderr, made here for acc, whose stderr it computes in closed form) goes to stderr: stdout is the table."""
+    import tqdm
+    from click.testing import CliRunner
+
+    import lm_eval.api.task
+    import lm_eval.evaluator_utils
+    from streamprune.cli import main
+
+    monkeypatch.chdir(ROOT)
+    real = lm_eval.evaluator_utils.stderr_for_metric
+    monkeypatch.setattr(lm_eval.evaluator_utils, "stderr_for_metric",
+                        lambda metric, bootstrap_iters: print("bootstrapping for stddev:", metric.__name__) or real(metric, bootstrap_iters))
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", "sp_boolq",
+                                       "--include-path", "tests/data/lmeval", "--limit", "3"])
+    assert result.exit_code == 0, result.output
+    assert "\r" not in result.stderr
+    assert "Building requests: 0/3 it [00:00<?, ?it/s]" in result.stderr.splitlines()
+    assert "bootstrapping for stddev: mean" in result.stderr.splitlines()
+    assert [line.split("  ")[0] for line in result.stdout.splitlines()] == ["sp_boolq acc (lm-eval, n=3)", "macro mean accuracy"]
+    assert lm_eval.api.task.tqdm is tqdm.tqdm
 
 
 def test_a_task_whose_dataset_cannot_be_reached_says_what_to_do_offline(tiny_checkpoint, monkeypatch, tmp_path):

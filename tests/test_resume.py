@@ -103,6 +103,21 @@ def test_ctrl_c_stops_after_the_block_says_how_to_resume_and_resumes(model_and_r
     assert len(embedded) == (block < 4)
 
 
+def test_a_resumed_bar_starts_at_the_blocks_already_written(model_and_reference, tmp_path):
+    """Magnitude keeps no hidden states, so nothing is replayed: the bar starts at block 2 of 4, and its
+    rate counts only this session's blocks (tqdm's initial; an update(2) at the start showed 2 blocks done
+    in no time)."""
+    model, _ = model_and_reference
+    out = tmp_path / "out"
+    args = ["prune", str(model), str(out), "--method", "magnitude", "--sparsity", "0.5"]
+    stopped = subprocess.run([sys.executable, str(KILL_AT), "sigint_after_block", "2", *args], capture_output=True, text=True)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    result = run_cli(args)  # stderr is not a terminal here: whole lines
+    assert result.exit_code == 0, result.output
+    bars = [line for line in result.stderr.splitlines() if line.startswith("Pruning blocks:")]
+    assert bars[0].startswith("Pruning blocks: 2/4 block [00:00<?") and bars[-1].startswith("Pruning blocks: 4/4 block")
+
+
 def test_a_full_disk_is_a_clear_error_and_the_run_resumes_once_space_is_free(model_and_reference, tmp_path, monkeypatch):
     model, reference = model_and_reference
     out = tmp_path / "out"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .. import progress as progress_bars
 from ..checks import first_nonfinite, wider_dtypes
 from ..errors import NumericalError, StreamPruneError, one_line
 from ..loading import choose_device, load_tokenizer, open_model, warn_beyond_context
@@ -272,6 +275,32 @@ def _task_manager(config: EvalConfig):
     return manager
 
 
+@contextlib.contextmanager
+def _lm_eval_bars(enabled: bool):
+    """For the length of the block, the bars lm-eval draws with tqdm itself (building a task's requests,
+    tokenising, checking its request cache) are streamprune's: none under --quiet, whole lines rather than
+    carriage returns in a log.  lm-eval 0.4.13 has no switch for its request-building bar, so the `tqdm`
+    name its two modules look up is pointed here, and back afterwards; a later lm-eval without that name is
+    left alone."""
+    import lm_eval.api.model
+    import lm_eval.api.task
+
+    def lm_eval_bar(iterable=None, desc=None, total=None, disable=False, **_):
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        return progress_bars.bar(iterable=iterable, total=total, desc=desc or "Building requests", unit="it",
+                                 enabled=enabled and not disable, leave=False)
+
+    replaced = [(module, module.tqdm) for module in (lm_eval.api.task, lm_eval.api.model) if hasattr(module, "tqdm")]
+    for module, _ in replaced:
+        module.tqdm = lm_eval_bar
+    try:
+        yield
+    finally:
+        for module, original in replaced:
+            module.tqdm = original
+
+
 def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool) -> dict:
     """{task: its lm-eval metrics} for the tasks that are not built in (a group's subtasks each under its
     own name, beside the group's aggregate if lm-eval gives one), through lm_eval.simple_evaluate with
@@ -286,11 +315,13 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
     import datasets
 
     bars_were_off = datasets.are_progress_bars_disabled()
-    if not progress:  # --quiet: datasets' bars too (preparing a task's split); lm-eval's own request-building bar stays
+    if not progress:  # --quiet: datasets' bars too (preparing a task's split)
         datasets.disable_progress_bars()
     try:
-        output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
-                                         num_fewshot=config.num_fewshot, limit=config.limit)
+        # lm-eval prints a line to stdout when it bootstraps a metric's stderr; stdout is the results table's
+        with _lm_eval_bars(progress), contextlib.redirect_stdout(sys.stderr):
+            output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
+                                             num_fewshot=config.num_fewshot, limit=config.limit)
     except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", offline or down
         raise StreamPruneError(f"lm-eval could not load a task's dataset ({one_line(exc)}); offline, write a task YAML "
                                "over local files (dataset_path: json, with data_files) and pass its folder with --include-path") from None
