@@ -376,11 +376,17 @@ class DecoderStack:
 
     def _logits_after_blocks(self, state: dict, hidden: torch.Tensor) -> torch.Tensor:
         """The model's own forward on `hidden` (rows, positions, hidden_size) as the last block's output:
-        its logits (rows, positions, vocab).  Inside _outside_blocks with _stands' stand-ins."""
-        state["inject"] = hidden
+        its logits (rows, positions, vocab).  Inside _outside_blocks with _stands' stand-ins.
+
+        Each position goes in as a row of its own, one position long: what follows the blocks works
+        position by position, and the forward's own work before them (learned position embeddings,
+        attention masks) then stays one position wide, however many positions are scored at once (OPT's
+        position table ends at max_position_embeddings; a mask over a 16k-position chunk is 1 GiB)."""
+        rows, positions = hidden.shape[:2]
+        state["inject"] = hidden.reshape(rows * positions, 1, hidden.shape[-1])
         try:
-            ids = torch.zeros(hidden.shape[:2], dtype=torch.long, device=self.device)
-            return self.model(input_ids=ids, use_cache=False).logits
+            ids = torch.zeros((rows * positions, 1), dtype=torch.long, device=self.device)
+            return self.model(input_ids=ids, use_cache=False).logits.reshape(rows, positions, -1)
         finally:
             state["inject"] = None
 

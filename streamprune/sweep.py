@@ -45,7 +45,7 @@ from .checkpoint import resolve_model_dir, write_json
 from .config import PruneConfig, parse_pattern
 from .engine import prune
 from .errors import NumericalError, StreamPruneError, one_line
-from .evaluate.runner import EvalConfig, evaluate
+from .evaluate.runner import EvalConfig, evaluate, table_metrics
 from .loading import load_tokenizer
 from .methods import METHODS, get_method, option_text
 from .budgets import OPTIONS as OWL_OPTIONS
@@ -364,7 +364,7 @@ def _metrics(result: dict) -> dict:
         row["ppl_slices_mean"] = evaluation["ppl"]["slices_mean"]
     for task, metrics in evaluation.get("tasks", {}).items():
         if task != "macro_mean":
-            row[f"{task}_{metrics['primary']}"] = metrics[metrics["primary"]]
+            row.update({f"{task}_{metric}": metrics[metric] for metric in table_metrics(task, metrics)})
     if evaluation.get("tasks", {}).get("macro_mean") is not None:
         row["macro_mean"] = evaluation["tasks"]["macro_mean"]
     row["prune_s"] = result.get("prune_s", 0.0)
@@ -577,6 +577,8 @@ def markdown_tables(rows: list[dict], spec: SweepSpec) -> str:
     if has_ppl and dense.get("ppl_slices"):
         lines += [f"ppl: over all the windows of the {len(dense['ppl_slices'])} slices, pooled (exp of the mean token "
                   "NLL); each slice's perplexity and their mean are in results.csv.", ""]
+    if spec.num_fewshot:
+        lines += [f"lm-eval tasks: {spec.num_fewshot}-shot (--num-fewshot); the built-in tasks zero-shot.", ""]
     if spec.seeds > 1:
         lines += [f"Each configuration pruned with {spec.seeds} calibration draws (seeds {', '.join(map(str, spec.draws()))}): "
                   "mean ± standard deviation over the draws.", ""]

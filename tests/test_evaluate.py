@@ -92,6 +92,23 @@ def test_acc_and_acc_norm_on_hand_made_scores():
     assert accuracy(examples, logprobs) == {"acc": 0.5, "acc_norm": 1.0, "n": 2}
 
 
+def test_the_table_keeps_wide_numbers_apart():
+    """Columns are 12 wide, wider where a number needs it: a perplexity of 171436.2823 beside its baseline's
+    39599.3886 must not read as one number."""
+    from streamprune.evaluate.runner import format_table
+
+    def results(value):
+        return {"tasks": {"ll": {"perplexity": value, "primary": "perplexity", "source": "lm-eval", "in_macro_mean": False,
+                                 "n": 6, "num_fewshot": 0}, "macro_mean": None}}
+
+    assert format_table(results(171436.28231), results(39599.38862)).splitlines() == [
+        "                                  baseline        model    difference",
+        "ll perplexity (lm-eval, n=6)    39599.3886  171436.2823  +131836.8937",
+    ]
+    assert format_table(results(1.5)) == "ll perplexity (lm-eval, n=6)        1.5000"
+    assert format_table({"tasks": {"macro_mean": None}}) == "(no metrics)"
+
+
 def test_task_loaders_read_the_shared_formats():
     boolq = get_task("boolq").load(DATA)
     assert len(boolq) == 60

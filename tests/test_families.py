@@ -59,6 +59,9 @@ def test_family_streams_prunes_evaluates_and_reloads(tiny_checkpoint, tmp_path, 
     with stack.output_head() as logits_of:
         for row in range(3):
             torch.testing.assert_close(logits_of(acts.hidden.read(row, row + 1)[0]), expected.logits[row], rtol=1e-10, atol=1e-10)
+        # packed positions of many rows in one call: more (360) than OPT's learned position table holds
+        packed = acts.hidden.read(0, 3).flatten(0, 1).repeat(5, 1)
+        torch.testing.assert_close(logits_of(packed), expected.logits.flatten(0, 1).repeat(5, 1), rtol=1e-10, atol=1e-10)
 
     # 2. masks equal the independent whole-model reference
     out = tmp_path / "out"

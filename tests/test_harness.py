@@ -19,6 +19,7 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from streamprune.evaluate.generation import greedy_generate  # noqa: E402
 from streamprune.evaluate.harness import StreamedLM  # noqa: E402
+from streamprune.errors import StreamPruneError  # noqa: E402
 from streamprune.loading import open_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,11 @@ def test_rolling_loglikelihood_covers_each_token_once(tiny_checkpoint):
             done = end
     assert total == pytest.approx(expected, rel=1e-10)
     assert math.isfinite(total) and total < 0
+    # a continuation of exactly max_length tokens is scored; one more cannot be (HFLM: a bare AssertionError)
+    fits = lm.tok_encode(text)[:16]
+    assert len(lm._loglikelihood_tokens([(None, [1], fits)])) == 1
+    with pytest.raises(StreamPruneError, match="a continuation of 17 tokens does not fit max_length 16 .*raise max_length"):
+        lm._loglikelihood_tokens([(None, [1], fits + [2])])
 
 
 def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monkeypatch, tmp_path):
@@ -112,6 +118,54 @@ def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monke
     assert json.loads(out.read_text())["versions"]["lm_eval"] == lm_eval.__version__
     assert "sp_boolq acc (lm-eval, n=60)" in result.output
     assert result.stderr == ""  # --quiet reaches lm-eval's own bars (building requests, tokenising) too
+
+
+def test_a_group_counts_its_subtasks_documents_and_a_task_without_metrics_is_named(tiny_checkpoint, monkeypatch, tmp_path):
+    """sp_group (sp_boolq + sp_hellaswag, its own acc weighted by size) reports n = 3 + 3, and only its acc
+    enters the macro mean.  A task whose YAML names a metric lm-eval does not know gives no number: a
+    warning names it, and the table and JSON are still written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    monkeypatch.chdir(ROOT)
+    model_dir = str(tiny_checkpoint("llama", layers=2))
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(main, ["eval", model_dir, "--tasks", "sp_group", "--include-path", "tests/data/lmeval",
+                                       "--limit", "3", "--quiet", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    tasks = json.loads(out.read_text())["tasks"]
+    assert (tasks["sp_group"]["n"], tasks["sp_boolq"]["n"], tasks["sp_hellaswag"]["n"]) == (6, 3, 3)
+    assert tasks["sp_group"]["acc"] == pytest.approx((tasks["sp_boolq"]["acc"] + tasks["sp_hellaswag"]["acc"]) / 2)
+    assert tasks["macro_mean"] == tasks["sp_group"]["acc"] and not tasks["sp_boolq"]["in_macro_mean"]
+    assert "sp_group acc (lm-eval, n=6)" in result.stdout
+
+    unknown = tmp_path / "tasks"
+    unknown.mkdir()
+    (unknown / "sp_unknown_metric.yaml").write_text((ROOT / "tests/data/lmeval/sp_boolq.yaml").read_text()
+                                                    .replace("task: sp_boolq", "task: sp_unknown_metric").replace("metric: acc", "metric: accuracy"))
+    result = CliRunner().invoke(main, ["eval", model_dir, "--tasks", "sp_unknown_metric", "--include-path", str(unknown),
+                                       "--limit", "3", "--quiet", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "Warning: lm-eval computed no metric for task sp_unknown_metric: check the metric_list of its YAML" in result.stderr
+    assert result.stdout.splitlines()[0] == "(no metrics)" and json.loads(out.read_text())["tasks"] == {"macro_mean": None}
+
+
+def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkpoint, tmp_path):
+    """lm-eval skips a YAML it cannot parse without a word; the error says which file held no task."""
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    (tmp_path / "broken_task.yaml").write_text("task: broken_task\ndataset_path: json\n  output_type: [\n")
+    (tmp_path / "fine.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text())
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", "broken_task",
+                                       "--include-path", str(tmp_path), "--quiet"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("Error: unknown task 'broken_task'")
+    assert "lm-eval found no task in broken_task.yaml there (a YAML syntax error, or no task: or group: key)" in result.stderr
 
 
 def test_lm_evals_bars_write_whole_lines_in_a_log(tiny_checkpoint, monkeypatch):
@@ -176,6 +230,20 @@ def test_lm_eval_command_with_the_streamprune_model_prints_the_hf_backends_numbe
     assert len(tables[0]) >= 4 and tables[0] == tables[1]
 
 
+def test_lm_evals_default_device_on_a_machine_without_cuda_means_auto(tiny_checkpoint, monkeypatch):
+    """lm-eval's command fills in --device cuda:0 when none is given; HFLM then takes the device it has,
+    and so does StreamedLM.  Asked for in --model_args, a CUDA device that is not there is an error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    model_dir = tiny_checkpoint("llama", layers=2)
+    lm = StreamedLM.create_from_arg_string(f"pretrained={model_dir},progress=false", {"device": "cuda:0", "batch_size": 2})
+    assert lm.stack.device == torch.device("cpu") and lm._batch_size == 2
+    with pytest.raises(StreamPruneError, match="device cuda:0 was asked for but CUDA is not available here; use cpu"):
+        StreamedLM.create_from_arg_string(f"pretrained={model_dir},device=cuda:0", {"device": "cpu"})
+    with pytest.raises(StreamPruneError, match="streamprune needs the model: pretrained=DIR in --model_args"):
+        StreamedLM.create_from_arg_string("device=cpu", {})
+
+
 def test_lm_eval_finds_the_installed_backend_by_its_entry_point(tiny_checkpoint):
     """setup.cfg declares StreamedLM in lm-eval's plugin group `lm_eval.models`. With an lm-eval that
     discovers plugins (its main branch since PR 4013), plain `lm_eval --model streamprune` runs, in a process
@@ -214,15 +282,17 @@ def test_a_sweep_evaluates_lm_eval_tasks(tiny_checkpoint, monkeypatch, tmp_path)
     monkeypatch.chdir(ROOT)
     spec = SweepSpec(alphas=(0.5,), geometries=("modified",), sparsities=(0.5,), calib=str(WIKITEXT_CALIBRATION), nsamples=3,
                      calib_seqlen=16, ppl=None, tasks=("sp_boolq", "sp_hellaswag", "sp_rolling"), limit=6,
-                     include_path="tests/data/lmeval", device="cpu")
+                     include_path="tests/data/lmeval", device="cpu", num_fewshot=1)
     rows = run_sweep(str(tiny_checkpoint("llama", layers=2)), tmp_path / "sweep", spec, progress=False, echo=lambda *_: None)
     assert [r["label"] for r in rows] == ["dense", "EN-Modified a=0.5 50%"]
     for row in rows:  # a perplexity is not averaged with accuracies
         assert row["macro_mean"] == pytest.approx((row["sp_boolq_acc"] + row["sp_hellaswag_acc"]) / 2)
         assert row["sp_rolling_word_perplexity"] > 1
-    # results.md's table of every configuration has every task's metric, not only the accuracies
-    assert ("| configuration | sp_boolq_acc | sp_hellaswag_acc | sp_rolling_word_perplexity | macro_mean | prune s | eval s |"
-            in (tmp_path / "sweep" / "results.md").read_text())
+    # results.md's table of every configuration has every metric of every task, not only the primary ones
+    table = (tmp_path / "sweep" / "results.md").read_text()
+    assert ("| configuration | sp_boolq_acc | sp_hellaswag_acc | sp_hellaswag_acc_norm | sp_rolling_word_perplexity | "
+            "sp_rolling_byte_perplexity | sp_rolling_bits_per_byte | macro_mean | prune s | eval s |") in table
+    assert "lm-eval tasks: 1-shot (--num-fewshot); the built-in tasks zero-shot." in table
 
 
 def test_generation_stops_at_a_stop_id_or_string_and_bad_model_args_are_refused(tiny_checkpoint):
@@ -365,12 +435,13 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
     (tokens,) = greedy_generate(lm.stack, [lm.tok_encode(prompts[0])], 24)
     ends = _with_json(base, tmp_path / "ends", "config.json", eos_token_id=[lm.tokenizer.eos_token_id, tokens[4]])
     assert len(both(ends, plain)[0]) < len(free[0])
-    for extra, fragment in (({"min_new_tokens": 3}, "the task's generation arguments set min_new_tokens = 3, which streamed"),
-                            ({"foo": 1}, "generation arguments foo are not generation settings"),
+    for extra, fragment in (({"min_new_tokens": 3}, "the task's generation arguments (with --gen_kwargs) set min_new_tokens = 3, which"),
+                            ({"foo": 1}, "foo in the task's generation arguments (with --gen_kwargs) is not a generation setting (HF generate"),
                             ({"max_length": 40}, "set max_length"),
-                            ({"do_sample": True, "temperature": 0.5}, "greedy only; the task's generation arguments with the "
-                                                                       "model's generation config ask for sampling"),
-                            ({"num_beams": 2}, "ask for beam search")):
+                            ({"do_sample": True, "temperature": 0.5}, "greedy only; the task's generation arguments (with "
+                                                                       "--gen_kwargs) with the model's generation config ask for "
+                                                                       "sampling (do_sample True)"),
+                            ({"num_beams": 2}, "ask for beam search (do_sample False, num_beams 2)")):
         with pytest.raises(StreamPruneError, match=re.escape(fragment)):
             lm.generate_until(_requests("generate_until", [("x", {"until": [], "max_gen_toks": 4, **extra})]))
     for name in ("generation_config.json", "config.json"):

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
 from transformers import GenerationConfig, LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
 from transformers.generation import GenerationMode
 
@@ -75,11 +76,13 @@ class StreamedLM(TemplateLM):
     Raises StreamPruneError for a model streamprune cannot open.
     """
 
-    def __init__(self, pretrained: str, device: str = "auto", dtype: str = "auto", batch_size: int | str = 4,
+    def __init__(self, pretrained: str | None = None, device: str = "auto", dtype: str = "auto", batch_size: int | str = 4,
                  max_length: int | None = None, add_bos_token: bool | None = None, max_gpu_memory: str | None = None,
                  max_host_memory: str | None = None, offload_dir: str | None = None, trust_remote_code: bool = False,
                  progress: bool = True, share_contexts: bool = True, max_batch_size: int | None = None, **unknown):
         super().__init__()
+        if not pretrained:
+            raise StreamPruneError("streamprune needs the model: pretrained=DIR in --model_args (a checkpoint folder or a hub id)")
         if unknown:
             raise StreamPruneError(f"unknown --model_args {', '.join(sorted(unknown))} for streamprune; it takes {', '.join(MODEL_ARGS)}")
         if offload_dir is not None and not Path(offload_dir).is_dir():
@@ -107,8 +110,12 @@ class StreamedLM(TemplateLM):
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "StreamedLM":
         """As lm-eval's, except that --model_args win over the command's own options (device, batch_size),
-        so `--model_args pretrained=DIR,device=cuda` works as HFLM users write it."""
+        so `--model_args pretrained=DIR,device=cuda` works as HFLM users write it.  The command's --device
+        (lm-eval's default is cuda:0) naming a CUDA device this machine lacks means 'auto', as HFLM takes
+        a device outside its list of available ones; in --model_args it is refused."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if "device" in extra and not _cuda_device_here(extra["device"]):
+            extra["device"] = "auto"
         return cls(**arg_dict, **extra)
 
     @classmethod
@@ -184,6 +191,9 @@ class StreamedLM(TemplateLM):
         NumericalError when one is not finite (HFLM would hand it on)."""
         scored = []
         for _, context_enc, continuation_enc in requests:
+            if len(continuation_enc) > self.max_length:  # HFLM fails on it with a bare assertion
+                raise StreamPruneError(f"a continuation of {len(continuation_enc)} tokens does not fit max_length "
+                                       f"{self.max_length} (the tokens the model is given at once); raise max_length in --model_args")
             tokens = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
             scored.append(Request(tuple(tokens), len(tokens) - len(continuation_enc)))
         greedy: list = []
@@ -232,7 +242,7 @@ class StreamedLM(TemplateLM):
             processor, new_tokens = _greedy_settings(self.generation_config, self.generation_config_file, kwargs)
             room = self.max_length - max_gen_toks
             if room <= 0:
-                raise StreamPruneError(f"the task asks for {max_gen_toks} new tokens, which leaves no room for a context "
+                raise StreamPruneError(f"{TASK_ARGS} ask for {max_gen_toks} new tokens, which leaves no room for a context "
                                        f"in max_length {self.max_length}; pass a larger max_length in --model_args")
             contexts = {n: self.tok_encode(requests[n].args[0], left_truncate_len=room) for n in numbers}
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
@@ -249,6 +259,20 @@ class StreamedLM(TemplateLM):
 
 MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_length", "add_bos_token", "max_gpu_memory",
               "max_host_memory", "offload_dir", "trust_remote_code", "progress", "share_contexts")
+
+
+def _cuda_device_here(name) -> bool:
+    """False for a CUDA device ('cuda', 'cuda:N') this machine does not have; True for anything else."""
+    try:
+        device = torch.device(str(name))
+    except RuntimeError:
+        return True  # not a device name at all: choose_device says so
+    if device.type != "cuda":
+        return True
+    return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+
+
+TASK_ARGS = "the task's generation arguments (with --gen_kwargs)"  # lm-eval merges the command's into the task's
 
 
 def _rows_per_pass(batch_size) -> int:
@@ -309,22 +333,23 @@ def _greedy_settings(model_config: GenerationConfig, config_file: str, task_kwar
         kwargs.pop("temperature", None)
     unknown = sorted(name for name in kwargs if not hasattr(GenerationConfig(), name))
     if unknown:
-        raise StreamPruneError(f"the task's generation arguments {', '.join(unknown)} are not generation settings (HF generate "
-                               f"refuses them too)")
+        raise StreamPruneError(f"{', '.join(unknown)} in {TASK_ARGS} {'is not a generation setting' if len(unknown) == 1 else 'are not generation settings'} "
+                               f"(HF generate refuses them too)")
     if "max_length" in kwargs:
-        raise StreamPruneError("the task's generation arguments set max_length (context and new tokens, in HFLM as padded in "
+        raise StreamPruneError(f"{TASK_ARGS} set max_length (context and new tokens, in HFLM as padded in "
                                "its batch); streamed generation takes max_gen_toks: set that instead")
     config = copy.deepcopy(model_config)
     config.update(**kwargs)
 
     def source(name: str) -> str:
-        return "the task's generation arguments" if name in kwargs else f"the model's generation config ({config_file})"
+        return TASK_ARGS if name in kwargs else f"the model's generation config ({config_file})"
 
     mode = config.get_generation_mode()
     if mode != GenerationMode.GREEDY_SEARCH:
         asked = "sampling" if mode == GenerationMode.SAMPLE else mode.value.replace("_", " ")
-        raise StreamPruneError(f"streamed generation is greedy only; the task's generation arguments with the model's generation "
-                               f"config ask for {asked} (do_sample {config.do_sample}, num_beams {config.num_beams})")
+        beams = f", num_beams {config.num_beams}" if (config.num_beams or 1) > 1 else ""
+        raise StreamPruneError(f"streamed generation is greedy only; {TASK_ARGS} with the model's generation "
+                               f"config ask for {asked} (do_sample {config.do_sample}{beams})")
     for name, off in NOT_APPLIED.items():
         if getattr(config, name, None) not in off:
             raise StreamPruneError(f"{source(name)} set {name} = {getattr(config, name)!r}, which streamed generation does not "

@@ -257,6 +257,16 @@ def evaluate(
 
 
 ACCURACIES = ("acc", "acc_norm", "exact_match")  # lm-eval metrics that enter the macro mean of accuracies
+BOOKKEEPING = ("primary", "source", "in_macro_mean", "n", "num_fewshot")  # keys of an lm-eval task's result that are no metric
+
+
+def table_metrics(task: str, metrics: dict) -> list[str]:
+    """The names of the metrics that tables show for one task's result (results["tasks"][task]): for an
+    lm-eval task every metric it reports but their stderr ('acc', 'acc_norm', 'word_perplexity',
+    'exact_match,strict-match'); for a built-in task acc, and acc_norm too for HellaSwag."""
+    if metrics.get("source") == "lm-eval":
+        return [name for name in metrics if name not in BOOKKEEPING and not name.split(",")[0].endswith("_stderr")]
+    return ["acc", "acc_norm"] if task == "hellaswag" else ["acc"]
 
 
 def _task_manager(config: EvalConfig):
@@ -268,11 +278,27 @@ def _task_manager(config: EvalConfig):
     known = set(manager.all_tasks)
     unknown = [t for t in config.harness_tasks if t not in known]
     if unknown:
+        unread = _unindexed_yamls(manager, config.include_path) if config.include_path else []
         raise StreamPruneError(
             f"unknown task {unknown[0]!r}: neither built in ({', '.join(all_tasks())}) nor an lm-eval task"
             + (f" (nor under {config.include_path})" if config.include_path else "; --include-path DIR adds task YAMLs")
+            + (f"; lm-eval found no task in {', '.join(unread[:3])}{' ...' if len(unread) > 3 else ''} there (a YAML "
+               "syntax error, or no task: or group: key)" if unread else "")
         )
     return manager
+
+
+def _unindexed_yamls(manager, include_path: str) -> list[str]:
+    """The YAML files under include_path that lm-eval's index holds no task or group from: lm-eval skips
+    a file it cannot parse without a word, and the user sees only an unknown task."""
+    indexed = set()
+    for entry in manager.task_index.values():
+        path = getattr(entry, "yaml_path", None) or (entry.get("yaml_path") if isinstance(entry, dict) else None)
+        if path:
+            indexed.add(Path(path).resolve())
+    root = Path(include_path)
+    files = sorted(p for pattern in ("*.yaml", "*.yml") for p in root.rglob(pattern))
+    return [str(p.relative_to(root)) for p in files if p.resolve() not in indexed]
 
 
 @contextlib.contextmanager
@@ -330,7 +356,15 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
             datasets.enable_progress_bars()
     results = {}
     # a subtask enters the macro mean in place of its group only when the group has no accuracy of its own
-    parents = {sub: group for group, subs in output.get("group_subtasks", {}).items() for sub in subs}
+    subtasks = output.get("group_subtasks", {})
+    parents = {sub: group for group, subs in subtasks.items() for sub in subs}
+
+    def documents(task: str) -> int | None:  # lm-eval counts a task's documents; a group's are its subtasks'
+        if task in output.get("n-samples", {}):
+            return output["n-samples"][task].get("effective")
+        counts = [documents(sub) for sub in subtasks.get(task, ())]
+        return sum(counts) if counts and None not in counts else None
+
     for task, values in output["results"].items():
         metrics = {}
         for key, value in values.items():
@@ -339,12 +373,15 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
                 metrics[metric if kept == "none" else f"{metric},{kept}"] = value
         names = [k for k in metrics if not k.split(",")[0].endswith("_stderr")]
         if not names:
+            if task not in output.get("group_subtasks", {}):  # a group without an aggregate of its own has none
+                log.warning("lm-eval computed no metric for task %s: check the metric_list of its YAML (a metric lm-eval "
+                            "knows, such as acc, exact_match or word_perplexity)", task)
             continue
         primary = next((m for m in ACCURACIES if m in metrics), names[0])
         group_scored = any(f"{m},none" in output["results"].get(parents.get(task), {}) for m in ACCURACIES)
         results[task] = {**metrics, "primary": primary, "source": "lm-eval",
                          "in_macro_mean": primary in ACCURACIES and not group_scored,
-                         "n": output.get("n-samples", {}).get(task, {}).get("effective"),
+                         "n": documents(task),
                          "num_fewshot": output.get("n-shot", {}).get(task)}
     return results
 
@@ -362,14 +399,10 @@ def metric_rows(results: dict) -> list[tuple[str, float]]:
     for name, metrics in results.get("tasks", {}).items():
         if name == "macro_mean":
             continue
-        if metrics.get("source") == "lm-eval":
-            shots = f", {metrics['num_fewshot']}-shot" if metrics.get("num_fewshot") else ""
-            for metric, value in metrics.items():
-                if metric not in ("primary", "source", "in_macro_mean", "n", "num_fewshot") and not metric.split(",")[0].endswith("_stderr"):
-                    rows.append((f"{name} {metric} (lm-eval, n={metrics['n']}{shots})", value))
-            continue
-        for metric in ("acc", "acc_norm") if name == "hellaswag" else ("acc",):
-            rows.append((f"{name} {metric} (n={metrics['n']})", metrics[metric]))
+        shots = f", {metrics['num_fewshot']}-shot" if metrics.get("num_fewshot") else ""
+        source = "lm-eval, " if metrics.get("source") == "lm-eval" else ""
+        for metric in table_metrics(name, metrics):
+            rows.append((f"{name} {metric} ({source}n={metrics['n']}{shots})", metrics[metric]))
     if results.get("tasks", {}).get("macro_mean") is not None:
         rows.append(("macro mean accuracy", results["tasks"]["macro_mean"]))
     return rows
@@ -378,15 +411,19 @@ def metric_rows(results: dict) -> list[tuple[str, float]]:
 def format_table(results: dict, baseline: dict | None = None) -> str:
     """The metrics as an aligned text table; with a baseline: baseline, this model and the difference."""
     rows = metric_rows(results)
-    width = max(len(name) for name, _ in rows) + 2
+    if not rows:
+        return "(no metrics)"
     if baseline is None:
-        return "\n".join(f"{name:<{width}}{value:>12.4f}" for name, value in rows)
-    base = dict(metric_rows(baseline))
-    lines = [f"{'':<{width}}{'baseline':>12}{'model':>12}{'difference':>12}"]
-    for name, value in rows:
-        reference = base.get(name)
-        if reference is None:
-            lines.append(f"{name:<{width}}{'':>12}{value:>12.4f}")
-        else:
-            lines.append(f"{name:<{width}}{reference:>12.4f}{value:>12.4f}{value - reference:>+12.4f}")
-    return "\n".join(lines)
+        table = [[name, f"{value:.4f}"] for name, value in rows]
+    else:
+        base = dict(metric_rows(baseline))
+        table = [["", "baseline", "model", "difference"]]
+        for name, value in rows:
+            reference = base.get(name)
+            table.append([name, "", f"{value:.4f}", ""] if reference is None
+                         else [name, f"{reference:.4f}", f"{value:.4f}", f"{value - reference:+.4f}"])
+    # numbers right-aligned in columns of 12, wider (two spaces apart at least) where a value needs it
+    widths = [max(len(row[0]) for row in table) + 2] + [max(12, max(len(row[c]) for row in table) + 2)
+                                                         for c in range(1, len(table[0]))]
+    return "\n".join((row[0].ljust(widths[0]) + "".join(cell.rjust(w) for cell, w in zip(row[1:], widths[1:]))).rstrip()
+                     for row in table)
