@@ -86,6 +86,11 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     hub_logging.set_verbosity_error()  # its connection retries; the final error is reported as one line
+    show_warnings()
+
+
+def show_warnings() -> None:
+    """streamprune's warnings as `Warning: ...` lines on stderr (once per process, however often called)."""
     logger = logging.getLogger("streamprune")
     if not any(isinstance(h, _WarningLines) for h in logger.handlers):
         logger.addHandler(_WarningLines())

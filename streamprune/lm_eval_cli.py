@@ -32,6 +32,9 @@ def main() -> None:
     except ImportError:
         sys.stderr.write("Error: lm-evaluation-harness is not installed; pip install 'streamprune[lmeval]'\n")
         sys.exit(1)
+    from .cli import show_warnings
+
+    show_warnings()
     debug = os.environ.get("STREAMPRUNE_DEBUG") == "1"
     try:
         cli_evaluate()

@@ -55,6 +55,12 @@ class _LogLines(tqdm):
         super().close()
 
 
+def lines_only() -> bool:
+    """Whether bars print whole lines (stderr is neither a terminal nor a notebook): libraries' own bars,
+    drawn with carriage returns, are then better off."""
+    return auto_tqdm is tqdm and not stderr_is_terminal()
+
+
 def bar(*, total: int | None, desc: str, unit: str, enabled: bool = True, leave: bool = True, initial: int = 0,
         iterable=None) -> tqdm:
     """A progress bar on stderr: tqdm's on a terminal (or a notebook's), whole lines otherwise; a disabled
@@ -64,7 +70,7 @@ def bar(*, total: int | None, desc: str, unit: str, enabled: bool = True, leave:
     if auto_tqdm is not tqdm:  # a notebook: its widget
         cls = auto_tqdm
     else:
-        cls = tqdm if stderr_is_terminal() else _LogLines
+        cls = _LogLines if lines_only() else tqdm
     return cls(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, file=sys.stderr, initial=initial)
 
 

@@ -161,25 +161,32 @@ def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkp
 
     (tmp_path / "broken_task.yaml").write_text("task: broken_task\ndataset_path: json\n  output_type: [\n")
     (tmp_path / "fine.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text())
+    (tmp_path / "_template.yaml").write_text("dataset_path: json\ndoc_to_text: !function utils.text\n")  # no task: fine
+    (tmp_path / "other.yml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text().replace("sp_continue", "other"))
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "broken_task.yaml").write_text("[")  # lm-eval does not look there
     result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", "broken_task",
                                        "--include-path", str(tmp_path), "--quiet"])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("Error: unknown task 'broken_task'")
-    assert "lm-eval found no task in broken_task.yaml there (a YAML syntax error, or no task: or group: key)" in result.stderr
+    assert result.stderr.rstrip().endswith("; lm-eval skipped broken_task.yaml (a YAML error at line 3: mapping values are not "
+                                           "allowed here), other.yml (it reads only .yaml files)")
 
 
-def test_lm_evals_bars_write_whole_lines_in_a_log(tiny_checkpoint, monkeypatch):
+def test_lm_evals_bars_write_whole_lines_in_a_log(tiny_checkpoint, monkeypatch, tmp_path):
     """stderr is not a terminal here: lm-eval's request-building bar prints lines, no carriage returns, and
     lm-eval's own tqdm is back in place afterwards.  What lm-eval prints (its line before bootstrapping a
     stderr, made here for acc, whose stderr it computes in closed form) goes to stderr: stdout is the table."""
     import tqdm
     from click.testing import CliRunner
 
+    import datasets.config
     import lm_eval.api.task
     import lm_eval.evaluator_utils
     from streamprune.cli import main
 
     monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")  # datasets prepares the split: its bar
     real = lm_eval.evaluator_utils.stderr_for_metric
     monkeypatch.setattr(lm_eval.evaluator_utils, "stderr_for_metric",
                         lambda metric, bootstrap_iters: print("bootstrapping for stddev:", metric.__name__) or real(metric, bootstrap_iters))
@@ -230,16 +237,19 @@ def test_lm_eval_command_with_the_streamprune_model_prints_the_hf_backends_numbe
     assert len(tables[0]) >= 4 and tables[0] == tables[1]
 
 
-def test_lm_evals_default_device_on_a_machine_without_cuda_means_auto(tiny_checkpoint, monkeypatch):
+def test_lm_evals_default_device_on_a_machine_without_cuda_means_auto(tiny_checkpoint, monkeypatch, caplog):
     """lm-eval's command fills in --device cuda:0 when none is given; HFLM then takes the device it has,
-    and so does StreamedLM.  Asked for in --model_args, a CUDA device that is not there is an error."""
+    and so does StreamedLM, saying so.  A bare --device cuda (which HFLM keeps, and fails on) and a CUDA
+    device asked for in --model_args are errors when CUDA is not there."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     model_dir = tiny_checkpoint("llama", layers=2)
     lm = StreamedLM.create_from_arg_string(f"pretrained={model_dir},progress=false", {"device": "cuda:0", "batch_size": 2})
     assert lm.stack.device == torch.device("cpu") and lm._batch_size == 2
-    with pytest.raises(StreamPruneError, match="device cuda:0 was asked for but CUDA is not available here; use cpu"):
-        StreamedLM.create_from_arg_string(f"pretrained={model_dir},device=cuda:0", {"device": "cpu"})
+    assert "lm-eval's --device cuda:0 is not on this machine; streamprune chooses the device itself" in caplog.text
+    for model_args, command in ((f"pretrained={model_dir},device=cuda:0", {"device": "cpu"}), (f"pretrained={model_dir}", {"device": "cuda"})):
+        with pytest.raises(StreamPruneError, match="device cuda(:0)? was asked for but CUDA is not available here; use cpu"):
+            StreamedLM.create_from_arg_string(model_args, command)
     with pytest.raises(StreamPruneError, match="streamprune needs the model: pretrained=DIR in --model_args"):
         StreamedLM.create_from_arg_string("device=cpu", {})
 

@@ -32,6 +32,7 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import torch
@@ -54,6 +55,8 @@ from ..loading import open_model
 from ..placement import Budget, parse_size
 from .generation import greedy_generate
 from .loglikelihood import Request, streamed_logprobs
+
+log = logging.getLogger("streamprune")
 
 DEFAULT_MAX_LENGTH = 2048  # HFLM's _DEFAULT_MAX_LENGTH
 MAX_GEN_TOKS = 256  # HFLM's max_gen_toks
@@ -111,10 +114,13 @@ class StreamedLM(TemplateLM):
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "StreamedLM":
         """As lm-eval's, except that --model_args win over the command's own options (device, batch_size),
         so `--model_args pretrained=DIR,device=cuda` works as HFLM users write it.  The command's --device
-        (lm-eval's default is cuda:0) naming a CUDA device this machine lacks means 'auto', as HFLM takes
-        a device outside its list of available ones; in --model_args it is refused."""
+        cuda:N (lm-eval's default is cuda:0) on a machine without that GPU means 'auto', with a warning, as
+        HFLM takes a device outside its list of available ones; a bare 'cuda', which HFLM keeps (and then
+        fails on), and a CUDA device named in --model_args are refused when CUDA is not there."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
-        if "device" in extra and not _cuda_device_here(extra["device"]):
+        if "device" in extra and _missing_cuda_device(extra["device"]):
+            log.warning("lm-eval's --device %s is not on this machine; streamprune chooses the device itself (as lm-eval's HF "
+                        "backend does); pass device=cpu or device=cuda in --model_args to choose", extra["device"])
             extra["device"] = "auto"
         return cls(**arg_dict, **extra)
 
@@ -261,15 +267,16 @@ MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_length", "add_
               "max_host_memory", "offload_dir", "trust_remote_code", "progress", "share_contexts")
 
 
-def _cuda_device_here(name) -> bool:
-    """False for a CUDA device ('cuda', 'cuda:N') this machine does not have; True for anything else."""
+def _missing_cuda_device(name) -> bool:
+    """Whether `name` is 'cuda:N' and this machine has no GPU N (HFLM's list of devices holds 'cuda' and
+    'cpu' always, 'cuda:N' for the GPUs there are)."""
     try:
         device = torch.device(str(name))
     except RuntimeError:
-        return True  # not a device name at all: choose_device says so
-    if device.type != "cuda":
-        return True
-    return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+        return False  # not a device name at all: choose_device says so
+    if device.type != "cuda" or device.index is None:
+        return False
+    return not torch.cuda.is_available() or device.index >= torch.cuda.device_count()
 
 
 TASK_ARGS = "the task's generation arguments (with --gen_kwargs)"  # lm-eval merges the command's into the task's

@@ -278,27 +278,39 @@ def _task_manager(config: EvalConfig):
     known = set(manager.all_tasks)
     unknown = [t for t in config.harness_tasks if t not in known]
     if unknown:
-        unread = _unindexed_yamls(manager, config.include_path) if config.include_path else []
+        skipped = _skipped_yamls(config.include_path) if config.include_path else []
         raise StreamPruneError(
             f"unknown task {unknown[0]!r}: neither built in ({', '.join(all_tasks())}) nor an lm-eval task"
             + (f" (nor under {config.include_path})" if config.include_path else "; --include-path DIR adds task YAMLs")
-            + (f"; lm-eval found no task in {', '.join(unread[:3])}{' ...' if len(unread) > 3 else ''} there (a YAML "
-               "syntax error, or no task: or group: key)" if unread else "")
+            + (f"; lm-eval skipped {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else "")
         )
     return manager
 
 
-def _unindexed_yamls(manager, include_path: str) -> list[str]:
-    """The YAML files under include_path that lm-eval's index holds no task or group from: lm-eval skips
-    a file it cannot parse without a word, and the user sees only an unknown task."""
-    indexed = set()
-    for entry in manager.task_index.values():
-        path = getattr(entry, "yaml_path", None) or (entry.get("yaml_path") if isinstance(entry, dict) else None)
-        if path:
-            indexed.add(Path(path).resolve())
-    root = Path(include_path)
-    files = sorted(p for pattern in ("*.yaml", "*.yml") for p in root.rglob(pattern))
-    return [str(p.relative_to(root)) for p in files if p.resolve() not in indexed]
+def _skipped_yamls(include_path: str) -> list[str]:
+    """The files under include_path that lm-eval 0.4.13 passes over without a word, each with why: a .yaml
+    it cannot parse, and a .yml (it reads **/*.yaml only, outside __pycache__ and .ipynb_checkpoints)."""
+    import yaml
+
+    class AnyTag(yaml.SafeLoader):  # lm-eval's own tags (!function) need its code; only the syntax is checked
+        pass
+
+    AnyTag.add_multi_constructor("", lambda loader, suffix, node: None)
+    root, skipped = Path(include_path), []
+    for path in sorted(root.rglob("*.y*ml")):
+        parts = path.relative_to(root).parts
+        if not path.is_file() or {"__pycache__", ".ipynb_checkpoints"} & set(parts):
+            continue
+        if path.suffix == ".yml":
+            skipped.append(f"{path.relative_to(root)} (it reads only .yaml files)")
+            continue
+        try:
+            yaml.load(path.read_text(encoding="utf-8", errors="replace"), Loader=AnyTag)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            skipped.append(f"{path.relative_to(root)} (a YAML error{where}: {getattr(exc, 'problem', None) or one_line(exc)})")
+    return skipped
 
 
 @contextlib.contextmanager
@@ -341,7 +353,7 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
     import datasets
 
     bars_were_off = datasets.are_progress_bars_disabled()
-    if not progress:  # --quiet: datasets' bars too (preparing a task's split)
+    if not progress or progress_bars.lines_only():  # preparing a task's split: no bar under --quiet, nor \r in a log
         datasets.disable_progress_bars()
     try:
         # lm-eval prints a line to stdout when it bootstraps a metric's stderr; stdout is the results table's
