@@ -153,6 +153,30 @@ def test_a_group_counts_its_subtasks_documents_and_a_task_without_metrics_is_nam
     assert result.stdout.splitlines()[0] == "(no metrics)" and json.loads(out.read_text())["tasks"] == {"macro_mean": None}
 
 
+def test_a_task_scored_through_a_named_filter_enters_the_macro_mean(tiny_checkpoint, monkeypatch, tmp_path):
+    """gsm8k's exact_match comes under its filters' names (exact_match,strict-match): it is still the task's
+    accuracy, and enters the macro mean beside sp_boolq's acc."""
+    import json
+
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    monkeypatch.chdir(ROOT)
+    filtered = (ROOT / "tests/data/lmeval/sp_continue.yaml").read_text().replace("task: sp_continue", "task: sp_filtered")
+    (tmp_path / "sp_filtered.yaml").write_text(filtered + "filter_list:\n  - name: strict-match\n    filter:\n"
+                                               "      - function: regex\n        regex_pattern: \"(.*)\"\n"
+                                               "      - function: take_first\n")
+    (tmp_path / "sp_boolq.yaml").write_text((ROOT / "tests/data/lmeval/sp_boolq.yaml").read_text())
+    out = tmp_path / "results.json"
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", "sp_filtered,sp_boolq",
+                                       "--include-path", str(tmp_path), "--limit", "4", "--quiet", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    tasks = json.loads(out.read_text())["tasks"]
+    assert tasks["sp_filtered"]["primary"] == "exact_match,strict-match" and tasks["sp_filtered"]["in_macro_mean"]
+    assert tasks["macro_mean"] == pytest.approx((tasks["sp_filtered"]["exact_match,strict-match"] + tasks["sp_boolq"]["acc"]) / 2)
+
+
 def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkpoint, tmp_path):
     """lm-eval skips a YAML it cannot parse without a word; the error says which file held no task."""
     from click.testing import CliRunner

@@ -389,10 +389,11 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
                 log.warning("lm-eval computed no metric for task %s: check the metric_list of its YAML (a metric lm-eval "
                             "knows, such as acc, exact_match or word_perplexity)", task)
             continue
-        primary = next((m for m in ACCURACIES if m in metrics), names[0])
-        group_scored = any(f"{m},none" in output["results"].get(parents.get(task), {}) for m in ACCURACIES)
+        # the first of ACCURACIES it reports, under whichever filter (gsm8k's exact_match,strict-match)
+        primary = next((name for accuracy in ACCURACIES for name in names if name.split(",")[0] == accuracy), names[0])
+        group_scored = any(key.split(",")[0] in ACCURACIES for key in output["results"].get(parents.get(task), {}))
         results[task] = {**metrics, "primary": primary, "source": "lm-eval",
-                         "in_macro_mean": primary in ACCURACIES and not group_scored,
+                         "in_macro_mean": primary.split(",")[0] in ACCURACIES and not group_scored,
                          "n": documents(task),
                          "num_fewshot": output.get("n-shot", {}).get(task)}
     return results
