@@ -303,7 +303,8 @@ def shared_context_logprobs(
     ordered = sorted(_by_context(requests).items(), key=lambda item: len(item[0]), reverse=True)
     # chunks of at most max_resident_tokens context plus continuation tokens
     chunks = chunked(ordered, lambda group: len(group[0]) + sum(requests[n].scored for n in group[1]), max_resident_tokens)
-    with progress_bars.bar(total=len(chunks) * stack.num_blocks, desc=desc, unit="block", enabled=progress, leave=False) as bar, \
+    # a step per block and one for the LM head, as the unshared passes count them
+    with progress_bars.bar(total=len(chunks) * (stack.num_blocks + 1), desc=desc, unit="block", enabled=progress, leave=False) as bar, \
             stack.decoding() as (inputs, logits_of):
         for chunk in chunks:
             # contexts of similar length together (sorted), as many as batch_size of the longest
@@ -328,6 +329,7 @@ def shared_context_logprobs(
                     stack.free_block(index)
                 bar.update()
             _score(contexts, parts, logits_of, requests, results, greedy)
+            bar.update()
     return results
 
 
