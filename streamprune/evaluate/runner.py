@@ -323,9 +323,7 @@ def _lm_eval_bars(enabled: bool):
     import lm_eval.api.model
     import lm_eval.api.task
 
-    def lm_eval_bar(iterable=None, desc=None, total=None, disable=False, **_):
-        if total is None and hasattr(iterable, "__len__"):
-            total = len(iterable)
+    def lm_eval_bar(iterable=None, desc=None, total=None, disable=False, **_):  # total None: tqdm takes len(iterable)
         return progress_bars.bar(iterable=iterable, total=total, desc=desc or "Building requests", unit="it",
                                  enabled=enabled and not disable, leave=False)
 
@@ -385,7 +383,7 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
                 metrics[metric if kept == "none" else f"{metric},{kept}"] = value
         names = [k for k in metrics if not k.split(",")[0].endswith("_stderr")]
         if not names:
-            if task not in output.get("group_subtasks", {}):  # a group without an aggregate of its own has none
+            if task not in subtasks:  # a group without an aggregate of its own has none
                 log.warning("lm-eval computed no metric for task %s: check the metric_list of its YAML (a metric lm-eval "
                             "knows, such as acc, exact_match or word_perplexity)", task)
             continue
