@@ -3,7 +3,9 @@
 
 On SmolLM2-135M (the demo checkpoint), CPU, the same BoolQ and HellaSwag examples as local lm-eval YAML
 tasks (the first N of each: the project's shared data folder when there, else tests/data), each run in a
-fresh child process through lm_eval.simple_evaluate, so wall time and peak RSS are the run's own:
+fresh child process through lm_eval.simple_evaluate, so wall time and peak RSS are the run's own
+(wall time from the child's start, lm-eval's import and task building included; scoring time, the part
+spent inside the model's request methods, is the backend's own work):
   hf          HFLM(pretrained=DIR, dtype=D, batch_size=B): the whole model in memory
   streamed    StreamedLM(pretrained=DIR, dtype=D, batch_size=B): one block resident, shared contexts
   unshared    the same without sharing contexts (each ending re-runs its context)
@@ -40,12 +42,27 @@ if kind == "hf":
 else:
     from streamprune.evaluate.harness import StreamedLM
     lm = StreamedLM(pretrained=model_dir, device="cpu", dtype=dtype, batch_size=batch, progress=False, share_contexts=kind == "streamed")
+scoring = [0.0]  # seconds inside the model's request methods: the backend's own work
+
+
+def timed(method):
+    def run(*args, **kwargs):
+        begun = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            scoring[0] += time.perf_counter() - begun
+    return run
+
+
+for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):  # lm-eval calls them by name
+    setattr(lm, name, timed(getattr(lm, name)))
 out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=tasks_dir),
                               limit=limit, bootstrap_iters=0)
 from streamprune.state import peak_rss_bytes
 metrics = {f"{t} {k.split(',')[0]}": v for t, r in out["results"].items() for k, v in r.items()
            if k.endswith(",none") and "stderr" not in k}
-print(json.dumps({"wall_s": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes(), "metrics": metrics}))
+print(json.dumps({"wall_s": time.perf_counter() - started, "scoring_s": scoring[0], "peak_rss_bytes": peak_rss_bytes(), "metrics": metrics}))
 """
 
 TASK = """task: {name}
@@ -107,10 +124,11 @@ def main() -> int:
         runs[kind] = run_script(RUN, kind, model_dir, tasks, args.limit, args.batch_size, args.dtype, names)
         print(f"{kind:10s} {runs[kind]['wall_s']:8.1f} s  {runs[kind]['peak_rss_bytes'] / GIB:6.2f} GiB", flush=True)
     base = runs["hf"]
-    print(f"\n{'run':10s} {'wall s':>8s} {'x hf':>6s} {'peak GiB':>9s} {'x hf':>6s}  metrics")
+    print(f"\n{'run':10s} {'wall s':>8s} {'x hf':>6s} {'scoring s':>10s} {'x hf':>6s} {'peak GiB':>9s} {'x hf':>6s}  metrics")
     for kind, run in runs.items():
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(run["metrics"].items()))
-        print(f"{kind:10s} {run['wall_s']:8.1f} {run['wall_s'] / base['wall_s']:6.2f} {run['peak_rss_bytes'] / GIB:9.2f} "
+        print(f"{kind:10s} {run['wall_s']:8.1f} {run['wall_s'] / base['wall_s']:6.2f} {run['scoring_s']:10.1f} "
+              f"{run['scoring_s'] / base['scoring_s']:6.2f} {run['peak_rss_bytes'] / GIB:9.2f} "
               f"{run['peak_rss_bytes'] / base['peak_rss_bytes']:6.2f}  {metrics}")
     agree = all(abs(run["metrics"][k] - base["metrics"][k]) < 1e-9 for run in runs.values() for k in base["metrics"])
     print(f"\nmetrics identical across the three runs: {agree}")

@@ -265,16 +265,17 @@ def test_batches_hold_batch_size_rows_of_the_longest_in_tokens_with_little_paddi
 
 
 def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, monkeypatch):
-    """With the LM head limited to 4 positions a call, the continuations' logits come 4 positions at a
-    time, of real positions only (packed, not rows padded to the longest); every score equals the
-    unshared path's (float64), also when the unshared path's calls, packed across a batch's rows, split
-    rows and answers between them."""
+    """With the LM head limited to 4 positions a call, the logits come 4 positions at a time, of real
+    positions only: the last positions of a batch of 5 contexts as 4 + 1 (not one call of 5 keeping a
+    vocabulary row per context), then the continuations' (packed, not rows padded to the longest);
+    every score equals the unshared path's (float64), also when the unshared path's calls, packed
+    across a batch's rows, split rows and answers between them."""
     from streamprune.evaluate import loglikelihood
 
     model_dir = tiny_checkpoint("llama", layers=2)
     generator = torch.Generator().manual_seed(5)
     requests = []
-    for context_length in (6, 11, 4):
+    for context_length in (6, 11, 4, 10, 9):
         context = torch.randint(0, 256, (context_length,), generator=generator).tolist()
         for ending_length in (1, 3, 6, 2):
             requests.append(Request(tuple(context + torch.randint(0, 256, (ending_length,), generator=generator).tolist()), context_length))
@@ -290,7 +291,7 @@ def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, 
             yield inputs, lambda hidden: calls.append(tuple(hidden.shape[:2])) or logits_of(hidden)
 
     monkeypatch.setattr(stack, "decoding", counted)
-    shared = loglikelihood.shared_context_logprobs(stack, requests, batch_size=3)
+    shared = loglikelihood.shared_context_logprobs(stack, requests, batch_size=5)  # the 5 contexts in one batch
     for a, b in zip(shared, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     unshared_calls = []
@@ -304,11 +305,11 @@ def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, 
     monkeypatch.setattr(stack, "output_head", counted_head)
     for a, b in zip(streamed_logprobs(stack, requests, batch_size=3, share_contexts=False), plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    # every scored position once (3 contexts x (1 + 3 + 6 + 2)), at most 4 a call: the endings of 6 split
-    assert sum(unshared_calls) == 36 and max(unshared_calls) == 4
-    # the contexts' last positions (3 x 1), then the continuations' real positions (2 + 5 + 1 after
-    # each of 3 contexts), packed: 24, four at a time
-    assert calls == [(3, 1)] + [(1, 4)] * 6
+    # every scored position once (5 contexts x (1 + 3 + 6 + 2)), at most 4 a call: the endings of 6 split
+    assert sum(unshared_calls) == 60 and max(unshared_calls) == 4
+    # the contexts' last positions (5 x 1), then the continuations' real positions (2 + 5 + 1 after
+    # each of 5 contexts), packed: 40, four at a time
+    assert calls == [(1, 4), (1, 1)] + [(1, 4)] * 10
 
 
 def test_num_fewshot_zero_agrees_with_the_built_in_tasks_and_more_is_refused_for_them(caplog):

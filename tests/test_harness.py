@@ -508,7 +508,8 @@ def test_a_log_likelihood_that_is_not_finite_stops_the_evaluation(tiny_checkpoin
     from streamprune.errors import NumericalError
     from streamprune.evaluate import harness
 
-    lm = StreamedLM(pretrained=str(tiny_checkpoint("llama", layers=2, dtype="float32")), device="cpu", progress=False)
+    model_dir = tiny_checkpoint("llama", layers=2, dtype="float32")
+    lm = StreamedLM(pretrained=str(model_dir), device="cpu", progress=False)
     args = [("Ctx one.", " alpha beta"), ("Q?", " y")]
     assert all(math.isfinite(value) for value, _ in lm.loglikelihood(_requests("loglikelihood", args)))
     scores = harness.streamed_logprobs
@@ -522,3 +523,35 @@ def test_a_log_likelihood_that_is_not_finite_stops_the_evaluation(tiny_checkpoin
     with pytest.raises(NumericalError, match=re.escape("is not finite: the activations overflowed float32 or the model is "
                                                        "damaged; evaluate with dtype=float64 in --model_args")):
         lm.loglikelihood(_requests("loglikelihood", args))
+    # under streamprune eval the advice is that command's option: it has no --model_args
+    under_eval = StreamedLM.from_opened(open_model(model_dir, device="cpu"), max_length=16, progress=False)
+    with pytest.raises(NumericalError, match=re.escape("damaged; evaluate with --dtype float64") + "$"):
+        under_eval.loglikelihood(_requests("loglikelihood", args))
+    monkeypatch.setattr(harness, "streamed_logprobs", scores)
+    for model, advice in ((lm, "raise max_length in --model_args"),
+                          (under_eval, "streamprune eval gives the model 16 tokens (its config's); streamprune-lm-eval takes a "
+                                       "larger max_length in --model_args")):
+        with pytest.raises(StreamPruneError, match=re.escape(f"does not fit max_length {model.max_length} (the tokens the model "
+                                                             f"is given at once); {advice}")):
+            model._loglikelihood_tokens([(None, [1], [5] * (model.max_length + 1))])
+
+
+def test_a_continuation_of_no_tokens_is_refused_and_an_empty_generation_context_starts_from_the_prefix_token(tiny_checkpoint, caplog):
+    """An empty continuation would score 0, the likeliest answer of all (HFLM fails on it with a bare
+    assertion): refused, saying why.  An empty generation context (HFLM generates from padding alone)
+    starts from the prefix token, as lm-eval scores an empty context: the same tokens as transformers'
+    greedy generate from that token, with a warning naming the task and document."""
+    model_dir = tiny_checkpoint("llama", layers=2)
+    lm = StreamedLM(pretrained=str(model_dir), device="cpu", progress=False)
+    with pytest.raises(StreamPruneError, match=re.escape("the continuation '' after 'Question: yes or no?' encodes to no tokens: "
+                                                         "lm-eval's split of context and continuation gave its tokens to the context")):
+        lm.loglikelihood(_requests("loglikelihood", [("Question: yes or no?", " yes"), ("Question: yes or no?", "")]))
+    assert lm.tok_encode("") == []  # this tokenizer adds no BOS
+    request = _requests("generate_until", [("", {"until": [], "max_gen_toks": 6}), ("Hello", {"until": [], "max_gen_toks": 6})])
+    with caplog.at_level("WARNING", logger="streamprune"):
+        empty, hello = lm.generate_until(request)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    expected = model.generate(torch.tensor([[lm.prefix_token_id]]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 1:]
+    assert empty == lm.tok_decode(expected.tolist()) and empty
+    assert "1 generation context(s) encode to no tokens (the first: task None, document None); they start from the " \
+           f"prefix token {lm.prefix_token_id} (BOS, else EOS)" in caplog.text

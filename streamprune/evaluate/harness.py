@@ -109,6 +109,19 @@ class StreamedLM(TemplateLM):
         self.stop_ids = _stop_ids(opened.tokenizer, self.generation_config)
         self._batch_size, self._max_length, self.add_bos_token = batch_size, max_length, add_bos_token
         self.progress, self.share_contexts, self.max_resident_tokens = progress, share_contexts, max_resident_tokens
+        self._under_eval = False  # from_opened: streamprune eval's options, not --model_args, are the user's
+
+    def _dtype_advice(self) -> str:
+        """How the user asks for a dtype that does not overflow, in the command they ran."""
+        advice = wider_dtypes(self.stack.dtype)
+        return advice if self._under_eval else f"{advice.replace('--dtype ', 'dtype=')} in --model_args"
+
+    def _max_length_advice(self) -> str:
+        """How the user raises max_length, in the command they ran."""
+        if self._under_eval:
+            return (f"streamprune eval gives the model {self.max_length} tokens (its config's); streamprune-lm-eval "
+                    f"takes a larger max_length in --model_args")
+        return "raise max_length in --model_args"
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "StreamedLM":
@@ -136,6 +149,7 @@ class StreamedLM(TemplateLM):
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
         lm._serve(opened, batch_size, max_length, None, progress, True, max_resident_tokens)
+        lm._under_eval = True
         return lm
 
     # -- what the harness asks of a model ---------------------------------------------------------
@@ -194,12 +208,19 @@ class StreamedLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probabilities, whether each of its tokens is the argmax) per
         ((context, continuation), context_enc, continuation_enc), with HFLM's left truncation.  Raises
-        NumericalError when one is not finite (HFLM would hand it on)."""
+        NumericalError when one is not finite (HFLM would hand it on), StreamPruneError for a continuation
+        of no tokens or of more than max_length (HFLM fails on both with a bare assertion)."""
         scored = []
-        for _, context_enc, continuation_enc in requests:
-            if len(continuation_enc) > self.max_length:  # HFLM fails on it with a bare assertion
+        for pair, context_enc, continuation_enc in requests:
+            if not continuation_enc:  # its log-likelihood would be 0: the likeliest answer of any
+                said = f" {pair[1]!r} after {pair[0][-40:]!r}" if pair else ""
+                raise StreamPruneError(f"the continuation{said} encodes to no tokens: lm-eval's split of context and "
+                                       f"continuation gave its tokens to the context (as with a task's target_delimiter \"\" "
+                                       f"before a word piece); give the task a target_delimiter such as \" \", or answers "
+                                       f"that are not empty")
+            if len(continuation_enc) > self.max_length:
                 raise StreamPruneError(f"a continuation of {len(continuation_enc)} tokens does not fit max_length "
-                                       f"{self.max_length} (the tokens the model is given at once); raise max_length in --model_args")
+                                       f"{self.max_length} (the tokens the model is given at once); {self._max_length_advice()}")
             tokens = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
             scored.append(Request(tuple(tokens), len(tokens) - len(continuation_enc)))
         greedy: list = []
@@ -209,7 +230,7 @@ class StreamedLM(TemplateLM):
         if bad is not None:  # lm-eval would rank the answers by it all the same
             raise NumericalError(f"the log-likelihood of a request ({len(scored[bad].tokens)} tokens) is not finite: the activations "
                                  f"overflowed {str(self.stack.dtype).removeprefix('torch.')} or the model is damaged; evaluate "
-                                 f"with {wider_dtypes(self.stack.dtype).replace('--dtype ', 'dtype=')} in --model_args")
+                                 f"with {self._dtype_advice()}")
         results = [(float(lp.sum()), bool(g)) for lp, g in zip(logprobs, greedy)]
         for (pair, _, _), result in zip(requests, results):
             if pair is not None:
@@ -249,8 +270,15 @@ class StreamedLM(TemplateLM):
             room = self.max_length - max_gen_toks
             if room <= 0:
                 raise StreamPruneError(f"{TASK_ARGS} ask for {max_gen_toks} new tokens, which leaves no room for a context "
-                                       f"in max_length {self.max_length}; pass a larger max_length in --model_args")
+                                       f"in max_length {self.max_length}; {self._max_length_advice()}")
             contexts = {n: self.tok_encode(requests[n].args[0], left_truncate_len=room) for n in numbers}
+            empty = [n for n in numbers if not contexts[n]]
+            if empty:  # HFLM generates from padding alone there; lm-eval's loglikelihood conditions on this token
+                first = requests[empty[0]]
+                log.warning("%d generation context(s) encode to no tokens (the first: task %s, document %s); they start from "
+                            "the prefix token %d (BOS, else EOS), as lm-eval scores an empty context", len(empty),
+                            getattr(first, "task_name", None), getattr(first, "doc_id", None), self.prefix_token_id)
+                contexts.update({n: [self.prefix_token_id] for n in empty})
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
             # HF generate takes the model's own max_new_tokens over the max_length HFLM passes
             generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks if new_tokens is None else new_tokens, self.tokenizer, until,
