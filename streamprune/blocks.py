@@ -316,13 +316,19 @@ class DecoderStack:
             key = self.layout.stored_name(self.tied[model_name])
         return key
 
-    def _load_own_tensors(self, path: str, module: nn.Module) -> bool:
+    def _load_own_tensors(self, path: str, module: nn.Module, placed: dict[str, nn.Parameter] | None = None) -> bool:
         """Reads the parameters of `module` itself (not its children's) if they are not loaded yet;
-        True when it read any."""
+        True when it read any.  `placed` ({stored name: parameter}) holds what is already loaded under
+        the same stored name, a tied LM head's embedding: it is reused, not read and placed again."""
         meta = [name for name, param in module.named_parameters(recurse=False) if param.device.type == "meta"]
         if not meta:
             return False
         keys = {name: self._stored_key(f"{path}.{name}" if path else name) for name in meta}
+        placed = {} if placed is None else placed
+        for name, key in list(keys.items()):
+            if key in placed:
+                module._parameters[name] = placed[key]
+                del keys[name]
         missing = [key for key in keys.values() if key not in self.reader.shapes]
         if missing:
             raise StreamPruneError(f"tensor {missing[0]} is missing from the checkpoint")
@@ -332,8 +338,17 @@ class DecoderStack:
                                        f"{list(module._parameters[name].shape)}")
         read = dict(self.reader.iter_tensors(list(keys.values())))
         for name, key in keys.items():
-            module._parameters[name] = nn.Parameter(self._to_compute(key, read[key], self.reader), requires_grad=False)
+            module._parameters[name] = placed[key] = nn.Parameter(self._to_compute(key, read[key], self.reader), requires_grad=False)
         return True
+
+    def resident_outside_bytes(self) -> int:
+        """Bytes, in the compute dtype, of the input embedding and the LM head (a tied head counted once
+        with its embedding): what decoding() keeps on the device beside a block, which the placements of
+        shared contexts and generation reserve room for (1 GiB each for Llama 3 8B in bfloat16)."""
+        names = {module: name for name, module in self.model.named_modules()}
+        modules = [m for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()) if m is not None]
+        keys = {self._stored_key(f"{names[m]}.weight") for m in modules}
+        return self.dtype.itemsize * sum(torch.Size(self.reader.shapes[key]).numel() for key in keys if key in self.reader.shapes)
 
     @contextmanager
     def _outside_blocks(self, stubs: nn.ModuleList, embedding: nn.Module | None = None):
@@ -345,8 +360,10 @@ class DecoderStack:
         names = {module: name for name, module in self.model.named_modules()}
         loaded: list[nn.Module] = []
 
+        placed: dict[str, nn.Parameter] = {}  # a tied head is its embedding's tensor, not a second copy
+
         def load(module, args, kwargs=None):
-            if self._load_own_tensors(names[module], module):
+            if self._load_own_tensors(names[module], module, placed):
                 loaded.append(module)
 
         inside = {module for module in blocks.modules()}

@@ -34,7 +34,19 @@ def test_streamed_scores_equal_the_whole_model_with_padding_sharing_and_chunks(t
     stack = open_model(model_dir, device="cpu").stack
     streamed = streamed_logprobs(stack, requests, batch_size=2, max_resident_tokens=64)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    widths, kept = [], []
+    model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    model.lm_head.register_forward_hook(lambda module, args, out: kept.append(out.shape[1]))
     whole = whole_model_logprobs(model, requests, batch_size=3)
+    assert len(kept) == len(widths) and all(k <= w for k, w in zip(kept, widths))
+    # one-token answers after 29-token contexts: the head runs on the one position scored, not on the
+    # 32 (29 padded to a multiple of 8) of each row
+    answers = [Request(tuple(torch.randint(0, 256, (30,), generator=generator).tolist()), 29) for _ in range(3)]
+    widths.clear()
+    kept.clear()
+    for a, b in zip(whole_model_logprobs(model, answers, batch_size=3), streamed_logprobs(stack, answers, batch_size=3)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert widths == [32] and kept == [1]
     for request, a, b in zip(requests, streamed, whole):
         with torch.no_grad():  # each request alone, unpadded: logits at positions start - 1 ... predict start ...
             log_probs = model(input_ids=torch.tensor([request.tokens])).logits[0].log_softmax(-1)
@@ -291,7 +303,12 @@ def test_shared_continuations_scored_a_few_positions_at_a_time(tiny_checkpoint, 
             yield inputs, lambda hidden: calls.append(tuple(hidden.shape[:2])) or logits_of(hidden)
 
     monkeypatch.setattr(stack, "decoding", counted)
-    shared = loglikelihood.shared_context_logprobs(stack, requests, batch_size=5)  # the 5 contexts in one batch
+    to_host = []  # what goes to the host: the picked scores, never rows of the vocabulary (0.5 MiB each at 128k)
+    cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda tensor, *a, **k: to_host.append(tensor.numel()) or cpu(tensor, *a, **k))
+    shared = loglikelihood.shared_context_logprobs(stack, requests, batch_size=5, greedy=[])  # the 5 contexts in one batch
+    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
+    assert to_host and max(to_host) < stack.text_config.vocab_size
     for a, b in zip(shared, plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     unshared_calls = []
@@ -326,3 +343,50 @@ def test_num_fewshot_zero_agrees_with_the_built_in_tasks_and_more_is_refused_for
         EvalConfig(tasks=("boolq", "sp_boolq"), num_fewshot=2)
         EvalConfig(tasks=("boolq", "sp_boolq"), num_fewshot=2)  # a sweep's next configuration: said once
     assert caplog.text.count("--num-fewshot 2 applies to the lm-eval tasks; the built-in tasks (boolq) stay zero-shot") == 1
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_decoding_holds_the_embedding_and_head_once_and_the_placements_reserve_them(tiny_checkpoint, tied, monkeypatch):
+    """What decoding keeps resident, the input embedding and the LM head, is one tensor when they are
+    tied (not the embedding read and placed a second time for the head), and the placements of shared
+    contexts and of generation's caches reserve its bytes beside a block: the reserve they pass grows by
+    exactly the embedding's bytes, tied, or the embedding's and head's, untied (counted here from the
+    checkpoint's own files)."""
+    from safetensors import safe_open
+
+    from streamprune import blocks
+    from streamprune.evaluate import loglikelihood
+    from streamprune.evaluate.generation import greedy_generate
+
+    model_dir = tiny_checkpoint("llama", layers=2, tie_embeddings=tied, vocab=4096)
+    stored = {}
+    for shard in model_dir.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            stored.update({key: f.get_slice(key).get_shape() for key in f.keys()})
+    heads = [key for key in stored if key.endswith(("embed_tokens.weight", "lm_head.weight"))]
+    assert len(heads) == (1 if tied else 2)
+    expected = sum(math.prod(stored[key]) for key in heads) * 8  # float64
+    stack = open_model(model_dir, device="cpu").stack
+    assert stack.resident_outside_bytes() == expected
+    with stack.decoding() as (inputs, logits_of):
+        hidden, _ = inputs(torch.tensor([[5, 6, 7]]))
+        logits_of(hidden)
+        embedding, head = stack.model.get_input_embeddings().weight, stack.model.get_output_embeddings().weight
+        assert embedding.device.type == head.device.type == "cpu"
+        assert (embedding is head) == tied
+    assert stack.model.get_output_embeddings().weight.device.type == "meta"
+
+    reserves = []
+    placed = blocks.choose_placement
+    monkeypatch.setattr(blocks, "choose_placement", lambda nbytes, reserve, *a: reserves.append(reserve) or placed(nbytes, reserve, *a))
+    requests = [Request((1, 2, 3, 4, 5, 6), 3), Request((1, 2, 3, 7, 8, 9), 3)]
+
+    def both():
+        reserves.clear()
+        loglikelihood._sharing_fits(stack, requests, 4, 2**18)
+        greedy_generate(stack, [[1, 2, 3]], 2)
+        return list(reserves)
+
+    counted = both()
+    monkeypatch.setattr(stack, "resident_outside_bytes", lambda: 0)
+    assert [a - b for a, b in zip(counted, both())] == [expected, expected]

@@ -265,8 +265,9 @@ def _decode(stack: DecoderStack, groups: list[list[list[int]]], inputs, logits_o
                             group = _Group(number, rows, inputs, stack.device, max_new_tokens)
                             group.run(block, 0, parking)
                             if number == 0:
+                                # the embedding and LM head stay resident through decoding
                                 placement = stack.placement_of_bytes(_parked_bytes(stack, group, groups, max_new_tokens),
-                                                                     batch_size * group.mask.shape[1])
+                                                                     batch_size * group.mask.shape[1], stack.resident_outside_bytes())
                                 parking = None if placement == "device" else _Parking(placement, stack.device, stack.budget.offload_dir)
                             group.park(0, parking, last == 0)
                             live.append(group)

@@ -14,6 +14,7 @@ limits, since all of them are resident at once.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
@@ -133,15 +134,16 @@ def _padded_ids(batch: list[_Row]) -> torch.Tensor:
 
 
 def _score_rows(hidden: torch.Tensor, batch: list[_Row], requests: list[Request], logits_of, positions: int,
-                results: list, greedy: list | None = None) -> None:
+                results: list, greedy: list | None = None, first_kept: int = 0) -> None:
     """Fills results[n] for every request n read from the batch's rows; hidden is (rows, padded length,
     hidden_size). The positions whose next-token distributions are needed, of all rows, are packed
     (_packed_scores): one LM-head call for a batch of answers of a token each, not one a row (a
     matrix-vector product, memory-bound). With `greedy`, greedy[n] is whether every scored token is the
-    most likely one (the harness's is_greedy: argmax of the logits, first index on ties, as torch.argmax)."""
+    most likely one (the harness's is_greedy: argmax of the logits, first index on ties, as torch.argmax).
+    `first_kept`: the position of hidden[:, 0] in the rows (when the positions before it were left out)."""
     spans, wanted, numbers, offset = [], [], [], 0
     for i, row in enumerate(batch):
-        spans.append(hidden[i, row.first_position : len(row.tokens)])
+        spans.append(hidden[i, row.first_position - first_kept : len(row.tokens) - first_kept])
         for n in row.requests:
             request = requests[n]  # positions start - 1 ... predict tokens start ...
             wanted.append((offset + request.start - 1 - row.first_position, request.tokens[request.start :]))
@@ -157,26 +159,40 @@ def _packed_scores(packed: torch.Tensor, wanted: list, logits_of, positions: int
     """Per answer of `wanted` (its first position in `packed`, its target tokens), the float64
     log-probabilities of its targets at its positions of `packed` (positions, hidden_size), and with
     `greedy` whether each is the argmax (first index on ties, as torch.argmax; else None). The logits come
-    `positions` at a time, so a call may hold the ends and starts of several answers."""
+    `positions` at a time, so a call may hold the ends and starts of several answers. The picking is done
+    where the logits are: only the picked values and flags go to the host, not rows of the vocabulary
+    (on a GPU, 0.5 MiB a position for a 128k vocabulary)."""
     scores = [(torch.empty(len(targets), dtype=torch.float64), torch.empty(len(targets), dtype=torch.bool) if greedy else None)
               for _, targets in wanted]
     for a in range(0, len(packed), positions):
         b = min(a + positions, len(packed))
         log_probs = _log_probs(logits_of(packed[a:b]))
-        for (first, targets), (picked, hits) in zip(wanted, scores):
-            lo, hi = max(a, first), min(b, first + len(targets))
-            if lo >= hi:
-                continue
-            chosen, rows = torch.tensor(targets[lo - first : hi - first], dtype=torch.long), log_probs[lo - a : hi - a]
-            picked[lo - first : hi - first] = rows.gather(1, chosen[:, None]).squeeze(1).double()
+        spans, rows, targets = [], [], []  # (answer, its first and last + 1 target here), and the positions picked
+        for number, (first, answer_targets) in enumerate(wanted):
+            lo, hi = max(a, first), min(b, first + len(answer_targets))
+            if lo < hi:
+                spans.append((number, lo - first, hi - first))
+                rows.extend(range(lo - a, hi - a))
+                targets.extend(answer_targets[lo - first : hi - first])
+        if not spans:
+            continue
+        rows_at = torch.tensor(rows, device=log_probs.device)
+        targets_at = torch.tensor(targets, device=log_probs.device)
+        picked_all = log_probs[rows_at, targets_at].double().cpu()
+        hits_all = (log_probs.argmax(dim=-1)[rows_at] == targets_at).cpu() if greedy else None
+        done = 0
+        for number, lo, hi in spans:
+            picked, hits = scores[number]
+            picked[lo:hi] = picked_all[done : done + hi - lo]
             if greedy:
-                hits[lo - first : hi - first] = rows.argmax(dim=-1) == chosen
+                hits[lo:hi] = hits_all[done : done + hi - lo]
+            done += hi - lo
     return scores
 
 
 def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the vocabulary, in float32 at least, on the CPU."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1).cpu()
+    """log-softmax over the vocabulary, in float32 at least, where the logits are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=-1)
 
 
 @torch.inference_mode()
@@ -262,15 +278,15 @@ class _NoCache(Exception):
 
 def _sharing_fits(stack: DecoderStack, requests: list[Request], batch_size: int, max_resident_tokens: int) -> bool:
     """Whether the shared path's hidden states, and one block's key/value cache entry of its contexts (all
-    on the compute device), fit the memory limits: the placement the unshared path would choose for a
-    chunk of them must be the device itself."""
+    on the compute device), fit the memory limits beside the embedding and LM head, which decoding keeps
+    resident: the placement the unshared path would choose for a chunk of them must be the device itself."""
     config = stack.text_config
     tokens = min(sum(len(r.tokens) for r in requests), max_resident_tokens)
     longest = max(len(r.tokens) for r in requests)
     heads = getattr(config, "num_attention_heads", 1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv = 2 * (getattr(config, "num_key_value_heads", None) or heads) * head_dim  # per token, an upper bound for contexts
-    return stack.placement_for(tokens * (config.hidden_size + kv), batch_size * 4 * longest) == "device"
+    return stack.placement_for(tokens * (config.hidden_size + kv), batch_size * 4 * longest, stack.resident_outside_bytes()) == "device"
 
 
 @torch.inference_mode()
@@ -468,11 +484,16 @@ def _score(contexts: list[_Contexts], parts: list[_Continuations], logits_of, re
 @torch.inference_mode()
 def whole_model_logprobs(model, requests: list[Request], batch_size: int = 4) -> list[torch.Tensor]:
     """The same scores from an ordinary transformers model held whole (reference, and quantized models),
-    with the logits of the model's own forward."""
+    with the logits of the model's own forward: where it takes transformers' `logits_to_keep`, only of the
+    positions from the batch's first scored one to its longest row's end (a one-token answer after a
+    long context: a few positions, not rows x length x vocabulary)."""
     results: list = [None] * len(requests)
     device = next(model.parameters()).device
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
     for chunk in _batches(_rows(requests), batch_size, max_resident_tokens=2**62):
         for batch in chunk:
-            logits = model(input_ids=_padded_ids(batch).to(device), use_cache=False).logits
-            _score_rows(logits, batch, requests, lambda scores: scores, head_positions(logits.shape[-1]), results)
+            start = min(row.first_position for row in batch) if keeps else 0
+            kept = {"logits_to_keep": torch.arange(start, max(len(row.tokens) for row in batch), device=device)} if keeps else {}
+            logits = model(input_ids=_padded_ids(batch).to(device), use_cache=False, **kept).logits
+            _score_rows(logits, batch, requests, lambda scores: scores, head_positions(logits.shape[-1]), results, first_kept=start)
     return results
