@@ -12,7 +12,7 @@ import click
 
 from . import progress
 from .config import DTYPES, STAT_NORMS, PruneConfig
-from .errors import StreamPruneError, one_line
+from .errors import StreamPruneError, lm_eval_context, one_line
 from .families import TESTED
 from .placement import PLACEMENTS, Budget, parse_size
 from .methods import METHODS, all_options, option_text
@@ -66,7 +66,7 @@ def reports_errors(command):
                     f"the GPU ran out of memory ({'. '.join(one_line(exc).split('. ')[:2])}); lower --batch-size, set --offload cpu "
                     "(hidden states in host memory), or raise --max-gpu-memory if you gave one"
                 ) from None
-            message = f"{type(exc).__name__}: {one_line(exc)} (rerun with --debug for the traceback)"
+            message = f"{type(exc).__name__}: {one_line(exc)}{lm_eval_context(exc)} (rerun with --debug for the traceback)"
             raise click.ClickException(message) from None
 
     return wrapper

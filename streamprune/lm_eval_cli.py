@@ -16,7 +16,17 @@ from __future__ import annotations
 import os
 import sys
 
-from .errors import StreamPruneError, one_line
+from .errors import StreamPruneError, lm_eval_context, one_line
+
+
+def _include_path(argv: list[str]) -> str | None:
+    """The value of lm-eval's --include_path in argv (either spelling, `--include_path DIR` or `=DIR`)."""
+    for i, arg in enumerate(argv):
+        if arg == "--include_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--include_path="):
+            return arg.partition("=")[2]
+    return None
 
 
 def main() -> None:
@@ -36,6 +46,10 @@ def main() -> None:
 
     show_warnings()
     debug = os.environ.get("STREAMPRUNE_DEBUG") == "1"
+    include_path = _include_path(sys.argv[1:])
+    if include_path is not None and not os.path.isdir(include_path):  # lm-eval would just not find the tasks
+        sys.stderr.write(f"Error: --include_path {include_path} is not a folder; give the folder of your task YAMLs\n")
+        sys.exit(1)
     try:
         cli_evaluate()
     except KeyboardInterrupt:
@@ -51,7 +65,13 @@ def main() -> None:
     except Exception as exc:  # lm-eval's: still one line, as streamprune's own commands print them
         if debug:
             raise
-        sys.stderr.write(f"\nError: {type(exc).__name__}: {one_line(exc)} (rerun with STREAMPRUNE_DEBUG=1 for the traceback)\n")
+        said = one_line(exc) + lm_eval_context(exc)
+        if include_path is not None and said.startswith("Tasks not found"):  # lm-eval skips broken YAMLs silently
+            from .evaluate.runner import skipped_task_yamls
+
+            skipped = skipped_task_yamls(include_path)
+            said += f"; lm-eval skipped {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else ""
+        sys.stderr.write(f"\nError: {type(exc).__name__}: {said} (rerun with STREAMPRUNE_DEBUG=1 for the traceback)\n")
         sys.exit(1)
 
 

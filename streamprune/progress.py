@@ -2,8 +2,9 @@
 
 On a terminal, tqdm's own bar.  On anything else (a log file, CI, `nohup`) a bar redrawn with carriage
 returns leaves its residue in the file, and a later `Error:` would land on the same line; there each bar
-prints whole lines instead: one when it starts, at most one a minute while it runs, and, for bars that
-stay (`leave`), one when it ends.  Messages go through `message()`, which clears and redraws bars on a
+prints whole lines instead: one when it starts, at most one a minute while it runs, and one when it ends
+if it moved since its last line (also for bars a terminal clears, `leave=False`: a log that showed only
+`Scoring: 0/31 block` would leave a reader asking whether it ever finished).  Messages go through `message()`, which clears and redraws bars on a
 terminal (tqdm.write), so `Warning:` and `Error:` always start their own line.
 """
 
@@ -30,7 +31,7 @@ class _LogLines(tqdm):
     """A tqdm that writes whole lines, never a carriage return: for stderr that is not a terminal."""
 
     def __init__(self, *args, leave: bool = True, **kwargs):
-        self._final_line = leave
+        self.final_line = True  # close_all turns it off: before an error the state reached says nothing
         self._last_state = None  # (description, count) of the last line: a line says something new or nothing
         kwargs.update(mininterval=LOG_INTERVAL_S, maxinterval=float("inf"), miniters=1, dynamic_ncols=False, ncols=None)
         kwargs.setdefault("bar_format", "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]")
@@ -49,8 +50,13 @@ class _LogLines(tqdm):
     def clear(self, nolock=False):
         pass
 
+    def __exit__(self, exc_type, exc_value, traceback):
+        if exc_type is not None:  # stopped by an error, which says what matters
+            self.final_line = False
+        return super().__exit__(exc_type, exc_value, traceback)
+
     def close(self):
-        if not self.disable and self._final_line:
+        if not self.disable and self.final_line:  # its final state, unless its last line already said it
             self.display()
         super().close()
 
@@ -84,6 +90,8 @@ def message(line: str) -> None:
 
 
 def close_all() -> None:
-    """Closes every bar still open (a terminal's bar line is cleared), so that an error prints on its own line."""
+    """Closes every bar still open (a terminal's bar line is cleared; in a log, with no final line), so that
+    an error prints on its own line."""
     for instance in list(getattr(tqdm, "_instances", ())):
+        instance.final_line = False
         instance.close()

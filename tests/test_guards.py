@@ -408,8 +408,9 @@ def test_a_log_gets_whole_lines_and_errors_start_their_own_line(tiny_checkpoint,
     lines = text.splitlines()
     assert lines[0] == "Error: sparsity must be in [0, 1), got 1.5"
     assert lines[1].startswith("Tokenizing calibration text: 0/")
-    assert lines[2].startswith("Error: the calibration text has 3000 tokens, fewer than one window of seqlen 4000")
-    assert len(lines) == 3
+    assert lines[2].startswith("Tokenizing calibration text: 3000/")  # its end: the text ran out
+    assert lines[3].startswith("Error: the calibration text has 3000 tokens, fewer than one window of seqlen 4000")
+    assert len(lines) == 4
 
 
 def test_a_terminal_bar_is_cleared_before_a_warning(monkeypatch, capsys):
@@ -467,3 +468,21 @@ def test_magnitude_pruning_reads_no_calibration_corpus(tiny_checkpoint, tmp_path
     assert owl.exit_code == 0, owl.output  # OWL's outlier ratios of magnitude scores come from the weights too
     wanda = invoke(*prune_args(model, tmp_path / "c", "--calib", tmp_path / "missing.txt"))
     assert "Error: " in wanda.stderr and "missing.txt" in wanda.stderr  # a method that needs it still says so
+
+
+def test_a_bar_in_a_log_ends_with_its_final_line_unless_an_error_stopped_it(monkeypatch, capsys):
+    """In a log, a bar a terminal would clear (leave=False) still says where it ended; one that an error
+    stopped, or that close_all closed before an error line, does not."""
+    from streamprune import progress
+
+    monkeypatch.setattr(progress, "stderr_is_terminal", lambda: False)
+    with progress.bar(total=3, desc="Scoring", unit="block", leave=False) as bar:
+        bar.update(3)
+    with pytest.raises(ValueError), progress.bar(total=3, desc="Stopped", unit="block", leave=False) as bar:
+        bar.update(1)
+        raise ValueError
+    left_open = progress.bar(total=3, desc="Open", unit="block")
+    left_open.update(2)
+    progress.close_all()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" [")[0] for line in lines] == ["Scoring: 0/3 block", "Scoring: 3/3 block", "Stopped: 0/3 block", "Open: 0/3 block"]

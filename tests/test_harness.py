@@ -141,6 +141,7 @@ def test_a_group_counts_its_subtasks_documents_and_a_task_without_metrics_is_nam
     assert tasks["sp_group"]["acc"] == pytest.approx((tasks["sp_boolq"]["acc"] + tasks["sp_hellaswag"]["acc"]) / 2)
     assert tasks["macro_mean"] == tasks["sp_group"]["acc"] and not tasks["sp_boolq"]["in_macro_mean"]
     assert "sp_group acc (lm-eval, n=6)" in result.stdout
+    assert "sp_boolq acc (lm-eval, n=3, in its group)" in result.stdout  # not a row of its own in the macro mean
 
     unknown = tmp_path / "tasks"
     unknown.mkdir()
@@ -197,6 +198,26 @@ def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkp
                                            "allowed here), other.yml (it reads only .yaml files)")
 
 
+def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatch, tmp_path):
+    """lm-eval's message for a template's misspelt field, or a data file that is not there, does not say
+    which task; streamprune's one-line error does, and for the file, where relative paths are read from."""
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    monkeypatch.chdir(ROOT)
+    boolq = (ROOT / "tests/data/lmeval/sp_boolq.yaml").read_text()
+    (tmp_path / "bad_field.yaml").write_text(boolq.replace("task: sp_boolq", "task: bad_field").replace("{{question}}", "{{questoin}}"))
+    (tmp_path / "no_file.yaml").write_text(boolq.replace("task: sp_boolq", "task: no_file").replace("boolq/val.jsonl", "boolq/missing.jsonl"))
+    for task, said in (("bad_field", "UndefinedError: 'questoin' is undefined (lm-eval task bad_field) (rerun with --debug"),
+                       ("no_file", "missing.jsonl' (lm-eval task no_file; relative paths in a task YAML are read from the folder "
+                                   "you run in) (rerun with --debug")):
+        result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", task,
+                                           "--include-path", str(tmp_path), "--limit", "2", "--quiet"])
+        assert result.exit_code == 1, result.output
+        assert said in result.stderr.splitlines()[-1]
+
+
 def test_lm_evals_bars_write_whole_lines_in_a_log(tiny_checkpoint, monkeypatch, tmp_path):
     """stderr is not a terminal here: lm-eval's request-building bar prints lines, no carriage returns, and
     lm-eval's own tqdm is back in place afterwards.  What lm-eval prints (its line before bootstrapping a
@@ -218,7 +239,10 @@ def test_lm_evals_bars_write_whole_lines_in_a_log(tiny_checkpoint, monkeypatch, 
                                        "--include-path", "tests/data/lmeval", "--limit", "3"])
     assert result.exit_code == 0, result.output
     assert "\r" not in result.stderr
-    assert "Building requests: 0/3 it [00:00<?, ?it/s]" in result.stderr.splitlines()
+    lines = result.stderr.splitlines()
+    assert "Building requests: 0/3 it [00:00<?, ?it/s]" in lines
+    # a bar a terminal would clear (leave=False) still ends with its final state in a log
+    assert any(line.startswith("lm-eval loglikelihood: 3/3 block [") for line in lines), lines
     assert "bootstrapping for stddev: mean" in result.stderr.splitlines()
     assert [line.split("  ")[0] for line in result.stdout.splitlines()] == ["sp_boolq acc (lm-eval, n=3)", "macro mean accuracy"]
     assert lm_eval.api.task.tqdm is tqdm.tqdm
@@ -276,6 +300,10 @@ def test_lm_evals_default_device_on_a_machine_without_cuda_means_auto(tiny_check
             StreamedLM.create_from_arg_string(model_args, command)
     with pytest.raises(StreamPruneError, match="streamprune needs the model: pretrained=DIR in --model_args"):
         StreamedLM.create_from_arg_string("device=cpu", {})
+    caplog.clear()  # a misspelt device is refused before lm-eval's default device is warned about
+    with pytest.raises(StreamPruneError, match="unknown --model_args devce for streamprune"):
+        StreamedLM.create_from_arg_string(f"pretrained={model_dir},devce=cpu", {"device": "cuda:0"})
+    assert "is not on this machine" not in caplog.text
 
 
 def test_lm_eval_finds_the_installed_backend_by_its_entry_point(tiny_checkpoint):
@@ -356,7 +384,7 @@ def test_generation_stops_at_a_stop_id_or_string_and_bad_model_args_are_refused(
     assert StreamedLM(pretrained=str(model_dir), device="cpu", share_contexts="off", progress="0").share_contexts is False
 
 
-def test_lm_eval_command_reports_bad_model_args_in_one_line(tiny_checkpoint, monkeypatch, capsys):
+def test_lm_eval_command_reports_bad_model_args_in_one_line(tiny_checkpoint, monkeypatch, capsys, tmp_path):
     """streamprune-lm-eval: a StreamPruneError is one `Error: ...` line on stderr and exit status 1."""
     import sys
 
@@ -382,6 +410,15 @@ def test_lm_eval_command_reports_bad_model_args_in_one_line(tiny_checkpoint, mon
                           "--limit", "2"], capture_output=True, text=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert re.fullmatch(r"Error: \w+: .*no_such_task.* \(rerun with STREAMPRUNE_DEBUG=1 for the traceback\)", run.stderr.splitlines()[-1])
+    # a misspelt --include_path, which lm-eval passes over, and a task YAML lm-eval skipped, are named
+    (tmp_path / "broken.yaml").write_text("task: broken\n  output_type: [\n")
+    for include_path, said in (("tests/data/lmevl", "Error: --include_path tests/data/lmevl is not a folder; give the folder of your task YAMLs"),
+                               (str(tmp_path), "; lm-eval skipped broken.yaml (a YAML error at line 2")):
+        monkeypatch.setattr(sys, "argv", ["streamprune-lm-eval", "--model", "streamprune", "--model_args", f"pretrained={model_dir}",
+                                          "--tasks", "broken", f"--include_path={include_path}"])
+        with pytest.raises(SystemExit) as exit_:
+            lm_eval_main()
+        assert exit_.value.code == 1 and said in capsys.readouterr().err.splitlines()[-1]
     import lm_eval.__main__
 
     def interrupted():

@@ -32,6 +32,7 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from pathlib import Path
 
@@ -131,6 +132,9 @@ class StreamedLM(TemplateLM):
         HFLM takes a device outside its list of available ones; a bare 'cuda', which HFLM keeps (and then
         fails on), and a CUDA device named in --model_args are refused when CUDA is not there."""
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        unknown = sorted(set(arg_dict) - (set(inspect.signature(cls.__init__).parameters) - {"self", "unknown"}))
+        if unknown:  # before the device warning below, which a misspelt `device` would make misleading
+            raise StreamPruneError(f"unknown --model_args {', '.join(unknown)} for streamprune; it takes {', '.join(MODEL_ARGS)}")
         if "device" in extra and _missing_cuda_device(extra["device"]):
             log.warning("lm-eval's --device %s is not on this machine; streamprune chooses the device itself (as lm-eval's HF "
                         "backend does); pass device=cpu or device=cuda in --model_args to choose", extra["device"])

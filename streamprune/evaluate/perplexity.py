@@ -60,7 +60,7 @@ def load_text(source: str) -> str:
         return "\n\n".join(datasets.load_dataset("Salesforce/wikitext", name, split=split)["text"])
     except Exception as exc:
         raise StreamPruneError(
-            f"could not load {source} from the hub ({type(exc).__name__}); offline, pass a local text file"
+            f"could not load {source} from the hub ({type(exc).__name__}); offline, pass a local text file with --ppl"
         ) from exc
 
 

@@ -278,7 +278,7 @@ def _task_manager(config: EvalConfig):
     known = set(manager.all_tasks)
     unknown = [t for t in config.harness_tasks if t not in known]
     if unknown:
-        skipped = _skipped_yamls(config.include_path) if config.include_path else []
+        skipped = skipped_task_yamls(config.include_path) if config.include_path else []
         raise StreamPruneError(
             f"unknown task {unknown[0]!r}: neither built in ({', '.join(all_tasks())}) nor an lm-eval task"
             + (f" (nor under {config.include_path})" if config.include_path else "; --include-path DIR adds task YAMLs")
@@ -287,7 +287,7 @@ def _task_manager(config: EvalConfig):
     return manager
 
 
-def _skipped_yamls(include_path: str) -> list[str]:
+def skipped_task_yamls(include_path: str) -> list[str]:
     """The files under include_path that lm-eval 0.4.13 passes over without a word, each with why: a .yaml
     it cannot parse, and a .yml (it reads **/*.yaml only, outside __pycache__ and .ipynb_checkpoints)."""
     import yaml
@@ -412,8 +412,10 @@ def metric_rows(results: dict) -> list[tuple[str, float]]:
             continue
         shots = f", {metrics['num_fewshot']}-shot" if metrics.get("num_fewshot") else ""
         source = "lm-eval, " if metrics.get("source") == "lm-eval" else ""
+        # an accuracy left out of the macro mean is a group's subtask's: the group's own counts instead
+        member = metrics.get("in_macro_mean") is False and str(metrics.get("primary", "")).split(",")[0] in ACCURACIES
         for metric in table_metrics(name, metrics):
-            rows.append((f"{name} {metric} ({source}n={metrics['n']}{shots})", metrics[metric]))
+            rows.append((f"{name} {metric} ({source}n={metrics['n']}{shots}{', in its group' if member else ''})", metrics[metric]))
     if results.get("tasks", {}).get("macro_mean") is not None:
         rows.append(("macro mean accuracy", results["tasks"]["macro_mean"]))
     return rows
