@@ -370,33 +370,33 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
             )
 
     replay = acts is not None and 0 < start_block < stack.num_blocks  # with every block written, nothing to replay
-    with stop_requests() as stop_asked, BlockWalker(stack, read_ahead=overlap) as walker, progress_bars.bar(
-        total=stack.num_blocks, desc="Pruning blocks", unit="block", enabled=show_progress, initial=0 if replay else start_block
-    ) as bar:
-        if replay:
-            bar.set_description_str("Replaying written blocks")
-            for index, _ in walker.blocks(range(start_block), reader_for=written_shard):
-                stack.run_block(index, acts, config.batch_size, write_back=True)
-                bar.update()
-        bar.set_description_str("Pruning blocks")
-        pending = None
-        try:
-            lap = time.perf_counter()
-            for index, block in walker.blocks(range(start_block, stack.num_blocks)):
-                pruned, groups, choice = prune_block(stack, index, block, acts, config_of(index))
+    with stop_requests() as stop_asked, BlockWalker(stack, read_ahead=overlap) as walker:
+        if replay:  # a bar of its own: replaying is faster than pruning, and would skew the pruning bar's rate
+            with progress_bars.bar(total=start_block, desc="Replaying written blocks", unit="block", enabled=show_progress,
+                                   leave=False) as replaying:
+                for index, _ in walker.blocks(range(start_block), reader_for=written_shard):
+                    stack.run_block(index, acts, config.batch_size, write_back=True)
+                    replaying.update()
+        with progress_bars.bar(total=stack.num_blocks, desc="Pruning blocks", unit="block", enabled=show_progress,
+                               initial=start_block) as bar:
+            pending = None
+            try:
+                lap = time.perf_counter()
+                for index, block in walker.blocks(range(start_block, stack.num_blocks)):
+                    pruned, groups, choice = prune_block(stack, index, block, acts, config_of(index))
+                    if pending is not None:
+                        finish(*pending)
+                    written = writes.submit(verify_and_write, writer, index, pruned, groups, config_of(index))
+                    pending = (index, written, time.perf_counter() - lap, choice)  # seconds since the last block: loading included
+                    lap = time.perf_counter()
+                    del pruned  # held by the writer until written, and no longer: a block must not linger
+                    if not overlap:
+                        finish(*pending)
+                        pending = None
                 if pending is not None:
                     finish(*pending)
-                written = writes.submit(verify_and_write, writer, index, pruned, groups, config_of(index))
-                pending = (index, written, time.perf_counter() - lap, choice)  # seconds since the last block: loading included
-                lap = time.perf_counter()
-                del pruned  # held by the writer until written, and no longer: a block must not linger
-                if not overlap:
-                    finish(*pending)
-                    pending = None
-            if pending is not None:
-                finish(*pending)
-        finally:
-            writes.shutdown()
+            finally:
+                writes.shutdown()
 
 
 def prune(

@@ -98,9 +98,14 @@ def test_ctrl_c_stops_after_the_block_says_how_to_resume_and_resumes(model_and_r
     embedded = []
     real_embed = streamprune.blocks.DecoderStack.embed
     monkeypatch.setattr(streamprune.blocks.DecoderStack, "embed", lambda *a, **k: embedded.append(1) or real_embed(*a, **k))
-    assert run_cli(prune_args(model, out)).exit_code == 0
+    resumed = run_cli([arg for arg in prune_args(model, out) if arg != "--quiet"])  # bars on: whole lines here
+    assert resumed.exit_code == 0
     assert file_hashes(out) == reference
     assert len(embedded) == (block < 4)
+    # the blocks written are replayed under a bar of their own; the pruning bar starts after them
+    lines = [line.split(" [")[0] for line in resumed.stderr.splitlines() if line.startswith(("Replaying", "Pruning"))]
+    replayed = [f"Replaying written blocks: 0/{block} block", f"Replaying written blocks: {block}/{block} block"] if block < 4 else []
+    assert lines == replayed + [f"Pruning blocks: {block}/4 block", "Pruning blocks: 4/4 block"][: 1 if block == 4 else 2]
 
 
 def test_a_resumed_bar_starts_at_the_blocks_already_written(model_and_reference, tmp_path):
