@@ -67,10 +67,9 @@ def main() -> None:
             raise
         said = one_line(exc) + lm_eval_context(exc)
         if include_path is not None and said.startswith("Tasks not found"):  # lm-eval skips broken YAMLs silently
-            from .evaluate.runner import skipped_task_yamls
+            from .evaluate.runner import skipped_yamls_note
 
-            skipped = skipped_task_yamls(include_path)
-            said += f"; lm-eval skipped {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else ""
+            said += skipped_yamls_note(include_path)
         sys.stderr.write(f"\nError: {type(exc).__name__}: {said} (rerun with STREAMPRUNE_DEBUG=1 for the traceback)\n")
         sys.exit(1)
 

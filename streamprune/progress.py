@@ -4,8 +4,9 @@ On a terminal, tqdm's own bar.  On anything else (a log file, CI, `nohup`) a bar
 returns leaves its residue in the file, and a later `Error:` would land on the same line; there each bar
 prints whole lines instead: one when it starts, at most one a minute while it runs, and one when it ends
 if it moved since its last line (also for bars a terminal clears, `leave=False`: a log that showed only
-`Scoring: 0/31 block` would leave a reader asking whether it ever finished).  Messages go through `message()`, which clears and redraws bars on a
-terminal (tqdm.write), so `Warning:` and `Error:` always start their own line.
+`Scoring: 0/31 block` would leave a reader asking whether it ever finished).  Messages go through
+`message()`, which clears and redraws bars on a terminal (tqdm.write), so `Warning:` and `Error:` always
+start their own line.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def stderr_is_terminal() -> bool:
 class _LogLines(tqdm):
     """A tqdm that writes whole lines, never a carriage return: for stderr that is not a terminal."""
 
-    def __init__(self, *args, leave: bool = True, **kwargs):
+    def __init__(self, *args, leave: bool = True, **kwargs):  # leave: a terminal's matter; a log keeps every line
         self.final_line = True  # close_all turns it off: before an error the state reached says nothing
         self._last_state = None  # (description, count) of the last line: a line says something new or nothing
         kwargs.update(mininterval=LOG_INTERVAL_S, maxinterval=float("inf"), miniters=1, dynamic_ncols=False, ncols=None)

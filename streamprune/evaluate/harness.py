@@ -88,7 +88,7 @@ class StreamedLM(TemplateLM):
         if not pretrained:
             raise StreamPruneError("streamprune needs the model: pretrained=DIR in --model_args (a checkpoint folder or a hub id)")
         if unknown:
-            raise StreamPruneError(f"unknown --model_args {', '.join(sorted(unknown))} for streamprune; it takes {', '.join(MODEL_ARGS)}")
+            raise _unknown_model_args(unknown)
         if offload_dir is not None and not Path(offload_dir).is_dir():
             raise StreamPruneError(f"offload_dir {offload_dir} is not a folder; make it or choose another")
         budget = Budget(max_gpu_bytes=parse_size(max_gpu_memory), max_cpu_bytes=parse_size(max_host_memory), offload_dir=offload_dir)
@@ -134,7 +134,7 @@ class StreamedLM(TemplateLM):
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
         unknown = sorted(set(arg_dict) - (set(inspect.signature(cls.__init__).parameters) - {"self", "unknown"}))
         if unknown:  # before the device warning below, which a misspelt `device` would make misleading
-            raise StreamPruneError(f"unknown --model_args {', '.join(unknown)} for streamprune; it takes {', '.join(MODEL_ARGS)}")
+            raise _unknown_model_args(unknown)
         if "device" in extra and _missing_cuda_device(extra["device"]):
             log.warning("lm-eval's --device %s is not on this machine; streamprune chooses the device itself (as lm-eval's HF "
                         "backend does); pass device=cpu or device=cuda in --model_args to choose", extra["device"])
@@ -297,6 +297,11 @@ class StreamedLM(TemplateLM):
 
 MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_length", "add_bos_token", "max_gpu_memory",
               "max_host_memory", "offload_dir", "trust_remote_code", "progress", "share_contexts")
+
+
+def _unknown_model_args(names) -> StreamPruneError:
+    """The error for model arguments StreamedLM does not take (from --model_args or Python)."""
+    return StreamPruneError(f"unknown --model_args {', '.join(sorted(names))} for streamprune; it takes {', '.join(MODEL_ARGS)}")
 
 
 def _missing_cuda_device(name) -> bool:

@@ -278,18 +278,18 @@ def _task_manager(config: EvalConfig):
     known = set(manager.all_tasks)
     unknown = [t for t in config.harness_tasks if t not in known]
     if unknown:
-        skipped = skipped_task_yamls(config.include_path) if config.include_path else []
         raise StreamPruneError(
             f"unknown task {unknown[0]!r}: neither built in ({', '.join(all_tasks())}) nor an lm-eval task"
-            + (f" (nor under {config.include_path})" if config.include_path else "; --include-path DIR adds task YAMLs")
-            + (f"; lm-eval skipped {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else "")
+            + (f" (nor under {config.include_path}){skipped_yamls_note(config.include_path)}" if config.include_path
+               else "; --include-path DIR adds task YAMLs")
         )
     return manager
 
 
-def skipped_task_yamls(include_path: str) -> list[str]:
-    """The files under include_path that lm-eval 0.4.13 passes over without a word, each with why: a .yaml
-    it cannot parse, and a .yml (it reads **/*.yaml only, outside __pycache__ and .ipynb_checkpoints)."""
+def skipped_yamls_note(include_path: str) -> str:
+    """'; lm-eval skipped FILE (why), ...' (the first three) for an unknown-task error, or '': the files
+    under include_path that lm-eval 0.4.13 passes over without a word, a .yaml it cannot parse and a .yml
+    (it reads **/*.yaml only, outside __pycache__ and .ipynb_checkpoints)."""
     import yaml
 
     class AnyTag(yaml.SafeLoader):  # lm-eval's own tags (!function) need its code; only the syntax is checked
@@ -310,7 +310,7 @@ def skipped_task_yamls(include_path: str) -> list[str]:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
             skipped.append(f"{path.relative_to(root)} (a YAML error{where}: {getattr(exc, 'problem', None) or one_line(exc)})")
-    return skipped
+    return f"; lm-eval skipped {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else ""
 
 
 @contextlib.contextmanager
