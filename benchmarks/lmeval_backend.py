@@ -11,11 +11,14 @@ spent inside the model's request methods, is the backend's own work):
   unshared    the same without sharing contexts (each ending re-runs its context)
 It prints a table of the metrics (they must agree), wall time and peak RSS with ratios to hf, and
 writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.  --tasks hellaswag runs HellaSwag
-alone (the task whose contexts are shared); --dtype bfloat16 runs both backends in bfloat16, where
-their metrics may differ by rounding (batches of other shapes).
+alone (the task whose contexts are shared); --tasks boolq_fewshot runs BoolQ with three examples before
+each question, the same before all but the first three (lm-eval's first_n sampler, as MMLU's five),
+whose prompts share their examples; --dtype bfloat16 runs both backends in bfloat16, where their
+metrics may differ by rounding (batches of other shapes).
 
   python benchmarks/lmeval_backend.py --limit 200 --json benchmarks/results/lmeval_backend_cpu.json
   python benchmarks/lmeval_backend.py --limit 200 --tasks hellaswag --json benchmarks/results/lmeval_backend_hellaswag_cpu.json
+  python benchmarks/lmeval_backend.py --limit 200 --tasks boolq_fewshot --json benchmarks/results/lmeval_backend_fewshot_cpu.json
 """
 
 from __future__ import annotations
@@ -84,8 +87,17 @@ doc_to_choice: "{{endings}}"
 """
 
 
+FEWSHOT = """include: bench_boolq.yaml
+task: bench_boolq_fewshot
+fewshot_split: validation
+num_fewshot: 3
+fewshot_config:
+  sampler: first_n
+"""
+
+
 def write_tasks(workdir: Path, limit: int) -> Path:
-    """The two task YAMLs and their data (HellaSwag's 6-line text form as JSON lines) under workdir."""
+    """The task YAMLs (BoolQ, the same with three examples first, HellaSwag) and their data (HellaSwag's 6-line text form as JSON lines) under workdir."""
     shared = ROOT.parent / "shared" / "data"
     source = shared if (shared / "boolq" / "val.jsonl").is_file() else ROOT / "tests" / "data"
     tasks = workdir / "tasks"
@@ -100,6 +112,7 @@ def write_tasks(workdir: Path, limit: int) -> Path:
                                                         metrics="  - metric: acc\n"), encoding="utf-8")
     (tasks / "bench_hellaswag.yaml").write_text(TASK.format(name="bench_hellaswag", data=tasks / "hellaswag.jsonl", prompt=HELLASWAG,
                                                             metrics="  - metric: acc\n  - metric: acc_norm\n"), encoding="utf-8")
+    (tasks / "bench_boolq_fewshot.yaml").write_text(FEWSHOT, encoding="utf-8")
     return tasks
 
 
@@ -108,7 +121,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lmeval-bench"))
     parser.add_argument("--limit", type=int, default=200, help="examples per task")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--tasks", default="boolq,hellaswag", help="boolq, hellaswag or both (comma-separated)")
+    parser.add_argument("--tasks", default="boolq,hellaswag", help="boolq, hellaswag, boolq_fewshot, or several (comma-separated)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="both backends compute in it (the demo checkpoint is stored in float32)")
     parser.add_argument("--json", type=Path)

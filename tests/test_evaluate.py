@@ -213,8 +213,8 @@ def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint
     mixed_widths = []
     made = loglikelihood._Continuations.__init__
 
-    def spied(self, rows, requests, inputs, stack, contexts):
-        made(self, rows, requests, inputs, stack, contexts)
+    def spied(self, rows, inputs, stack, contexts):
+        made(self, rows, inputs, stack, contexts)
         mixed_widths.append(len({contexts[b].mask.shape[1] for b, _, _ in rows}) > 1)
 
     monkeypatch.setattr(loglikelihood._Continuations, "__init__", spied)
@@ -252,6 +252,120 @@ def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         torch.testing.assert_close(c, expected, rtol=tol, atol=tol)
     assert shared_greedy == plain_greedy and shared_greedy[-2:] == [True, False]
+
+
+def test_a_start_shared_by_different_contexts_runs_once_where_it_saves_tokens():
+    """_sharing_plan on hand-made prompts.  MMLU-like: a 35-token header before every prompt, then each
+    of two subjects' 300-token few-shot examples, then 3 questions of 4 one-token answers: two groups at
+    335 tokens (one group at the 35 all share would save 175 tokens, not 2 x 670).  HellaSwag-like: a
+    33-token label before 60-token contexts of 4 endings: not shared (it would run each context's 60
+    tokens 4 times to save 33).  A start of 31 tokens (under MIN_SHARED_PREFIX) is not shared; in a run
+    sharing 200 tokens, a context of 4 endings 100 tokens past them stays on its own (200 - 3 x 100 < 0)."""
+    from streamprune.evaluate.loglikelihood import MIN_SHARED_PREFIX, _saves, _sharing_plan
+
+    assert MIN_SHARED_PREFIX == 32
+    counter = iter(range(1000, 10**6))
+
+    def fresh(n):  # n tokens seen nowhere else
+        return tuple(next(counter) for _ in range(n))
+
+    def shared(plan, requests):
+        return sorted((split, sorted(numbers)) for split, numbers in plan if _saves((split, numbers), requests))
+
+    header, subjects, requests = fresh(35), [fresh(300), fresh(300)], []
+    for subject in subjects:
+        for _ in range(3):
+            context = header + subject + fresh(20)
+            requests += [Request(context + (answer,), len(context)) for answer in (1, 2, 3, 4)]
+    assert shared(_sharing_plan(requests), requests) == [(335, list(range(12))), (335, list(range(12, 24)))]
+
+    label, requests = fresh(33), []
+    for _ in range(3):
+        context = label + fresh(60)
+        requests += [Request(context + fresh(10), len(context)) for _ in range(4)]
+    assert shared(_sharing_plan(requests), requests) == [(93, list(range(4 * i, 4 * i + 4))) for i in range(3)]
+
+    start, requests = fresh(31), []
+    for _ in range(3):
+        context = start + fresh(5)
+        requests += [Request(context + (answer,), len(context)) for answer in (1, 2)]
+    assert shared(_sharing_plan(requests), requests) == []
+
+    start, requests = fresh(200), []
+    for _ in range(3):
+        context = start + fresh(10)
+        requests += [Request(context + (answer,), len(context)) for answer in (1, 2)]
+    context = start + fresh(100)
+    requests += [Request(context + fresh(8), len(context)) for _ in range(4)]
+    plan = _sharing_plan(requests)
+    assert sorted(len(numbers) for _, numbers in plan) == [4, 6]  # every request in one group
+    assert shared(plan, requests) == [(200, list(range(6))), (300, list(range(6, 10)))]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_shared_few_shot_prefix_runs_once_and_gives_the_whole_models_log_probabilities(tiny_checkpoint, family, monkeypatch):
+    """Few-shot prompts (a 40-token prefix, past Mistral's window of 8, then a question of 0 to 12 tokens)
+    with one-token answers and endings of 1 to 20 tokens: the prefix runs once, in one batch of its own,
+    and every answer's log-probabilities equal the whole model's on its own row (float64)."""
+    from streamprune.evaluate import loglikelihood
+
+    prefixes = []
+    made = loglikelihood._Contexts.__init__
+
+    def spied(self, groups, inputs, stack):
+        made(self, groups, inputs, stack)
+        prefixes.append([len(group.prefix) for group in groups])
+
+    monkeypatch.setattr(loglikelihood._Contexts, "__init__", spied)
+    model_dir = tiny_checkpoint(family)
+    generator = torch.Generator().manual_seed(11)
+
+    def tokens(n):
+        return tuple(torch.randint(0, 256, (n,), generator=generator).tolist())
+
+    prefix, requests = tokens(40), []
+    for question, endings in ((3, (1, 1, 1)), (9, (1, 4, 20)), (0, (1, 2)), (12, (5, 5))):
+        context = prefix + tokens(question)
+        requests += [Request(context + tokens(n), len(context)) for n in endings]
+    stack = open_model(model_dir, device="cpu").stack
+    greedy = []
+    scores = streamed_logprobs(stack, requests, batch_size=2, greedy=greedy)
+    assert prefixes == [[40]]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    for request, score, hit in zip(requests, scores, greedy):
+        with torch.no_grad():
+            log_probs = model(input_ids=torch.tensor([request.tokens])).logits[0].log_softmax(-1)
+        targets = torch.tensor(request.tokens[request.start :])
+        expected = log_probs[request.start - 1 : -1]
+        torch.testing.assert_close(score, expected.gather(1, targets[:, None]).squeeze(1), rtol=1e-10, atol=1e-10)
+        assert hit == bool((expected.argmax(-1) == targets).all())
+
+
+def test_rests_after_a_long_prefix_gather_its_keys_and_values_in_bounded_passes(tiny_checkpoint, monkeypatch):
+    """30 questions of 2 tokens after a 200-token prefix, batch_size 1: a pass of rests may gather the
+    prefix's keys and values for 203 x 736 / 64 = 2334 positions (the tiny llama's activations per token
+    over its key/value entries), so 11 rows of 200 (3 passes: 11, 11, 8), not the 30 rows that 2-token
+    rests would fill; the scores are the unshared path's (float64)."""
+    from streamprune.evaluate import loglikelihood
+
+    passes = []
+    made = loglikelihood._Continuations.__init__
+
+    def spied(self, rows, inputs, stack, contexts):
+        made(self, rows, inputs, stack, contexts)
+        passes.append((len(rows), self.width))
+
+    monkeypatch.setattr(loglikelihood._Continuations, "__init__", spied)
+    model_dir = tiny_checkpoint("llama", layers=2)
+    generator = torch.Generator().manual_seed(2)
+    prefix = tuple(torch.randint(0, 256, (200,), generator=generator).tolist())
+    requests = [Request(prefix + tuple(torch.randint(0, 256, (3,), generator=generator).tolist()), 202) for _ in range(30)]
+    stack = open_model(model_dir, device="cpu").stack
+    assert loglikelihood._past_positions(stack.text_config, 203) == 2334
+    shared = streamed_logprobs(stack, requests, batch_size=1)
+    assert passes == [(11, 200), (11, 200), (8, 200)]
+    for a, b in zip(shared, streamed_logprobs(stack, requests, batch_size=1, share_contexts=False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
 def test_batches_hold_batch_size_rows_of_the_longest_in_tokens_with_little_padding():

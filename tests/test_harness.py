@@ -56,6 +56,33 @@ def test_streamed_backend_equals_lm_evals_hf_backend(tiny_checkpoint, monkeypatc
     assert any(generated)  # something was generated
 
 
+def test_a_few_shot_tasks_examples_run_once_with_the_hf_backends_numbers(tiny_checkpoint, monkeypatch):
+    """sp_hellaswag_fewshot (three examples before each question, lm-eval's first_n sampler): the prompts
+    of 10 of the 12 questions share 450 tokens, which run once (3 prefixes, not 12; the other two
+    prompts' examples differ, their own documents left out), and every answer's log-likelihood and
+    greedy flag equal lm-eval's HF backend's."""
+    from lm_eval.tasks import TaskManager
+
+    from streamprune.evaluate import loglikelihood
+
+    monkeypatch.chdir(ROOT)
+    prefixes = []
+    made = loglikelihood._Contexts.__init__
+    monkeypatch.setattr(loglikelihood._Contexts, "__init__",
+                        lambda self, groups, inputs, stack: made(self, groups, inputs, stack) or prefixes.extend(groups))
+    model_dir = tiny_checkpoint("llama", layers=2)
+    manager = TaskManager(include_path=str(ROOT / "tests/data/lmeval"))
+    runs = [lm_eval.simple_evaluate(model=lm, tasks=["sp_hellaswag_fewshot"], task_manager=manager, limit=12, bootstrap_iters=0, log_samples=True)
+            for lm in (StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False),
+                       HFLM(pretrained=str(model_dir), device="cpu", dtype="float64", batch_size=3))]
+    assert sorted((len(group.prefix), sum(map(len, group.rests.values()))) for group in prefixes) == [(450, 40), (609, 4), (638, 4)]
+    streamed, whole = (run["samples"]["sp_hellaswag_fewshot"] for run in runs)
+    assert len(streamed) == 12 and streamed[5]["arguments"][0][0].count("\n\n") == 3  # three examples before its own
+    for a, b in zip(streamed, whole):
+        for [(ll_a, greedy_a)], [(ll_b, greedy_b)] in zip(a["resps"], b["resps"]):
+            assert float(ll_a) == pytest.approx(float(ll_b), rel=1e-9) and greedy_a == greedy_b
+
+
 def test_rolling_loglikelihood_covers_each_token_once(tiny_checkpoint):
     """A text longer than max_length: lm-eval's rolling windows score every token once, the first given
     the prefix token; the sum equals the whole model's on the same windows."""

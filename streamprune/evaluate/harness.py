@@ -76,7 +76,8 @@ class StreamedLM(TemplateLM):
     hidden states of scored requests and the key/value caches of generations may live; shared contexts
     are used only where theirs fit on the device), offload_dir (where what fits in neither goes; default:
     the system's temporary folder), trust_remote_code (off by default), share_contexts (default on: a
-    context shared by several continuations runs once per block).  Other arguments are refused.
+    context shared by several continuations, and a start shared by several prompts, such as the same
+    few-shot examples before each question, run once per block).  Other arguments are refused.
     Raises StreamPruneError for a model streamprune cannot open.
     """
 

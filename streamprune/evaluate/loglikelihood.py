@@ -5,8 +5,10 @@ log p(tokens[j] | tokens[:j]) for every j >= start.  Perplexity scores whole win
 a multiple-choice question scores the tokens of each answer after its prompt.
 
 Requests that feed the model the same tokens (the answers " yes" and " no" after the same prompt)
-share one row.  Rows are sorted by length and batched; a batch is right-padded, which a causal model
-never looks at from a real token, so no attention mask is needed.  Batches are kept resident in rounds
+share one row; requests that share a prompt, or a long start of their prompts (the same few-shot
+examples before each question), run it once per block (shared_context_logprobs).  Rows are sorted by
+length and batched; a batch is right-padded, which a causal model never looks at from a real token, so
+no attention mask is needed.  Batches are kept resident in rounds
 of at most `max_resident_tokens` padded tokens: each round streams through every block once, and where
 its hidden states live (device, host memory or disk) is chosen for the whole round against the memory
 limits, since all of them are resident at once.
@@ -18,7 +20,6 @@ import inspect
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import partial
-from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from ..walker import BlockWalker
 PAD_TO_MULTIPLE = 8
 HEAD_LOGITS = 2**23  # logits per LM-head call (32 MiB in float32, as much again for their log-softmax)
 MIN_PASS_TOKENS = 256  # below this a pass's matrix products lose more speed than padding costs (_fill)
+# A start of prompts (a prefix) shorter than this is not shared between different prompts: a template's
+# first words save little, and the prompts' other tokens then run in the continuations' passes.
+MIN_SHARED_PREFIX = 32
 
 
 def head_positions(vocab_size: int) -> int:
@@ -209,19 +213,24 @@ def streamed_logprobs(
     """Per request, the float64 log-probabilities of tokens[start:], with one block resident at a time.
     A list passed as `greedy` receives, per request, whether every scored token was the argmax (one bool).
 
-    With share_contexts, requests whose contexts (tokens[:start]) are equal and whose continuations
-    differ beyond their first token (the endings of a HellaSwag question) run their context once per
-    block, and each continuation attends to its keys and values (shared_context_logprobs).
+    With share_contexts, requests that share a prefix run it once per block, and the rest of each
+    request attends to its keys and values (shared_context_logprobs): the context of the endings of a
+    HellaSwag question, or the few-shot examples before every question of an MMLU subject
+    (_sharing_plan says which, where it saves work).
     """
     if greedy is not None:
         greedy[:] = [None] * len(requests)
     results: list = [None] * len(requests)
-    shared = [n for group in _shared_groups(requests) for n in group] if share_contexts else []
+    groups = [group for group in _sharing_plan(requests) if _saves(group, requests)] if share_contexts else []
+    shared = [n for _, numbers in groups for n in numbers]
     if shared and not _sharing_fits(stack, [requests[n] for n in shared], batch_size, max_resident_tokens):
         shared = []
     if shared:  # those requests one way, the others the other, each result where it belongs
         rest = sorted(set(range(len(requests))) - set(shared))
-        for numbers, score in ((shared, shared_context_logprobs), (rest, partial(streamed_logprobs, share_contexts=False))):
+        numbered = iter(range(len(shared)))  # the groups in the numbers of the shared requests' own list
+        plan = [(split, [next(numbered) for _ in numbers]) for split, numbers in groups]
+        for numbers, score in ((shared, partial(shared_context_logprobs, plan=plan)),
+                               (rest, partial(streamed_logprobs, share_contexts=False))):
             flags = [] if greedy is not None else None  # argmax only where asked for
             try:
                 scores = score(stack, [requests[n] for n in numbers], batch_size, max_resident_tokens, progress, desc, flags) if numbers else []
@@ -256,12 +265,68 @@ def streamed_logprobs(
     return results
 
 
-def _shared_groups(requests: list[Request]) -> list[list[int]]:
-    """Request numbers grouped by context (tokens[:start]), for groups where sharing saves work: at
-    least two requests, and a continuation of two or more tokens among them (single-token answers after
-    one context already share one row)."""
-    return [numbers for numbers in _by_context(requests).values()
-            if len(numbers) > 1 and any(requests[n].scored > 1 for n in numbers)]
+def _sharing_plan(requests: list[Request]) -> list[tuple[int, list[int]]]:
+    """Every request in one group of (prefix length, request numbers), whose prefix, tokens[:prefix
+    length] of each, runs once per block (shared_context_logprobs): requests of different contexts
+    (tokens[:start]) that share a start of at least MIN_SHARED_PREFIX tokens where that saves tokens
+    (_merged), each other context with its own requests.
+
+    Tokens through the blocks are the cost: run alone, a context of c tokens costs c, plus its
+    continuations but their last tokens (those of one token cost nothing more, sharing its row).  In
+    a group of prefix length L it costs its r distinct rests (tokens[L:-1]; the rest of one-token
+    answers is the context's own rest) instead: r (c - L) plus the same continuations, so it saves L -
+    (r - 1)(c - L), and the group pays L once.  The few-shot prefix of an MMLU subject (r = 1) is shared;
+    a HellaSwag label of a few words before contexts of four endings (r = 4) is not."""
+    contexts = _by_context(requests)
+    ordered = sorted(contexts)  # prompts sharing a start are neighbours, the longest shared starts nearest
+    rests = [len({requests[n].tokens[requests[n].start : -1] for n in contexts[context]}) for context in ordered]
+    common = [_common_length(a, b) for a, b in zip(ordered, ordered[1:])]
+    plan, placed = [], set()
+    for length, members in _merged(ordered, rests, common, 0, len(ordered))[1]:
+        plan.append((length, [n for i in members for n in contexts[ordered[i]]]))
+        placed.update(members)
+    plan += [(len(context), contexts[context]) for i, context in enumerate(ordered) if i not in placed]
+    return plan
+
+
+def _merged(ordered: list[tuple], rests: list[int], common: list[int], lo: int, hi: int, depth: int = 0) -> tuple[int, list]:
+    """(tokens saved, [(prefix length, context indices)]) for the sorted contexts ordered[lo:hi], whose
+    neighbours share common[i] tokens: one group at the prefix all of them share (of the contexts whose
+    saving is positive, _sharing_plan), or the best of the runs that share more, split where the
+    shared length is least (an LCP interval tree: the MMLU subjects apart, not one group of the few
+    words all their prompts begin with), whichever saves more."""
+    if hi - lo < 2:
+        return 0, []
+    length = min(common[lo : hi - 1])
+    savings = {i: length - (rests[i] - 1) * (len(ordered[i]) - length) for i in range(lo, hi)}
+    members = [i for i, saving in savings.items() if saving > 0]
+    whole = sum(savings[i] for i in members) - length if length >= MIN_SHARED_PREFIX and len(members) > 1 else 0
+    best = (whole, [(length, members)]) if whole > 0 else (0, [])
+    if depth < 64:  # deeper trees (prompts each a prefix of the next) stop at the whole
+        cuts = [lo] + [i + 1 for i in range(lo, hi - 1) if common[i] == length] + [hi]
+        parts = [_merged(ordered, rests, common, a, b, depth + 1) for a, b in zip(cuts, cuts[1:])]
+        split = sum(saved for saved, _ in parts)
+        if split > best[0]:
+            best = (split, [group for _, groups in parts for group in groups])
+    return best
+
+
+def _common_length(a: tuple, b: tuple) -> int:
+    """How many leading tokens a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _saves(group: tuple[int, list[int]], requests: list[Request]) -> bool:
+    """Whether running the group's prefix once saves work: it holds different contexts, or one context's
+    requests with a continuation of two or more tokens among them (single-token answers after one
+    context already share one row)."""
+    split, numbers = group
+    return (len(numbers) > 1 and any(requests[n].scored > 1 for n in numbers)) or any(requests[n].start != split for n in numbers)
 
 
 def _by_context(requests: list[Request]) -> dict[tuple[int, ...], list[int]]:
@@ -283,10 +348,41 @@ def _sharing_fits(stack: DecoderStack, requests: list[Request], batch_size: int,
     config = stack.text_config
     tokens = min(sum(len(r.tokens) for r in requests), max_resident_tokens)
     longest = max(len(r.tokens) for r in requests)
+    kv = _kv_values(config)  # per token, an upper bound for contexts
+    return stack.placement_for(tokens * (config.hidden_size + kv), batch_size * 4 * longest, stack.resident_outside_bytes()) == "device"
+
+
+def _kv_values(config) -> int:
+    """Key and value entries a block's cache holds per token (2 x key/value heads x head size)."""
     heads = getattr(config, "num_attention_heads", 1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    kv = 2 * (getattr(config, "num_key_value_heads", None) or heads) * head_dim  # per token, an upper bound for contexts
-    return stack.placement_for(tokens * (config.hidden_size + kv), batch_size * 4 * longest, stack.resident_outside_bytes()) == "device"
+    return 2 * (getattr(config, "num_key_value_heads", None) or heads) * head_dim
+
+
+def _past_positions(config, batch_tokens: int) -> int:
+    """How many prefix positions a pass of rests may gather keys and values of (rows x the widest of their
+    prefixes): those of as many bytes as the activations of batch_tokens tokens (the per-token measure
+    of DecoderStack.placement_of_bytes; _sharing_fits reserves four times a pass's activations).  A
+    few-shot prefix of 1,500 tokens before rests of 40 would otherwise gather 37 times a pass's tokens in
+    keys and values: 6 times its activations' bytes for Llama 2 7B."""
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * config.hidden_size
+    return batch_tokens * (4 * config.hidden_size + 3 * intermediate) // _kv_values(config)
+
+
+def _bounded(rows: list, width, most: int) -> list[list]:
+    """Consecutive rows in parts whose rows times the widest of their width(row) are at most `most`,
+    one row at least."""
+    parts, part, widest = [], [], 0
+    for row in rows:
+        wide = max(widest, width(row))
+        if part and (len(part) + 1) * wide > most:
+            parts.append(part)
+            part, wide = [], width(row)
+        part.append(row)
+        widest = wide
+    if part:
+        parts.append(part)
+    return parts
 
 
 @torch.inference_mode()
@@ -298,40 +394,48 @@ def shared_context_logprobs(
     progress: bool = False,
     desc: str = "Scoring",
     greedy: list | None = None,
+    plan: list[tuple[int, list[int]]] | None = None,
 ) -> list[torch.Tensor]:
-    """streamed_logprobs for requests that share contexts: each distinct context runs once per block.
+    """streamed_logprobs for requests that share prefixes: each distinct prefix runs once per block.
 
-    Per chunk of contexts, in each block visit: the contexts (in batches, left-padded, with the attention
-    mask and position ids of HF generate) run through the block and fill its entry of a key/value cache
-    of transformers' own class; then every continuation of the chunk (its tokens but the last, right-
-    padded, at the positions after its context; in passes of similar lengths across the context batches)
-    runs through the block with that entry, selected for its context, as its past, so it attends to its
-    context exactly as in one whole row; then the entry is dropped.  The continuation pass's masks and
-    rotary embeddings come from the decoder's own forward with a cache standing for the contexts
-    (1-wide placeholders of their length), so sliding windows and local/global layers are the model's.
-    The first continuation token is scored from the context's last position.  Results equal the
-    whole model's on each unpadded row (tests: float64, 1e-10; 1e-6 for Gemma 2, whose eager attention
-    takes its softmax in float32, so padding to other lengths moves the 8th digit).
+    `plan`: the groups, (prefix length, request numbers), default _sharing_plan's (a prefix is a whole
+    context, or the start that different contexts share).  Per chunk of prefixes, in each block visit:
+    the prefixes (in batches, left-padded, with the attention mask and position ids of HF generate) run
+    through the block and fill its entry of a key/value cache of transformers' own class; then every
+    rest of the chunk (a request's tokens after its prefix but the last, right-padded, at the positions
+    after its prefix; requests with the same rest share it; in passes of similar lengths across the
+    prefix batches; in parts that gather at most _past_positions of the prefixes' keys and values) runs
+    through the block with that entry, selected for its prefix, as its past, so it attends to its prefix
+    exactly as in one whole row; then the entry is dropped.  The rests' passes take their masks and
+    rotary embeddings from the decoder's own forward with a cache standing for the prefixes (1-wide
+    placeholders of their length), so sliding windows and local/global layers are the model's.  A
+    continuation's first token is scored from the prefix's last position where the prefix is its whole
+    context, else from its rest, as are the others.  Results equal the whole model's on each unpadded
+    row (tests: float64, 1e-10; 1e-6 for Gemma 2, whose eager attention takes its softmax in float32, so
+    padding to other lengths moves the 8th digit).
     """
     if greedy is not None:
         greedy[:] = [None] * len(requests)
     results: list = [None] * len(requests)
-    ordered = sorted(_by_context(requests).items(), key=lambda item: len(item[0]), reverse=True)
-    # chunks of at most max_resident_tokens context plus continuation tokens
-    chunks = chunked(ordered, lambda group: len(group[0]) + sum(requests[n].scored for n in group[1]), max_resident_tokens)
+    groups = [piece for split, numbers in (_sharing_plan(requests) if plan is None else plan)
+              for piece in _Group.of(requests, split, numbers).pieces(max_resident_tokens)]
+    # chunks of at most max_resident_tokens prefix and rest tokens, the longest prefixes first
+    chunks = chunked(sorted(groups, key=lambda group: len(group.prefix), reverse=True), _Group.size, max_resident_tokens)
     # a step per block and one for the LM head, as the unshared passes count them
     with progress_bars.bar(total=len(chunks) * (stack.num_blocks + 1), desc=desc, unit="block", enabled=progress, leave=False) as bar, \
             stack.decoding() as (inputs, logits_of):
         for chunk in chunks:
-            # contexts of similar length together (sorted), as many as batch_size of the longest
-            max_tokens = batch_size * len(chunk[0][0])
-            contexts = [_Contexts(groups, inputs, stack) for groups in _fill(chunk, lambda group: len(group[0]), max_tokens)]
-            # the chunk's continuations, of all its contexts, sorted by length: passes of little padding
-            rows = sorted(((b, g, n) for b, batch in enumerate(contexts) for g, (_, numbers) in enumerate(batch.groups)
-                           for n in numbers if requests[n].scored > 1), key=lambda row: requests[row[2]].scored)
-            longest = max(len(requests[n].tokens) for _, numbers in chunk for n in numbers)
-            parts = [_Continuations(sorted(part), requests, inputs, stack, contexts)
-                     for part in _fill(rows, lambda row: requests[row[2]].scored - 1, batch_size * longest)]
+            # prefixes of similar length together (sorted), as many as batch_size of the longest
+            max_tokens = batch_size * len(chunk[0].prefix)
+            contexts = [_Contexts(groups, inputs, stack) for groups in _fill(chunk, lambda group: len(group.prefix), max_tokens)]
+            # the chunk's rests, of all its prefixes, sorted by length: passes of little padding
+            rows = sorted(((b, g, rest) for b, batch in enumerate(contexts) for g, group in enumerate(batch.groups)
+                           for rest in group.rests if rest), key=lambda row: len(row[2]))
+            longest = max(len(requests[n].tokens) for group in chunk for numbers in group.rests.values() for n in numbers)
+            most = _past_positions(stack.text_config, batch_size * longest)
+            parts = [_Continuations(sorted(part), inputs, stack, contexts)
+                     for filled in _fill(rows, lambda row: len(row[2]), batch_size * longest)
+                     for part in _bounded(filled, lambda row: contexts[row[0]].mask.shape[1], most)]
             for index in range(stack.num_blocks):
                 block = stack.load_block(index)
                 try:
@@ -349,14 +453,41 @@ def shared_context_logprobs(
     return results
 
 
+@dataclass
+class _Group:
+    """A prefix and the requests after it, by their rests (tokens after the prefix but the last; () for
+    a one-token answer after a prefix that is its whole context, scored from the prefix alone)."""
+
+    prefix: tuple[int, ...]
+    rests: dict[tuple[int, ...], list[int]]  # rest: the numbers of the requests that share it
+
+    @classmethod
+    def of(cls, requests: list[Request], split: int, numbers: list[int]) -> "_Group":
+        """The group of requests[n] for n in numbers, whose first `split` tokens are the same."""
+        rests: dict[tuple, list[int]] = defaultdict(list)
+        for n in numbers:
+            rests[requests[n].tokens[split:-1]].append(n)
+        return cls(requests[numbers[0]].tokens[:split], dict(rests))
+
+    def size(self) -> int:
+        """Tokens through each block: the prefix and every distinct rest."""
+        return len(self.prefix) + sum(len(rest) for rest in self.rests)
+
+    def pieces(self, max_tokens: int) -> list["_Group"]:
+        """The group in pieces of at most max_tokens tokens (size()), the prefix in each, one rest at least
+        (a large few-shot task: its prefix then runs once per piece)."""
+        return [_Group(self.prefix, dict(rests))
+                for rests in chunked(list(self.rests.items()), lambda item: len(item[0]), max(1, max_tokens - len(self.prefix)))]
+
+
 class _Contexts:
-    """Some distinct contexts, left-padded (HF generate's attention mask and position ids), with what
-    each block is called with; each block visit fills that block's entry of their key/value cache, which
-    the continuations read (_Continuations) before it is dropped."""
+    """Some distinct prefixes (_Group), left-padded (HF generate's attention mask and position ids), with
+    what each block is called with; each block visit fills that block's entry of their key/value cache,
+    which the rests read (_Continuations) before it is dropped."""
 
     def __init__(self, groups, inputs, stack: DecoderStack):
-        self.groups = groups  # (context tokens, request numbers)
-        ids, self.mask, positions = left_padded([context for context, _ in groups], stack.device)
+        self.groups = groups  # _Group
+        ids, self.mask, positions = left_padded([group.prefix for group in groups], stack.device)
         self.hidden, self.kwargs = inputs(ids, attention_mask=self.mask, position_ids=positions)
         self.cache = kv_cache(self.kwargs[0])
         if self.cache is None:
@@ -375,24 +506,23 @@ class _Contexts:
 
 
 class _Continuations:
-    """Continuations (their tokens but the last) of contexts from any of a chunk's _Contexts batches,
-    right-padded to the longest of them, each after its context left-padded to the widest of theirs.
-    Left padding only shifts a context's keys by the same number of positions as the continuation's
+    """Rests (_Group) of prefixes from any of a chunk's _Contexts batches, right-padded to the longest
+    of them, each after its prefix left-padded to the widest of theirs.
+    Left padding only shifts a prefix's keys by the same number of positions as the rest's
     queries, so attention, sliding windows included, is the same as in its own batch."""
 
-    def __init__(self, rows, requests: list[Request], inputs, stack: DecoderStack, contexts: list[_Contexts]):
+    def __init__(self, rows, inputs, stack: DecoderStack, contexts: list[_Contexts]):
         device = stack.device
-        self.rows = rows  # (context batch, context number in it, request number), by batch
+        self.rows = rows  # (prefix batch, group number in it, rest tokens), by batch
         self.width = max(contexts[b].mask.shape[1] for b, _, _ in rows)
         batches = sorted({b for b, _, _ in rows})
         self.select = [(b, torch.tensor([g for c, g, _ in rows if c == b], device=device)) for b in batches]
         context_mask = torch.cat([F.pad(contexts[b].mask[chosen], (self.width - contexts[b].mask.shape[1], 0))
                                   for b, chosen in self.select])
-        widest = max(requests[n].scored - 1 for _, _, n in rows)
+        widest = max(len(rest) for _, _, rest in rows)
         ids = torch.zeros((len(rows), widest), dtype=torch.long)
-        for r, (_, _, n) in enumerate(rows):
-            tail = requests[n].tokens[requests[n].start : -1]
-            ids[r, : len(tail)] = torch.tensor(tail)
+        for r, (_, _, rest) in enumerate(rows):
+            ids[r, : len(rest)] = torch.tensor(rest)
         ids = ids.to(device)
         # The right padding is not masked: a causal model's real positions never attend to it, and masked,
         # a padding position past a sliding window would attend to nothing, turn NaN, and in the next
@@ -445,39 +575,48 @@ class _Continuations:
 
 def _score(contexts: list[_Contexts], parts: list[_Continuations], logits_of, requests: list[Request], results: list,
            greedy: list | None, positions: int) -> None:
-    """Log-probabilities of every continuation: its first token from its context's last position, the
-    others from its own positions. Only real positions get logits (a part's rows are padded to its
-    longest; the LM head costs per position about what a block does), packed, `positions` at a time
-    (head_positions), the contexts' last positions as well: what is kept of them is each request's
-    first-token score, not a row of the vocabulary per context."""
+    """Log-probabilities of every continuation: its first token from its prefix's last position where
+    the prefix is its whole context, the others (all where the prefix is shorter) from its rest's
+    positions. Only the positions scored get logits (a part's rows are padded to its longest, and a rest
+    after a few-shot prefix starts with its question; the LM head costs per position about what a block
+    does), packed, `positions` at a time (head_positions), the prefixes' last positions as well: what is
+    kept of them is each request's first-token score, not a row of the vocabulary per prefix."""
     def head(hidden):
         return logits_of(hidden[None])[0]
 
     first: dict[int, tuple] = {}  # request number: (its first token's log-probability, whether the argmax)
     for batch in contexts:
-        numbers = [n for _, group in batch.groups for n in group]
-        wanted = [(g, requests[n].tokens[requests[n].start : requests[n].start + 1])
-                  for g, (_, group) in enumerate(batch.groups) for n in group]
-        first.update(zip(numbers, _packed_scores(batch.hidden[:, -1], wanted, head, positions, greedy is not None)))
+        after = [(g, n) for g, group in enumerate(batch.groups) for numbers in group.rests.values() for n in numbers
+                 if requests[n].start == len(group.prefix)]
+        wanted = [(g, requests[n].tokens[requests[n].start : requests[n].start + 1]) for g, n in after]
+        if after:
+            first.update(zip([n for _, n in after], _packed_scores(batch.hidden[:, -1], wanted, head, positions, greedy is not None)))
     return_freed_memory()
 
     def record(n: int, rest: torch.Tensor, rest_hits: torch.Tensor | None) -> None:
-        picked, hit = first[n]
+        picked, hit = first.get(n, (rest[:0], None))
         results[n] = torch.cat([picked, rest])
         if greedy is not None:
-            greedy[n] = bool(hit.all()) and bool(rest_hits.all())
+            greedy[n] = (hit is None or bool(hit.all())) and bool(rest_hits.all())
 
     for part in parts:
-        spans = [requests[n].scored - 1 for _, _, n in part.rows]  # positions j predict token j + 1
-        packed = torch.cat([part.hidden[r, :k] for r, k in enumerate(spans)])
-        starts = accumulate(spans, initial=0)
-        wanted = [(start, requests[n].tokens[requests[n].start + 1 :]) for start, (_, _, n) in zip(starts, part.rows)]
-        for (_, _, n), (picked, hits) in zip(part.rows, _packed_scores(packed, wanted, head, positions, greedy is not None)):
+        spans, wanted, numbers, offset = [], [], [], 0  # the rows' scored positions, packed; per request, its targets there
+        for r, (b, g, rest) in enumerate(part.rows):
+            split = len(contexts[b].groups[g].prefix)
+            # position split + j of the row (its rest's j-th) predicts token split + j + 1
+            scored = [(n, max(requests[n].start - 1 - split, 0)) for n in contexts[b].groups[g].rests[rest]]
+            lo = min(j for _, j in scored)
+            spans.append(part.hidden[r, lo : len(rest)])
+            for n, j in scored:
+                wanted.append((offset + j - lo, requests[n].tokens[split + j + 1 :]))
+                numbers.append(n)
+            offset += len(rest) - lo
+        for n, (picked, hits) in zip(numbers, _packed_scores(torch.cat(spans), wanted, head, positions, greedy is not None)):
             record(n, picked, hits)
         # logits just under 32 MiB come from glibc's heap (reuse_freed_memory), which only a trim returns
         return_freed_memory()
     for n in first:
-        if requests[n].scored == 1:  # in no pass: its one token is the context's
+        if requests[n].scored == 1:  # in no pass: its one token is the prefix's
             record(n, torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.bool))
 
 
