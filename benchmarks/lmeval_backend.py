@@ -12,8 +12,9 @@ spent inside the model's request methods, is the backend's own work):
 It prints a table of the metrics (they must agree), wall time and peak RSS with ratios to hf, and
 writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.  --tasks hellaswag runs HellaSwag
 alone (the task whose contexts are shared); --tasks boolq_fewshot runs BoolQ with three examples before
-each question, the same before all but the first three (lm-eval's first_n sampler, as MMLU's five),
-whose prompts share their examples; --dtype bfloat16 runs both backends in bfloat16, where their
+each question, the first three documents before every question (lm-eval's first_n sampler, as MMLU's
+five; the first three see themselves among them, as lm-eval leaves a question's own document out only
+of examples from its test split), whose prompts share their examples; --dtype bfloat16 runs both backends in bfloat16, where their
 metrics may differ by rounding (batches of other shapes).
 
   python benchmarks/lmeval_backend.py --limit 200 --json benchmarks/results/lmeval_backend_cpu.json

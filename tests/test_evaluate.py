@@ -255,12 +255,16 @@ def test_shared_contexts_give_the_whole_models_log_probabilities(tiny_checkpoint
 
 
 def test_a_start_shared_by_different_contexts_runs_once_where_it_saves_tokens():
-    """_sharing_plan on hand-made prompts.  MMLU-like: a 35-token header before every prompt, then each
-    of two subjects' 300-token few-shot examples, then 3 questions of 4 one-token answers: two groups at
-    335 tokens (one group at the 35 all share would save 175 tokens, not 2 x 670).  HellaSwag-like: a
-    33-token label before 60-token contexts of 4 endings: not shared (it would run each context's 60
-    tokens 4 times to save 33).  A start of 31 tokens (under MIN_SHARED_PREFIX) is not shared; in a run
-    sharing 200 tokens, a context of 4 endings 100 tokens past them stays on its own (200 - 3 x 100 < 0)."""
+    """_sharing_plan on hand-made prompts.  MMLU-like, beside an unrelated prompt: a 35-token header
+    before the others, then each of two subjects' 300-token few-shot examples, then 3 questions of 4
+    one-token answers: two groups at 335 tokens (one group at the 35 they share would save 175 tokens,
+    not 2 x 670; the unrelated prompt makes that choice one level below the top).  One-token answers
+    count once: 3 questions of 20 tokens after a 40-token start, 4 answers each, share it (40 each, not
+    40 - 3 x 20).  HellaSwag-like: a 33-token label before 60-token contexts of 4 endings: not shared (it
+    would run each context's 60 tokens 4 times to save 33).  Two contexts 25 tokens past a 40-token start,
+    2 endings each, would save 15 + 15 tokens but pay 40 for the start: not shared.  A start of 31
+    tokens (under MIN_SHARED_PREFIX) is not shared; in a run sharing 200 tokens, a context of 4 endings
+    100 tokens past them stays on its own (200 - 3 x 100 < 0)."""
     from streamprune.evaluate.loglikelihood import MIN_SHARED_PREFIX, _saves, _sharing_plan
 
     assert MIN_SHARED_PREFIX == 32
@@ -277,7 +281,21 @@ def test_a_start_shared_by_different_contexts_runs_once_where_it_saves_tokens():
         for _ in range(3):
             context = header + subject + fresh(20)
             requests += [Request(context + (answer,), len(context)) for answer in (1, 2, 3, 4)]
+    unrelated = (0,) + fresh(50)  # sorts first, sharing nothing with the others
+    requests += [Request(unrelated + (answer,), len(unrelated)) for answer in (1, 2)]
     assert shared(_sharing_plan(requests), requests) == [(335, list(range(12))), (335, list(range(12, 24)))]
+
+    start, requests = fresh(40), []
+    for _ in range(3):
+        context = start + fresh(20)
+        requests += [Request(context + (answer,), len(context)) for answer in (1, 2, 3, 4)]
+    assert shared(_sharing_plan(requests), requests) == [(40, list(range(12)))]
+
+    start, requests = fresh(40), []
+    for _ in range(2):
+        context = start + fresh(25)
+        requests += [Request(context + fresh(2), len(context)) for _ in range(2)]
+    assert shared(_sharing_plan(requests), requests) == [(65, [0, 1]), (65, [2, 3])]
 
     label, requests = fresh(33), []
     for _ in range(3):
@@ -302,11 +320,13 @@ def test_a_start_shared_by_different_contexts_runs_once_where_it_saves_tokens():
     assert shared(plan, requests) == [(200, list(range(6))), (300, list(range(6, 10)))]
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "opt", "gpt_neox"])
 def test_a_shared_few_shot_prefix_runs_once_and_gives_the_whole_models_log_probabilities(tiny_checkpoint, family, monkeypatch):
-    """Few-shot prompts (a 40-token prefix, past Mistral's window of 8, then a question of 0 to 12 tokens)
-    with one-token answers and endings of 1 to 20 tokens: the prefix runs once, in one batch of its own,
-    and every answer's log-probabilities equal the whole model's on its own row (float64)."""
+    """Few-shot prompts (a 40-token prefix, past Mistral's and Gemma 2's window of 8, then a question of 0
+    to 12 tokens) with one-token answers and endings of 1 to 20 tokens: the prefix runs once, in one
+    batch of its own, and every answer's log-probabilities equal the whole model's on its own row
+    (float64; 1e-6 for Gemma 2, as for shared contexts).  With at most 60 resident tokens the group runs
+    in pieces, the prefix once in each, with the same scores."""
     from streamprune.evaluate import loglikelihood
 
     prefixes = []
@@ -331,21 +351,27 @@ def test_a_shared_few_shot_prefix_runs_once_and_gives_the_whole_models_log_proba
     greedy = []
     scores = streamed_logprobs(stack, requests, batch_size=2, greedy=greedy)
     assert prefixes == [[40]]
+    prefixes.clear()
+    pieces = streamed_logprobs(stack, requests, batch_size=2, max_resident_tokens=60)
+    assert len(prefixes) > 1 and all(lengths == [40] for lengths in prefixes)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
-    for request, score, hit in zip(requests, scores, greedy):
+    tol = 1e-6 if family == "gemma2" else 1e-10
+    for request, score, piece, hit in zip(requests, scores, pieces, greedy):
         with torch.no_grad():
             log_probs = model(input_ids=torch.tensor([request.tokens])).logits[0].log_softmax(-1)
         targets = torch.tensor(request.tokens[request.start :])
         expected = log_probs[request.start - 1 : -1]
-        torch.testing.assert_close(score, expected.gather(1, targets[:, None]).squeeze(1), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(score, expected.gather(1, targets[:, None]).squeeze(1), rtol=tol, atol=tol)
+        torch.testing.assert_close(piece, score, rtol=tol, atol=tol)
         assert hit == bool((expected.argmax(-1) == targets).all())
 
 
 def test_rests_after_a_long_prefix_gather_its_keys_and_values_in_bounded_passes(tiny_checkpoint, monkeypatch):
     """30 questions of 2 tokens after a 200-token prefix, batch_size 1: a pass of rests may gather the
-    prefix's keys and values for 203 x 736 / 64 = 2334 positions (the tiny llama's activations per token
-    over its key/value entries), so 11 rows of 200 (3 passes: 11, 11, 8), not the 30 rows that 2-token
-    rests would fill; the scores are the unshared path's (float64)."""
+    prefix's keys and values for 203 x 736 / (64 x 3) = 778 positions (the tiny llama's activations per
+    token over its key/value entries, times 3 for the concatenated cache and its copy repeated to 2 query
+    heads per key/value head), so 3 rows of 200 (10 passes), not the 30 rows that 2-token rests would
+    fill; the scores are the unshared path's (float64)."""
     from streamprune.evaluate import loglikelihood
 
     passes = []
@@ -361,9 +387,9 @@ def test_rests_after_a_long_prefix_gather_its_keys_and_values_in_bounded_passes(
     prefix = tuple(torch.randint(0, 256, (200,), generator=generator).tolist())
     requests = [Request(prefix + tuple(torch.randint(0, 256, (3,), generator=generator).tolist()), 202) for _ in range(30)]
     stack = open_model(model_dir, device="cpu").stack
-    assert loglikelihood._past_positions(stack.text_config, 203) == 2334
+    assert loglikelihood._past_positions(stack.text_config, 203) == 778
     shared = streamed_logprobs(stack, requests, batch_size=1)
-    assert passes == [(11, 200), (11, 200), (8, 200)]
+    assert passes == [(3, 200)] * 10
     for a, b in zip(shared, streamed_logprobs(stack, requests, batch_size=1, share_contexts=False)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 

@@ -58,9 +58,10 @@ def test_streamed_backend_equals_lm_evals_hf_backend(tiny_checkpoint, monkeypatc
 
 def test_a_few_shot_tasks_examples_run_once_with_the_hf_backends_numbers(tiny_checkpoint, monkeypatch):
     """sp_hellaswag_fewshot (three examples before each question, lm-eval's first_n sampler): the prompts
-    of 10 of the 12 questions share 450 tokens, which run once (3 prefixes, not 12; the other two
-    prompts' examples differ, their own documents left out), and every answer's log-likelihood and
-    greedy flag equal lm-eval's HF backend's."""
+    of the 12 questions begin with the same 450 tokens, which 10 of them share, running them once (3
+    prefixes, not 12; the other two, 188 and 159 tokens past them with 4 endings each, cost less on
+    their own: 450 - 3 x 188 < 0), and every answer's log-likelihood and greedy flag equal lm-eval's HF
+    backend's."""
     from lm_eval.tasks import TaskManager
 
     from streamprune.evaluate import loglikelihood

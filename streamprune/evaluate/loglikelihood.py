@@ -361,12 +361,18 @@ def _kv_values(config) -> int:
 
 def _past_positions(config, batch_tokens: int) -> int:
     """How many prefix positions a pass of rests may gather keys and values of (rows x the widest of their
-    prefixes): those of as many bytes as the activations of batch_tokens tokens (the per-token measure
-    of DecoderStack.placement_of_bytes; _sharing_fits reserves four times a pass's activations).  A
-    few-shot prefix of 1,500 tokens before rests of 40 would otherwise gather 37 times a pass's tokens in
-    keys and values: 6 times its activations' bytes for Llama 2 7B."""
+    prefixes): those whose keys and values, with the copies attention makes of them, take as many bytes
+    as the activations of batch_tokens tokens (the per-token measure of DecoderStack.placement_of_bytes;
+    _sharing_fits reserves four times a pass's activations).  The copies: the cache's concatenation with
+    the rests' own keys and values beside the gathered ones, and with grouped-query attention and a mask,
+    transformers' repeat_kv of that to every query head (its sdpa and eager attention), in place of
+    the gathered.  A few-shot prefix of 1,500 tokens before rests of 40 would otherwise gather 37 times a
+    pass's tokens: 12 times its activations' bytes for Llama 2 7B."""
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * config.hidden_size
-    return batch_tokens * (4 * config.hidden_size + 3 * intermediate) // _kv_values(config)
+    heads = getattr(config, "num_attention_heads", 1)
+    groups = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    copies = max(2, 1 + groups)  # gathered + concatenated; then concatenated + repeated to every head
+    return batch_tokens * (4 * config.hidden_size + 3 * intermediate) // (_kv_values(config) * copies)
 
 
 def _bounded(rows: list, width, most: int) -> list[list]:
