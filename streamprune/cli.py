@@ -66,7 +66,8 @@ def reports_errors(command):
                     f"the GPU ran out of memory ({'. '.join(one_line(exc).split('. ')[:2])}); lower --batch-size, set --offload cpu "
                     "(hidden states in host memory), or raise --max-gpu-memory if you gave one"
                 ) from None
-            message = f"{type(exc).__name__}: {one_line(exc)}{lm_eval_context(exc)} (rerun with --debug for the traceback)"
+            # lm-eval's own messages may begin with "Error: ", which the line already does
+            message = f"{type(exc).__name__}: {one_line(exc).removeprefix('Error: ')}{lm_eval_context(exc)} (rerun with --debug for the traceback)"
             raise click.ClickException(message) from None
 
     return wrapper

@@ -8,18 +8,36 @@ def one_line(text) -> str:
 
 def lm_eval_context(exc: BaseException) -> str:
     """Where in lm-eval an exception arose, for its one-line error: ' (lm-eval task NAME)' when a task's own
-    code raised it (its Jinja prompt template, its dataset loading), which lm-eval's message does not say
-    (a template's "'questoin' is undefined" among three tasks), and for a missing file, that a task YAML's
-    relative data paths are read from the folder the command runs in.  '' when no task is involved."""
-    name, tb = None, exc.__traceback__
-    while tb is not None:  # the innermost task object among the frames' `self`
-        owner = tb.tb_frame.f_locals.get("self")
+    code raised it (its Jinja prompt template, its dataset loading, its YAML's keys), which lm-eval's
+    message does not say (a template's "'questoin' is undefined" among three tasks), with what to change
+    where lm-eval's message does not say it either: for a missing file, that a task YAML's relative data
+    paths are read from the folder the command runs in; for an unknown key, the YAML file; for a split
+    the dataset lacks (a bare KeyError), the splits it has; for more few-shot examples than its few-shot
+    split holds, to ask for fewer.  '' when no task is involved."""
+    name, path, splits, functions, tb = None, None, None, set(), exc.__traceback__
+    while tb is not None:  # the innermost task object among the frames' `self`, else the task lm-eval was building
+        frame = tb.tb_frame
+        owner, entry = frame.f_locals.get("self"), frame.f_locals.get("entry")
+        functions.add(frame.f_code.co_name)
         if type(owner).__module__.startswith("lm_eval.") and isinstance(getattr(getattr(owner, "config", None), "task", None), str):
             name = owner.config.task
+        elif name is None and type(entry).__module__.startswith("lm_eval.") and isinstance(getattr(entry, "name", None), str):
+            name, path = entry.name, getattr(entry, "yaml_path", None)
+        if type(owner).__name__ == "DatasetDict" and type(owner).__module__.startswith("datasets."):
+            splits = list(owner.keys())
         tb = tb.tb_next
     if name is None:
         return ""
-    hint = "; relative paths in a task YAML are read from the folder you run in" if isinstance(exc, FileNotFoundError) else ""
+    text, hint = str(exc), ""
+    if isinstance(exc, FileNotFoundError):
+        hint = "; relative paths in a task YAML are read from the folder you run in"
+    elif isinstance(exc, TypeError) and "TaskConfig" in text and "unexpected keyword argument" in text:
+        hint = f"; its YAML{f' {path}' if path else ''} has a key lm-eval does not know: misspelt?"
+    elif isinstance(exc, KeyError) and splits is not None:
+        which = "its fewshot_split" if "fewshot_docs" in functions else "a split its YAML names"
+        hint = f"; {which} is not one of its dataset's: {', '.join(splits)}"
+    elif "fewshot samples requested exceeds" in text or ("sample" in functions and "larger than population" in text):
+        hint = "; it asks for more few-shot examples than its few-shot split holds: ask for fewer (num_fewshot in its YAML, or the command's option)"
     return f" (lm-eval task {name}{hint})"
 
 

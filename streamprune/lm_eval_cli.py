@@ -65,7 +65,7 @@ def main() -> None:
     except Exception as exc:  # lm-eval's: still one line, as streamprune's own commands print them
         if debug:
             raise
-        said = one_line(exc) + lm_eval_context(exc)
+        said = one_line(exc).removeprefix("Error: ") + lm_eval_context(exc)
         if include_path is not None and said.startswith("Tasks not found"):  # lm-eval skips broken YAMLs silently
             from .evaluate.runner import skipped_yamls_note
 

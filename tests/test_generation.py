@@ -95,9 +95,10 @@ def test_caches_parked_in_files_between_visits_give_the_same_tokens(tiny_checkpo
         assert parking.bytes_written == caches + hidden
 
 
-def test_rounds_and_rows_that_stop_early(tiny_checkpoint, tmp_path):
+def test_rounds_and_rows_that_stop_early(tiny_checkpoint, tmp_path, capsys):
     """Rounds of at most max_resident_tokens tokens give the same tokens as one round; a row that meets a
-    stop id stops there (the id included) while the rows of its group and of the others go on."""
+    stop id stops there (the id included) while the rows of its group and of the others go on.  When
+    every row has stopped, the bar ends full (a log's last line is not 'Generating: 1/10')."""
     model_dir = tiny_checkpoint("llama", layers=2)
     stack = open_model(model_dir, device="cpu").stack
     contexts = _contexts(3)
@@ -120,6 +121,9 @@ def test_rounds_and_rows_that_stop_early(tiny_checkpoint, tmp_path):
     left = _Recorded.made[0].left
     assert left and not [name for name in left if name.split("-")[0] in ("0", "1")]
     assert greedy_generate(stack, contexts, 0) == [[]] * len(contexts)
+    capsys.readouterr()
+    assert greedy_generate(stack, contexts[:1], 10, stop_ids={stop}, progress=True) == [[stop]]
+    assert capsys.readouterr().err.splitlines()[-1].startswith("Generating: 10/10 token")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])

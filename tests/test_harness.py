@@ -227,8 +227,11 @@ def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkp
 
 
 def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatch, tmp_path):
-    """lm-eval's message for a template's misspelt field, or a data file that is not there, does not say
-    which task; streamprune's one-line error does, and for the file, where relative paths are read from."""
+    """lm-eval's message for a template's misspelt field, a data file that is not there, a misspelt YAML key,
+    a few-shot split the data lacks, or more few-shot examples than it holds, does not say which task;
+    streamprune's one-line error does, and what to change: where relative paths are read from, the YAML
+    file, the splits there are, to ask for fewer examples (first_n's assertion, the default sampler's
+    random.sample), to set do_sample false for a task that samples; lm-eval's own "Error: " is not repeated."""
     from click.testing import CliRunner
 
     from streamprune.cli import main
@@ -237,13 +240,31 @@ def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatc
     boolq = (ROOT / "tests/data/lmeval/sp_boolq.yaml").read_text()
     (tmp_path / "bad_field.yaml").write_text(boolq.replace("task: sp_boolq", "task: bad_field").replace("{{question}}", "{{questoin}}"))
     (tmp_path / "no_file.yaml").write_text(boolq.replace("task: sp_boolq", "task: no_file").replace("boolq/val.jsonl", "boolq/missing.jsonl"))
-    for task, said in (("bad_field", "UndefinedError: 'questoin' is undefined (lm-eval task bad_field) (rerun with --debug"),
-                       ("no_file", "missing.jsonl' (lm-eval task no_file; relative paths in a task YAML are read from the folder "
-                                   "you run in) (rerun with --debug")):
+    (tmp_path / "bad_key.yaml").write_text(boolq.replace("task: sp_boolq", "task: bad_key\nfewshot_splt: validation"))
+    (tmp_path / "no_split.yaml").write_text(boolq.replace("task: sp_boolq", "task: no_split\nfewshot_split: dev\nnum_fewshot: 1"))
+    (tmp_path / "too_many.yaml").write_text(boolq.replace("task: sp_boolq", "task: too_many\nfewshot_split: validation\n"
+                                                          "num_fewshot: 61\nfewshot_config:\n  sampler: first_n"))
+    (tmp_path / "plain.yaml").write_text(boolq.replace("task: sp_boolq", "task: plain"))
+    (tmp_path / "sampled.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
+                                           .replace("task: sp_continue", "task: sampled").replace("do_sample: false", "do_sample: true"))
+    fewer = "; it asks for more few-shot examples than its few-shot split holds: ask for fewer (num_fewshot in its YAML, or the command's option))"
+    for task, said, more in (
+            ("bad_field", "UndefinedError: 'questoin' is undefined (lm-eval task bad_field) (rerun with --debug", []),
+            ("no_file", "missing.jsonl' (lm-eval task no_file; relative paths in a task YAML are read from the folder "
+                        "you run in) (rerun with --debug", []),
+            ("bad_key", f"'fewshot_splt' (lm-eval task bad_key; its YAML {tmp_path / 'bad_key.yaml'} has a key lm-eval does "
+                        "not know: misspelt?)", []),
+            ("no_split", "KeyError: 'dev' (lm-eval task no_split; its fewshot_split is not one of its dataset's: validation)", []),
+            ("too_many", "Error: AssertionError: number of fewshot samples requested exceeds the 60 that are available. "
+                         f"(lm-eval task too_many{fewer}", []),
+            ("plain", f"Sample larger than population or is negative (lm-eval task plain{fewer}", ["--num-fewshot", "61"]),
+            ("sampled", "Error: streamed generation is greedy only; the task's generation_kwargs with the model's generation config "
+                        "ask for sampling (do_sample True); set do_sample false in the task's generation_kwargs for greedy "
+                        "decoding (lm-eval task sampled)", [])):
         result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", task,
-                                           "--include-path", str(tmp_path), "--limit", "2", "--quiet"])
+                                           "--include-path", str(tmp_path), "--limit", "2", "--quiet", *more])
         assert result.exit_code == 1, result.output
-        assert said in result.stderr.splitlines()[-1]
+        assert said in result.stderr.splitlines()[-1], (said, result.stderr.splitlines()[-1])
 
 
 def test_lm_evals_bars_write_whole_lines_in_a_log(tiny_checkpoint, monkeypatch, tmp_path):
@@ -539,7 +560,8 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
                             ({"max_length": 40}, "set max_length"),
                             ({"do_sample": True, "temperature": 0.5}, "greedy only; the task's generation arguments (with "
                                                                        "--gen_kwargs) with the model's generation config ask for "
-                                                                       "sampling (do_sample True)"),
+                                                                       "sampling (do_sample True); set do_sample false in the task's "
+                                                                       "generation arguments (with --gen_kwargs) for greedy decoding"),
                             ({"num_beams": 2}, "ask for beam search (do_sample False, num_beams 2)")):
         with pytest.raises(StreamPruneError, match=re.escape(fragment)):
             lm.generate_until(_requests("generate_until", [("x", {"until": [], "max_gen_toks": 4, **extra})]))

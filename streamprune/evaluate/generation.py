@@ -285,6 +285,7 @@ def _decode(stack: DecoderStack, groups: list[list[list[int]]], inputs, logits_o
                         parking.release(f"{group.number}-" if group.finished else f"{group.number}-h")
             bar.update()
             if all(group.finished for group in live):
+                bar.update(max_new_tokens - step - 1)  # the steps no row needs: the round is done, its bar full
                 break
     finally:
         if parking is not None:

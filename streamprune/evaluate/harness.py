@@ -271,7 +271,12 @@ class StreamedLM(TemplateLM):
             kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
-            processor, new_tokens = _greedy_settings(self.generation_config, self.generation_config_file, kwargs)
+            try:
+                task_args = "the task's generation_kwargs" if self._under_eval else TASK_ARGS  # no --gen_kwargs there
+                processor, new_tokens = _greedy_settings(self.generation_config, self.generation_config_file, kwargs, task_args)
+            except StreamPruneError as exc:  # which task, among several
+                names = ", ".join(sorted({requests[n].task_name for n in numbers if getattr(requests[n], "task_name", None)}))
+                raise StreamPruneError(f"{exc} (lm-eval task {names})" if names else str(exc)) from None
             room = self.max_length - max_gen_toks
             if room <= 0:
                 raise StreamPruneError(f"{TASK_ARGS} ask for {max_gen_toks} new tokens, which leaves no room for a context "
@@ -362,7 +367,8 @@ NOT_APPLIED = {"guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "bad_
                "watermarking_config": (None,)}
 
 
-def _greedy_settings(model_config: GenerationConfig, config_file: str, task_kwargs: dict) -> tuple[LogitsProcessorList, int | None]:
+def _greedy_settings(model_config: GenerationConfig, config_file: str, task_kwargs: dict,
+                     task_args: str = TASK_ARGS) -> tuple[LogitsProcessorList, int | None]:
     """What HF generate decodes greedily with in HFLM: the model's generation config (from config_file)
     updated with a task's generation arguments (lm-eval's normalize_gen_kwargs output, less until and
     max_gen_toks; the temperature 0 of greedy decoding dropped, as HFLM drops it).  Returns the logits
@@ -378,23 +384,24 @@ def _greedy_settings(model_config: GenerationConfig, config_file: str, task_kwar
         kwargs.pop("temperature", None)
     unknown = sorted(name for name in kwargs if not hasattr(GenerationConfig(), name))
     if unknown:
-        raise StreamPruneError(f"{', '.join(unknown)} in {TASK_ARGS} {'is not a generation setting' if len(unknown) == 1 else 'are not generation settings'} "
+        raise StreamPruneError(f"{', '.join(unknown)} in {task_args} {'is not a generation setting' if len(unknown) == 1 else 'are not generation settings'} "
                                f"(HF generate refuses them too)")
     if "max_length" in kwargs:
-        raise StreamPruneError(f"{TASK_ARGS} set max_length (context and new tokens, in HFLM as padded in "
+        raise StreamPruneError(f"{task_args} set max_length (context and new tokens, in HFLM as padded in "
                                "its batch); streamed generation takes max_gen_toks: set that instead")
     config = copy.deepcopy(model_config)
     config.update(**kwargs)
 
     def source(name: str) -> str:
-        return TASK_ARGS if name in kwargs else f"the model's generation config ({config_file})"
+        return task_args if name in kwargs else f"the model's generation config ({config_file})"
 
     mode = config.get_generation_mode()
     if mode != GenerationMode.GREEDY_SEARCH:
         asked = "sampling" if mode == GenerationMode.SAMPLE else mode.value.replace("_", " ")
         beams = f", num_beams {config.num_beams}" if (config.num_beams or 1) > 1 else ""
-        raise StreamPruneError(f"streamed generation is greedy only; {TASK_ARGS} with the model's generation "
-                               f"config ask for {asked} (do_sample {config.do_sample}{beams})")
+        raise StreamPruneError(f"streamed generation is greedy only; {task_args} with the model's generation "
+                               f"config ask for {asked} (do_sample {config.do_sample}{beams}); set do_sample false"
+                               f"{' and num_beams 1' if beams else ''} in {task_args} for greedy decoding")
     for name, off in NOT_APPLIED.items():
         if getattr(config, name, None) not in off:
             raise StreamPruneError(f"{source(name)} set {name} = {getattr(config, name)!r}, which streamed generation does not "
