@@ -380,7 +380,7 @@ def inspect(directory, json_path, trust_remote_code):
 @click.option("--sparsities", callback=_numbers, help="Comma-separated sparsities (default 0.5).")
 @click.option("--patterns", callback=_names, help="unstructured and/or N:M patterns, e.g. unstructured,2:4.")
 @click.option("--tasks", callback=_names, help="Tasks to evaluate: boolq,hellaswag,phishing, or any lm-eval task.")
-@click.option("--ppl", default=None, help="Perplexity text (default wikitext103).")
+@click.option("--ppl", default=None, help="Perplexity text (default wikitext103; none: no perplexity, the tasks alone).")
 @click.option("--ppl-slices", type=int, default=None)
 @click.option("--seqlen", type=int, default=None, help="Perplexity window (default 2048).")
 @click.option("--max-windows", type=int, default=None)

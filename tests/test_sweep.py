@@ -132,6 +132,16 @@ def test_sweep_command_and_spec_file(tiny_checkpoint, tmp_path):
     assert "macro_mean" not in rows[0] and (out / "plots" / "ppl_vs_alpha_2of4.png").exists()
     bad = CliRunner().invoke(main, ["sweep", str(tiny_checkpoint("llama")), str(tmp_path / "x"), "--geometries", "squared"])
     assert bad.exit_code == 1 and bad.stderr.startswith("Error: unknown geometry 'squared'")
+    # --ppl none: the tasks alone (the default would read WikiText-103 from the hub)
+    accuracy = CliRunner().invoke(main, ["sweep", str(tiny_checkpoint("llama")), str(tmp_path / "acc"), "--spec", str(spec_file),
+                                         "--ppl", "none", "--tasks", "boolq", "--limit", "4", "--data-dir", str(Path(__file__).parent / "data"),
+                                         "--patterns", "unstructured", "--sparsities", "0.5", "--quiet"])
+    assert accuracy.exit_code == 0, accuracy.output
+    rows = json.loads((tmp_path / "acc" / "results.json").read_text())["rows"]
+    assert len(rows) == 2 and all("ppl" not in row and 0 <= row["macro_mean"] <= 1 for row in rows)
+    nothing = CliRunner().invoke(main, ["sweep", str(tiny_checkpoint("llama")), str(tmp_path / "none"), "--spec", str(spec_file),
+                                        "--ppl", "none"])
+    assert nothing.exit_code == 1 and nothing.stderr.startswith("Error: nothing to evaluate"), nothing.stderr
 
 
 def test_a_grid_over_any_method_its_options_and_reconstruction_prunes_each_distinct_configuration_once(tiny_checkpoint, tmp_path):
