@@ -174,7 +174,7 @@ def test_eval_command_with_baseline_and_json(tiny_checkpoint, tmp_path):
     "options, fragment",
     [
         (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),  # neither built in nor lm-eval's
-        (["--tasks", "boolq", "--num-fewshot", "2"], "apply to lm-eval tasks"),
+        (["--tasks", "boolq", "--num-fewshot", "2"], "--num-fewshot applies to lm-eval tasks; the built-in tasks (boolq) are zero-shot;"),
         ([], "nothing to evaluate"),
         (["--ppl", "no-such-text"], "neither a file nor one of"),
         (["--tasks", "boolq", "--data-dir", "/nonexistent"], "missing; check --data-dir"),
@@ -474,8 +474,10 @@ def test_num_fewshot_zero_agrees_with_the_built_in_tasks_and_more_is_refused_for
     from streamprune.evaluate.runner import EvalConfig
 
     assert EvalConfig(tasks=("boolq",), num_fewshot=0).num_fewshot == 0  # they are zero-shot
-    with pytest.raises(StreamPruneError, match="--include-path and --num-fewshot apply to lm-eval tasks"):
+    with pytest.raises(StreamPruneError, match=r"^--num-fewshot applies to lm-eval tasks; the built-in tasks \(boolq\) are zero-shot"):
         EvalConfig(tasks=("boolq",), num_fewshot=2)
+    with pytest.raises(StreamPruneError, match=r"^--include-path applies to lm-eval tasks"):
+        EvalConfig(tasks=("boolq",), include_path="tasks")
     with pytest.raises(StreamPruneError, match="--limit must be at least 1"):
         EvalConfig(tasks=("boolq",), limit=0)
     pytest.importorskip("lm_eval")

@@ -52,7 +52,11 @@ class EvalConfig:
             if self.load_in_8bit or self.load_in_4bit:
                 raise StreamPruneError("lm-eval tasks are evaluated streamed; for a quantized whole model use lm_eval --model hf")
         elif self.include_path or self.num_fewshot:  # 0 agrees with the built-in tasks, which are zero-shot
-            raise StreamPruneError("--include-path and --num-fewshot apply to lm-eval tasks; the built-in tasks are zero-shot")
+            given = " and ".join(name for name, value in (("--include-path", self.include_path), ("--num-fewshot", self.num_fewshot)) if value)
+            raise StreamPruneError(f"{given} {'apply' if ' and ' in given else 'applies'} to lm-eval tasks; the built-in tasks "
+                                   f"({', '.join(self.tasks)}) are zero-shot; for examples in the prompts, evaluate an lm-eval task "
+                                   f"(lm-eval's own boolq or hellaswag through streamprune-lm-eval, or a task YAML of "
+                                   f"yours with --include-path)")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise StreamPruneError("--num-fewshot must be at least 0")
         if self.num_fewshot and self.builtin_tasks:
