@@ -489,11 +489,16 @@ class DecoderStack:
         """Where `nbytes` of tensors waiting between block visits go (placement.choose_placement), given
         the budget and room for a block at work on `batch_tokens` tokens (one batch), plus `reserve_bytes`."""
         itemsize = self.dtype.itemsize
-        hidden = self.text_config.hidden_size
         block_bytes = itemsize * sum(torch.Size(self.reader.shapes[k]).numel() for k in self.block_keys(0))
-        intermediate = getattr(self.text_config, "intermediate_size", None) or getattr(self.text_config, "ffn_dim", None) or 4 * hidden
-        activations = itemsize * batch_tokens * (4 * hidden + 3 * intermediate)
+        activations = itemsize * batch_tokens * self.activation_values_per_token()
         return choose_placement(nbytes, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget)
+
+    def activation_values_per_token(self) -> int:
+        """Entries a block at work holds per token of its batch (4 x hidden size + 3 x intermediate size:
+        the attention's and the MLP's activations), the measure the placements reserve room by."""
+        hidden = self.text_config.hidden_size
+        intermediate = getattr(self.text_config, "intermediate_size", None) or getattr(self.text_config, "ffn_dim", None) or 4 * hidden
+        return 4 * hidden + 3 * intermediate
 
     def block_outputs(self, index: int, acts: Activations, rows: list[int], batch_size: int) -> torch.Tensor:
         """Block `index`'s outputs on the given rows of the hidden states, in batches, without changing

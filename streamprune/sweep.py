@@ -145,8 +145,7 @@ class SweepSpec:
     def __post_init__(self):
         for name in ("methods", "alphas", "geometries", "sparsities", "patterns", "tasks", "reconstruct"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        if isinstance(self.ppl, str) and self.ppl.strip().lower() == "none":  # --ppl none: accuracy alone
-            object.__setattr__(self, "ppl", None)
+        object.__setattr__(self, "ppl", _field_value("ppl", self.ppl))  # --ppl none: the tasks alone, as in a grid
         object.__setattr__(self, "grid", {name: tuple(_field_value(name, v) for v in _listed(values))
                                           for name, values in dict(self.grid).items()})
         gridded = [f.name for f in dataclasses.fields(self) if f.name not in self.GRID and f.name != "seed"]

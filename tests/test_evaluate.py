@@ -387,7 +387,7 @@ def test_rests_after_a_long_prefix_gather_its_keys_and_values_in_bounded_passes(
     prefix = tuple(torch.randint(0, 256, (200,), generator=generator).tolist())
     requests = [Request(prefix + tuple(torch.randint(0, 256, (3,), generator=generator).tolist()), 202) for _ in range(30)]
     stack = open_model(model_dir, device="cpu").stack
-    assert loglikelihood._past_positions(stack.text_config, 203) == 778
+    assert loglikelihood._past_positions(stack, 203) == 778
     shared = streamed_logprobs(stack, requests, batch_size=1)
     assert passes == [(3, 200)] * 10
     for a, b in zip(shared, streamed_logprobs(stack, requests, batch_size=1, share_contexts=False)):

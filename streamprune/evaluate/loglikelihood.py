@@ -359,20 +359,20 @@ def _kv_values(config) -> int:
     return 2 * (getattr(config, "num_key_value_heads", None) or heads) * head_dim
 
 
-def _past_positions(config, batch_tokens: int) -> int:
+def _past_positions(stack: DecoderStack, batch_tokens: int) -> int:
     """How many prefix positions a pass of rests may gather keys and values of (rows x the widest of their
     prefixes): those whose keys and values, with the copies attention makes of them, take as many bytes
-    as the activations of batch_tokens tokens (the per-token measure of DecoderStack.placement_of_bytes;
+    as the activations of batch_tokens tokens (DecoderStack.activation_values_per_token;
     _sharing_fits reserves four times a pass's activations).  The copies: the cache's concatenation with
     the rests' own keys and values beside the gathered ones, and with grouped-query attention and a mask,
     transformers' repeat_kv of that to every query head (its sdpa and eager attention), in place of
     the gathered.  A few-shot prefix of 1,500 tokens before rests of 40 would otherwise gather 37 times a
     pass's tokens: 12 times its activations' bytes for Llama 2 7B."""
-    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * config.hidden_size
+    config = stack.text_config
     heads = getattr(config, "num_attention_heads", 1)
     groups = heads // (getattr(config, "num_key_value_heads", None) or heads)
     copies = max(2, 1 + groups)  # gathered + concatenated; then concatenated + repeated to every head
-    return batch_tokens * (4 * config.hidden_size + 3 * intermediate) // (_kv_values(config) * copies)
+    return batch_tokens * stack.activation_values_per_token() // (_kv_values(config) * copies)
 
 
 def _bounded(rows: list, width, most: int) -> list[list]:
@@ -438,7 +438,7 @@ def shared_context_logprobs(
             rows = sorted(((b, g, rest) for b, batch in enumerate(contexts) for g, group in enumerate(batch.groups)
                            for rest in group.rests if rest), key=lambda row: len(row[2]))
             longest = max(len(requests[n].tokens) for group in chunk for numbers in group.rests.values() for n in numbers)
-            most = _past_positions(stack.text_config, batch_size * longest)
+            most = _past_positions(stack, batch_size * longest)
             parts = [_Continuations(sorted(part), inputs, stack, contexts)
                      for filled in _fill(rows, lambda row: len(row[2]), batch_size * longest)
                      for part in _bounded(filled, lambda row: contexts[row[0]].mask.shape[1], most)]
