@@ -14,12 +14,15 @@ writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.  --tasks h
 alone (the task whose contexts are shared); --tasks boolq_fewshot runs BoolQ with three examples before
 each question, the first three documents before every question (lm-eval's first_n sampler, as MMLU's
 five; the first three see themselves among them, as lm-eval leaves a question's own document out only
-of examples from its test split), whose prompts share their examples; --dtype bfloat16 runs both backends in bfloat16, where their
+of examples from its test split), whose prompts share their examples; --tasks boolq_gen_fewshot
+answers the same by greedy generation (until a newline or a period, 8 tokens at most; exact match),
+whose prompts' shared start greedy generation reads once; --dtype bfloat16 runs both backends in bfloat16, where their
 metrics may differ by rounding (batches of other shapes).
 
   python benchmarks/lmeval_backend.py --limit 200 --json benchmarks/results/lmeval_backend_cpu.json
   python benchmarks/lmeval_backend.py --limit 200 --tasks hellaswag --json benchmarks/results/lmeval_backend_hellaswag_cpu.json
   python benchmarks/lmeval_backend.py --limit 200 --tasks boolq_fewshot --json benchmarks/results/lmeval_backend_fewshot_cpu.json
+  python benchmarks/lmeval_backend.py --limit 200 --tasks boolq_gen_fewshot --json benchmarks/results/lmeval_backend_generative_cpu.json
 """
 
 from __future__ import annotations
@@ -95,6 +98,31 @@ num_fewshot: 3
 fewshot_config:
   sampler: first_n
 """
+# BoolQ answered by greedy generation, with the same three examples first: a generative few-shot task (as
+# gsm8k-CoT, TriviaQA or NQ-Open with their examples), whose prompts share the examples' tokens
+GENERATIVE = """task: bench_boolq_gen_fewshot
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+validation_split: validation
+fewshot_split: validation
+num_fewshot: 3
+fewshot_config:
+  sampler: first_n
+output_type: generate_until
+doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
+doc_to_target: "{{{{ 'yes' if label == 'true' else 'no' }}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    ignore_case: true
+    ignore_punctuation: true
+    regexes_to_ignore: [" "]
+"""
 
 
 def write_tasks(workdir: Path, limit: int) -> Path:
@@ -114,6 +142,7 @@ def write_tasks(workdir: Path, limit: int) -> Path:
     (tasks / "bench_hellaswag.yaml").write_text(TASK.format(name="bench_hellaswag", data=tasks / "hellaswag.jsonl", prompt=HELLASWAG,
                                                             metrics="  - metric: acc\n  - metric: acc_norm\n"), encoding="utf-8")
     (tasks / "bench_boolq_fewshot.yaml").write_text(FEWSHOT, encoding="utf-8")
+    (tasks / "bench_boolq_gen_fewshot.yaml").write_text(GENERATIVE.format(data=source / "boolq" / "val.jsonl"), encoding="utf-8")
     return tasks
 
 
@@ -122,7 +151,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lmeval-bench"))
     parser.add_argument("--limit", type=int, default=200, help="examples per task")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--tasks", default="boolq,hellaswag", help="boolq, hellaswag, boolq_fewshot, or several (comma-separated)")
+    parser.add_argument("--tasks", default="boolq,hellaswag", help="boolq, hellaswag, boolq_fewshot, boolq_gen_fewshot, or several (comma-separated)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="both backends compute in it (the demo checkpoint is stored in float32)")
     parser.add_argument("--json", type=Path)

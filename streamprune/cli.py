@@ -277,6 +277,10 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Rows per forward pass, of the longest; shorter rows go as many as make the same number of tokens.")
 @click.option("--max-resident-tokens", type=int, default=2**18, show_default=True,
               help="Padded tokens whose hidden states are kept at once; more are streamed in several rounds.")
+@click.option("--share-contexts/--no-share-contexts", default=True, show_default=True,
+              help="Run a context that several answers follow, and a start that several prompts share (the same "
+                   "few-shot examples), once per block; --no-share-contexts reads every request whole (the same "
+                   "numbers, more time).")
 @click.option("--baseline", default=None, help="Also evaluate this (dense) model and print both with the difference.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results here.")
 @click.option("--load-in-8bit", is_flag=True, help="Whole model through transformers + bitsandbytes (CUDA).")

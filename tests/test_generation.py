@@ -126,6 +126,126 @@ def test_rounds_and_rows_that_stop_early(tiny_checkpoint, tmp_path, capsys):
     assert capsys.readouterr().err.splitlines()[-1].startswith("Generating: 10/10 token")
 
 
+def _shared_start_contexts():
+    """Five contexts after the same 40 tokens (rests of 6, 3, 9 and 1 tokens, the 3-token one twice) and
+    one of 7 tokens that begins otherwise, mixed; and one more after the start, 50 tokens past it."""
+    generator = torch.Generator().manual_seed(4)
+    start = torch.randint(10, 256, (40,), generator=generator).tolist()
+    rests = [[first] + torch.randint(0, 256, (n - 1,), generator=generator).tolist() for first, n in zip((1, 2, 3, 4, 6), (6, 3, 9, 1, 50))]
+    other = [5] + torch.randint(0, 256, (6,), generator=generator).tolist()
+    return [start + rests[0], other, start + rests[1], start + rests[2], start + rests[3], start + rests[1]], start + rests[4]
+
+
+def _expected_with_logits(model_dir, contexts, new_tokens):
+    """transformers' generate (greedy, float64) on each context alone: its new tokens, and {the ids so
+    far: the float32 logits of the next token}, as HF generate hands them to its logits processors."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    tokens, logits = [], {}
+    for c in contexts:
+        out = model.generate(torch.tensor([c]), attention_mask=torch.ones(1, len(c), dtype=torch.long), max_new_tokens=new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        tokens.append(out.sequences[0, len(c) :].tolist())
+        for step, scores in enumerate(out.logits):
+            logits[tuple(c + tokens[-1][:step])] = scores[0]
+    return tokens, logits
+
+
+class _Logits:
+    """A logits processor that changes nothing and records each row's logits by the ids before them."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def __call__(self, ids, scores):
+        self.seen[tuple(ids[0].tolist())] = scores[0].clone()
+        return scores
+
+
+def _tokens_through_block_0(stack, monkeypatch) -> list:
+    """Records the tokens (rows x columns) of every call of block 0."""
+    seen, load = [], stack.load_block
+
+    def loaded(index, *args, **kwargs):
+        block = load(index, *args, **kwargs)
+        if index:
+            return block
+
+        def call(hidden, **arguments):
+            seen.append(hidden.shape[0] * hidden.shape[1])
+            return block(hidden, **arguments)
+        return call
+
+    monkeypatch.setattr(stack, "load_block", loaded)
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "qwen2", "gpt_neox", "opt"])
+def test_a_start_shared_by_contexts_is_read_once_and_the_tokens_are_transformers(tiny_checkpoint, family, tmp_path, monkeypatch):
+    """Contexts that begin with the same 40 tokens read them once: sorted longest first (49, 46 | 43, 43
+    | 41 tokens, two rows a group) each group reads its columns from 40 on, the start runs alone, the
+    other context as before: 40 + 2 x 9 + 2 x 3 + 1 + 7 = 72 tokens through block 0 in the first pass,
+    not 276.  Every row's tokens, and the logits of each, are those of transformers' generate on it
+    alone: Mistral's, Gemma 2's and Qwen2's windows of 8 (a row padded by 3 needs start positions its
+    window has passed in the start's own batch), GPT-NeoX's and OPT's positions; with the caches in
+    files and in host memory, in rounds of one group (the start read in each), with a row padded past
+    the whole start, and with rows stopping early."""
+    model_dir = tiny_checkpoint(family, tie_embeddings=None)
+    contexts, longer = _shared_start_contexts()
+    expected, logits = _expected_with_logits(model_dir, contexts + [longer], 8)
+    stack = open_model(model_dir, device="cpu").stack
+    seen = _tokens_through_block_0(stack, monkeypatch)
+    greedy_generate(stack, contexts, 1, batch_size=2)
+    assert sum(seen) == 40 + 2 * 9 + 2 * 3 + 1 + 7
+    seen.clear()
+    greedy_generate(stack, contexts, 1, batch_size=2, share_contexts=False)
+    assert sum(seen) == 2 * 46 + 2 * 49 + 2 * 43
+    recorded = _Logits()
+    assert greedy_generate(stack, contexts + [longer], 8, batch_size=2, processor=recorded) == expected  # 90, 49 | 46, 43 | 43, 41
+    assert recorded.seen.keys() == logits.keys()
+    for ids, scores in logits.items():
+        torch.testing.assert_close(recorded.seen[ids], scores, rtol=0, atol=1e-5)
+    expected = expected[:-1]
+    assert greedy_generate(stack, contexts, 8, batch_size=2, max_resident_tokens=30) == expected  # a group a round
+    assert greedy_generate(stack, contexts, 8, batch_size=3) == expected  # 49, 46, 43 | 43, 41
+    stop = expected[0][1]
+    assert greedy_generate(stack, contexts, 8, batch_size=2, stop_ids={stop}) == [row[: row.index(stop) + 1] if stop in row else row
+                                                                                 for row in expected]
+    # the caches in files, the starts on the device
+    parked = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
+    monkeypatch.setattr(generation, "_Parking", _Recorded)
+    if family == "llama":  # left to itself, --offload disk puts nothing on the device: the prompts are read whole
+        seen = _tokens_through_block_0(parked, monkeypatch)
+        assert greedy_generate(parked, contexts, 8, batch_size=2) == expected
+        assert seen[:3] == [2 * 46, 2 * 49, 2 * 43]
+    monkeypatch.setattr(generation, "_starts_fit", lambda *args: True)
+    _Recorded.made.clear()
+    assert greedy_generate(parked, contexts, 8, batch_size=2) == expected
+    if family == "llama":  # the groups' own columns are parked, not the start's: 2 x (9 + 7) + 2 x (3 + 7) + (1 + 7) + (7 + 7)
+        config = stack.text_config
+        per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 8
+        own = 2 * 9 + 2 * 3 + 1 + 7  # read in the first pass, whose hidden states wait after blocks 0 and 1
+        assert _Recorded.made[0].bytes_written == per_token * 3 * (own + 7 * 6) + 2 * own * config.hidden_size * 8
+    monkeypatch.setattr(stack, "placement_of_bytes", lambda *args: "cpu")  # host copies, as a GPU parks them
+    _Recorded.made.clear()
+    assert greedy_generate(stack, contexts, 8, batch_size=2) == expected
+    assert _Recorded.made[0].placement == "cpu"
+
+
+def test_sliding_windows_that_cannot_keep_every_position_share_nothing(tiny_checkpoint, monkeypatch):
+    """Without transformers' activate_past_recording a sliding-window layer of the start's batch would
+    drop positions that a row padded more still needs: the contexts are read whole, and the tokens
+    are still transformers'."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    model_dir = tiny_checkpoint("gemma2", tie_embeddings=None)
+    contexts, _ = _shared_start_contexts()
+    stack = open_model(model_dir, device="cpu").stack
+    monkeypatch.delattr(DynamicSlidingWindowLayer, "activate_past_recording")
+    seen = _tokens_through_block_0(stack, monkeypatch)
+    assert greedy_generate(stack, contexts, 8, batch_size=2) == _expected(model_dir, contexts, 8)
+    assert seen[:3] == [2 * 46, 2 * 49, 2 * 43]  # the first pass: the callers' groups, whole
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_parked_bytes_bound_the_caches_of_a_round(tiny_checkpoint, family):
     """The bytes a round may park: for Llama exactly a token's keys and values (2 x kv heads x head size

@@ -56,32 +56,65 @@ def test_streamed_backend_equals_lm_evals_hf_backend(tiny_checkpoint, monkeypatc
     assert any(generated)  # something was generated
 
 
+def _recorded_starts(monkeypatch) -> list:
+    """What each loglikelihood._Contexts is made for, recorded: the prefixes of scoring and the starts of
+    greedy generation (which uses the same class) that run once per block."""
+    from streamprune.evaluate import loglikelihood
+
+    made, init = [], loglikelihood._Contexts.__init__
+    monkeypatch.setattr(loglikelihood._Contexts, "__init__", lambda self, groups, inputs, stack: init(self, groups, inputs, stack) or made.extend(groups))
+    return made
+
+
+def _samples(task: str, *lms) -> list:
+    """lm-eval's samples of a task of tests/data/lmeval (its first 12 documents) for each backend."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(ROOT / "tests/data/lmeval"))
+    return [lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=manager, limit=12, bootstrap_iters=0, log_samples=True)["samples"][task]
+            for lm in lms]
+
+
 def test_a_few_shot_tasks_examples_run_once_with_the_hf_backends_numbers(tiny_checkpoint, monkeypatch):
     """sp_hellaswag_fewshot (three examples before each question, lm-eval's first_n sampler): the prompts
     of the 12 questions begin with the same 450 tokens, which 10 of them share, running them once (3
     prefixes, not 12; the other two, 188 and 159 tokens past them with 4 endings each, cost less on
     their own: 450 - 3 x 188 < 0), and every answer's log-likelihood and greedy flag equal lm-eval's HF
     backend's."""
-    from lm_eval.tasks import TaskManager
-
-    from streamprune.evaluate import loglikelihood
-
     monkeypatch.chdir(ROOT)
-    prefixes = []
-    made = loglikelihood._Contexts.__init__
-    monkeypatch.setattr(loglikelihood._Contexts, "__init__",
-                        lambda self, groups, inputs, stack: made(self, groups, inputs, stack) or prefixes.extend(groups))
+    prefixes = _recorded_starts(monkeypatch)
     model_dir = tiny_checkpoint("llama", layers=2)
-    manager = TaskManager(include_path=str(ROOT / "tests/data/lmeval"))
-    runs = [lm_eval.simple_evaluate(model=lm, tasks=["sp_hellaswag_fewshot"], task_manager=manager, limit=12, bootstrap_iters=0, log_samples=True)
-            for lm in (StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False),
-                       HFLM(pretrained=str(model_dir), device="cpu", dtype="float64", batch_size=3))]
+    streamed, whole = _samples("sp_hellaswag_fewshot", StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False),
+                               HFLM(pretrained=str(model_dir), device="cpu", dtype="float64", batch_size=3))
     assert sorted((len(group.prefix), sum(map(len, group.rests.values()))) for group in prefixes) == [(450, 40), (609, 4), (638, 4)]
-    streamed, whole = (run["samples"]["sp_hellaswag_fewshot"] for run in runs)
     assert len(streamed) == 12 and streamed[5]["arguments"][0][0].count("\n\n") == 3  # three examples before its own
     for a, b in zip(streamed, whole):
         for [(ll_a, greedy_a)], [(ll_b, greedy_b)] in zip(a["resps"], b["resps"]):
             assert float(ll_a) == pytest.approx(float(ll_b), rel=1e-9) and greedy_a == greedy_b
+
+
+def test_a_few_shot_generative_tasks_examples_are_read_once_with_the_hf_backends_generations(tiny_checkpoint, monkeypatch):
+    """sp_continue_fewshot (three examples before each prompt, first_n): the 12 prompts begin with the same
+    examples, which greedy generation reads once (one shared start, cut one token short of the shortest
+    prompt), and every generation equals lm-eval's HF backend's."""
+    monkeypatch.chdir(ROOT)
+    starts = _recorded_starts(monkeypatch)
+    model_dir = tiny_checkpoint("llama", layers=2)
+    lms = (StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False),
+           HFLM(pretrained=str(model_dir), device="cpu", dtype="float64", batch_size=3))
+    streamed, whole = _samples("sp_continue_fewshot", *lms)
+    prompts = [lms[0].tok_encode(s["arguments"][0][0]) for s in streamed]
+    examples = streamed[5]["arguments"][0][0].rsplit("\n\n", 1)[0]
+    assert len(streamed) == 12 and examples.count("\n\n") == 2  # three examples before its own
+    common = min(next(i for i, (x, y) in enumerate(zip(prompts[0], p)) if x != y) for p in prompts[1:])
+    assert common > len(lms[0].tok_encode(examples))
+    assert [len(start.prefix) for start in starts] == [min(common, min(map(len, prompts)) - 1)]
+    generated = [s["resps"][0][0] for s in streamed]
+    assert generated == [s["resps"][0][0] for s in whole] and any(generated)
+    starts.clear()  # share_contexts=false reads every prompt whole
+    (unshared,) = _samples("sp_continue_fewshot", StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False,
+                                                            share_contexts=False))
+    assert starts == [] and [s["resps"][0][0] for s in unshared] == generated
 
 
 def test_rolling_loglikelihood_covers_each_token_once(tiny_checkpoint):
@@ -146,6 +179,34 @@ def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monke
     assert json.loads(out.read_text())["versions"]["lm_eval"] == lm_eval.__version__
     assert "sp_boolq acc (lm-eval, n=60)" in result.output
     assert result.stderr == ""  # --quiet reaches lm-eval's own bars (building requests, tokenising) too
+
+
+def test_eval_no_share_contexts_reads_every_request_whole_with_the_same_results(tiny_checkpoint, monkeypatch, tmp_path):
+    """`streamprune eval --no-share-contexts` reaches the built-in tasks' scoring, lm-eval's scoring and
+    greedy generation: no context or start is shared (HellaSwag's endings, the few-shot examples of
+    sp_continue_fewshot), and the results are those of the default, which shares both."""
+    import json
+
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+
+    monkeypatch.chdir(ROOT)
+    shared = _recorded_starts(monkeypatch)
+    model_dir = tiny_checkpoint("llama", layers=2)
+    results = []
+    for switch in ("--share-contexts", "--no-share-contexts"):
+        shared.clear()
+        out = tmp_path / f"{switch}.json"
+        result = CliRunner().invoke(main, ["eval", str(model_dir), "--tasks", "hellaswag,sp_hellaswag,sp_continue_fewshot", "--include-path",
+                                           "tests/data/lmeval", "--data-dir", "tests/data", "--limit", "6", "--quiet", "--json", str(out), switch])
+        assert result.exit_code == 0, result.output
+        results.append(json.loads(out.read_text()))
+        assert bool(shared) == (switch == "--share-contexts"), switch
+    assert results[1]["options"]["share_contexts"] is False
+    for task in ("hellaswag", "sp_hellaswag", "sp_continue_fewshot"):
+        shared_run, whole = results[0]["tasks"][task], results[1]["tasks"][task]
+        assert shared_run["primary"] == whole["primary"] and shared_run[shared_run["primary"]] == pytest.approx(whole[whole["primary"]], abs=1e-12)
 
 
 def test_a_group_counts_its_subtasks_documents_and_a_task_without_metrics_is_named(tiny_checkpoint, monkeypatch, tmp_path):

@@ -77,7 +77,8 @@ class StreamedLM(TemplateLM):
     are used only where theirs fit on the device), offload_dir (where what fits in neither goes; default:
     the system's temporary folder), trust_remote_code (off by default), share_contexts (default on: a
     context shared by several continuations, and a start shared by several prompts, such as the same
-    few-shot examples before each question, run once per block).  Other arguments are refused.
+    few-shot examples before each question, run once per block, in scoring and in greedy generation).
+    Other arguments are refused.
     Raises StreamPruneError for a model streamprune cannot open.
     """
 
@@ -148,12 +149,13 @@ class StreamedLM(TemplateLM):
 
     @classmethod
     def from_opened(cls, opened, batch_size: int = 4, max_length: int | None = None, progress: bool = True,
-                    max_resident_tokens: int = MAX_RESIDENT_TOKENS) -> "StreamedLM":
+                    max_resident_tokens: int = MAX_RESIDENT_TOKENS, share_contexts: bool = True) -> "StreamedLM":
         """The backend over a model streamprune has already opened (loading.open_model); max_resident_tokens
-        (tokens whose hidden states or caches are kept at once: more go in rounds) as streamprune eval's."""
+        (tokens whose hidden states or caches are kept at once: more go in rounds) and share_contexts as
+        streamprune eval's."""
         lm = cls.__new__(cls)
         TemplateLM.__init__(lm)
-        lm._serve(opened, batch_size, max_length, None, progress, True, max_resident_tokens)
+        lm._serve(opened, batch_size, max_length, None, progress, share_contexts, max_resident_tokens)
         lm._under_eval = True
         return lm
 
@@ -293,7 +295,8 @@ class StreamedLM(TemplateLM):
             # HF generate takes the model's own max_new_tokens over the max_length HFLM passes
             generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks if new_tokens is None else new_tokens, self.tokenizer, until,
                                         self.stop_ids, progress=self.progress and not disable_tqdm, batch_size=self._batch_size,
-                                        max_resident_tokens=self.max_resident_tokens, processor=processor)
+                                        max_resident_tokens=self.max_resident_tokens, processor=processor,
+                                        share_contexts=self.share_contexts)
             for n, tokens in zip(ordered, generated):
                 text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
                 results[n] = text

@@ -45,6 +45,7 @@ class EvalConfig:
     load_in_4bit: bool = False
     include_path: str | None = None  # lm-eval: a folder of task YAMLs
     num_fewshot: int | None = None  # lm-eval: examples in each prompt (the task's own default if None)
+    share_contexts: bool = True  # a context, or a start of prompts, shared by several requests runs once per block
 
     def __post_init__(self):
         if self.harness_tasks:
@@ -118,7 +119,7 @@ def _streamed_scorer(model: str, config: EvalConfig, trust_remote_code: bool, pr
         raise StreamPruneError(f"{opened.model_dir} has no tokenizer files; evaluation needs one")
     score = partial(
         streamed_logprobs, opened.stack, batch_size=config.batch_size,
-        max_resident_tokens=config.max_resident_tokens, progress=progress,
+        max_resident_tokens=config.max_resident_tokens, progress=progress, share_contexts=config.share_contexts,
     )
     max_length = getattr(opened.stack.text_config, "max_position_embeddings", None) or 2048
     return Scorer(score, opened.tokenizer, max_length, opened.stack.device, opened.stack.dtype, opened)
@@ -351,7 +352,7 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
     from .harness import StreamedLM
 
     lm = StreamedLM.from_opened(scorer.opened, batch_size=config.batch_size, progress=progress,
-                                max_resident_tokens=config.max_resident_tokens)
+                                max_resident_tokens=config.max_resident_tokens, share_contexts=config.share_contexts)
     import datasets
 
     bars_were_off = datasets.are_progress_bars_disabled()
