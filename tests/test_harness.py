@@ -455,8 +455,16 @@ def test_a_sweep_evaluates_lm_eval_tasks(tiny_checkpoint, monkeypatch, tmp_path)
     spec = SweepSpec(alphas=(0.5,), geometries=("modified",), sparsities=(0.5,), calib=str(WIKITEXT_CALIBRATION), nsamples=3,
                      calib_seqlen=16, ppl=None, tasks=("sp_boolq", "sp_hellaswag", "sp_rolling"), limit=6,
                      include_path="tests/data/lmeval", device="cpu", num_fewshot=1)
+    from lm_eval import tasks
+
+    from streamprune.evaluate import runner
+
+    built, original = [], tasks.TaskManager
+    monkeypatch.setattr(tasks, "TaskManager", lambda **kwargs: built.append(kwargs) or original(**kwargs))
+    runner._TASK_MANAGERS.clear()
     rows = run_sweep(str(tiny_checkpoint("llama", layers=2)), tmp_path / "sweep", spec, progress=False, echo=lambda *_: None)
     assert [r["label"] for r in rows] == ["dense", "EN-Modified a=0.5 50%"]
+    assert built == [{"include_path": "tests/data/lmeval"}]  # lm-eval's tasks indexed once for both evaluations
     for row in rows:  # a perplexity is not averaged with accuracies
         assert row["macro_mean"] == pytest.approx((row["sp_boolq_acc"] + row["sp_hellaswag_acc"]) / 2)
         assert row["sp_rolling_word_perplexity"] > 1
@@ -465,6 +473,30 @@ def test_a_sweep_evaluates_lm_eval_tasks(tiny_checkpoint, monkeypatch, tmp_path)
     assert ("| configuration | sp_boolq_acc | sp_hellaswag_acc | sp_hellaswag_acc_norm | sp_rolling_word_perplexity | "
             "sp_rolling_byte_perplexity | sp_rolling_bits_per_byte | macro_mean | prune s | eval s |") in table
     assert "lm-eval tasks: 1-shot (--num-fewshot); the built-in tasks zero-shot." in table
+
+
+def test_lm_evals_task_index_is_built_again_only_when_a_yaml_under_the_include_path_changes(tmp_path, monkeypatch):
+    """The TaskManager (lm-eval's index of its tasks, seconds to build) is reused while the YAML files under
+    --include-path are unchanged; a file added or rewritten makes a new one, which knows the new task."""
+    from lm_eval import tasks
+
+    from streamprune.evaluate import runner
+
+    class Index:  # stands for lm-eval's: the tasks of the folder
+        def __init__(self, include_path):
+            self.all_tasks = sorted(path.stem for path in Path(include_path).glob("*.yaml"))
+
+    monkeypatch.setattr(tasks, "TaskManager", Index)
+    monkeypatch.setattr(runner, "_TASK_MANAGERS", {})
+    (tmp_path / "one.yaml").write_text("task: one\n")
+    config = runner.EvalConfig(tasks=("one",), include_path=str(tmp_path))
+    first = runner._task_manager(config)
+    assert runner._task_manager(config) is first
+    (tmp_path / "two.yaml").write_text("task: two\n")
+    second = runner._task_manager(runner.EvalConfig(tasks=("two",), include_path=str(tmp_path)))
+    assert second is not first and second.all_tasks == ["one", "two"]
+    (tmp_path / "two.yaml").write_text("task: two\ndescription: rewritten\n")
+    assert runner._task_manager(config) is not second
 
 
 def test_generation_stops_at_a_stop_id_or_string_and_bad_model_args_are_refused(tiny_checkpoint):
