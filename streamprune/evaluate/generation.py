@@ -401,20 +401,21 @@ def _groups(contexts: list[list[int]], batch_size: int, share: bool) -> list[tup
             else:
                 alone += numbers
         alone.sort()
-    return ([(numbers[i : i + batch_size], split) for numbers, split in shared for i in range(0, len(numbers), batch_size)]
-            + [(alone[i : i + batch_size], 0) for i in range(0, len(alone), batch_size)])
+    return [group for numbers, split in shared for group in _batched(numbers, batch_size, split)] + _batched(alone, batch_size)
 
 
 def _start_bytes(stack: DecoderStack, groups: list[tuple[list[list[int]], int]], batch_size: int) -> tuple[int, int]:
     """(bytes, widest) of a round's shared starts on the compute device: every block's keys and values
     of their batches (as _starts makes them, padded) held through the round, and their hidden states
-    while they are read; the widest batch's tokens (rows x width)."""
+    while they are read; and the most tokens a block at work may take at once (rows x width): a batch
+    of starts, or batch_size rows of the round's longest context."""
+    longest = batch_size * max(len(context) for rows, _ in groups for context in rows)
     lengths = sorted((len(start) for start in {tuple(rows[0][:split]) for rows, split in groups if split}), reverse=True)
     if not lengths:
-        return 0, 0
+        return 0, longest
     padded = [len(part) * part[0] for part in _fill(lengths, lambda length: length, batch_size * lengths[0])]
     config = stack.text_config
-    return sum(padded) * (config.hidden_size + _kv_values(config) * stack.num_blocks) * stack.dtype.itemsize, max(padded)
+    return sum(padded) * (config.hidden_size + _kv_values(config) * stack.num_blocks) * stack.dtype.itemsize, max(longest, *padded)
 
 
 def _starts_fit(stack: DecoderStack, groups: list[tuple[list[list[int]], int]], batch_size: int) -> bool:
@@ -422,16 +423,17 @@ def _starts_fit(stack: DecoderStack, groups: list[tuple[list[list[int]], int]], 
     and what decoding keeps there (the embedding and the LM head): the memory limits would place them
     there (as loglikelihood._sharing_fits asks for scoring)."""
     held, widest = _start_bytes(stack, groups, batch_size)
-    if not held:
-        return True
-    longest = max(len(context) for rows, _ in groups for context in rows)
-    return stack.placement_of_bytes(held, max(batch_size * longest, widest), stack.resident_outside_bytes()) == "device"
+    return not held or stack.placement_of_bytes(held, widest, stack.resident_outside_bytes()) == "device"
+
+
+def _batched(numbers: list[int], batch_size: int, split: int = 0) -> list[tuple[list[int], int]]:
+    """Rows in groups of batch_size, in the order given, each with the length of the start they share."""
+    return [(numbers[i : i + batch_size], split) for i in range(0, len(numbers), batch_size)]
 
 
 def _unshared(round_: list[tuple[list[int], int]], batch_size: int) -> list[tuple[list[int], int]]:
     """A round's rows in groups of batch_size, in the callers' order, none after a shared start."""
-    rows = sorted(n for numbers, _ in round_ for n in numbers)
-    return [(rows[i : i + batch_size], 0) for i in range(0, len(rows), batch_size)]
+    return _batched(sorted(n for numbers, _ in round_ for n in numbers), batch_size)
 
 
 class _Start:
@@ -479,7 +481,6 @@ def _decode(stack: DecoderStack, groups: list[tuple[list[list[int]], int]], inpu
                         # the starts' hidden states (while read) and keys and values (every block's, through
                         # the round) stay on the device; a block at work may take the widest group or start
                         held, widest = _start_bytes(stack, groups, batch_size)
-                        widest = max(widest, batch_size * max(len(context) for rows, _ in groups for context in rows))
                         for number, (rows, split) in enumerate(groups):
                             start = starts[tuple(rows[0][:split])] if split else None
                             group = _Group(number, rows, inputs, stack.device, max_new_tokens, start, split, placeholders)
