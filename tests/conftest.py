@@ -47,3 +47,42 @@ def smollm2():
             raise
         pytest.skip(str(exc))
     return smollm2_checkpoint()
+
+
+def _index_lm_evals_own_tasks_once() -> None:
+    """Every lm-eval TaskManager indexes lm-eval's own task folder again (14,690 YAMLs in 0.4.13: about
+    10 s on a 2-core CPU, 19 times in this suite); that folder does not change while the tests run, so its
+    index is built once per session and each TaskManager still indexes the folders it is given
+    (--include-path, written by the tests) afresh.  TaskIndex.build indexes its paths one by one and lets a
+    later path's entry replace an earlier one's, so indexing them apart and merging in order gives the same
+    index; a TaskFactory deep-copies an entry's configuration before it builds a task, so sharing the
+    entries between managers shares no state.  An lm-eval without that structure is left as it is."""
+    try:
+        import lm_eval.tasks as tasks
+        from lm_eval.tasks._index import TaskIndex, log
+    except ImportError:
+        return
+    build = TaskIndex.__dict__.get("build")
+    if not isinstance(build, staticmethod):
+        return
+    build, own, kept = build.__func__, Path(tasks.__file__).parent.resolve(), {}
+
+    def indexed(paths, *, resolve_includes=True):
+        index = {}
+        for root in paths:
+            if Path(root).resolve() == own:
+                if resolve_includes not in kept:
+                    kept[resolve_includes] = build([root], resolve_includes=resolve_includes)
+                part = kept[resolve_includes]
+            else:
+                part = build([root], resolve_includes=resolve_includes)
+            for name, entry in part.items():  # lm-eval's own merge, its warning included
+                if name in index:
+                    log.warning("Task '%s' from %s overrides existing task from %s", name, entry.yaml_path, index[name].yaml_path)
+                index[name] = entry
+        return index
+
+    TaskIndex.build = staticmethod(indexed)
+
+
+_index_lm_evals_own_tasks_once()

@@ -102,19 +102,15 @@ def test_streamed_perplexity_equals_the_whole_model_dense_and_pruned(smollm2, tm
     assert 5 < values["dense"] < values["pruned"] < 10 * values["dense"]
 
 
-def test_fifty_examples_per_task_beat_chance_where_the_model_can_at_any_batch_size(smollm2):
+def test_fifty_examples_per_task_beat_chance_where_the_model_can(smollm2):
+    """(That the scores do not depend on the batch size is the next test's, on fewer examples.)"""
     from pathlib import Path
 
     from streamprune.evaluate.runner import evaluate
 
     data = Path(__file__).parent / "data"
-    runs = [
-        evaluate(smollm2, tasks=("boolq", "hellaswag", "phishing"), limit=50, data_dir=str(data), device="cpu",
-                 dtype="float32", batch_size=batch_size, progress=False)["tasks"]
-        for batch_size in (8, 3)
-    ]
-    assert runs[0] == runs[1]
-    tasks = runs[0]
+    tasks = evaluate(smollm2, tasks=("boolq", "hellaswag", "phishing"), limit=50, data_dir=str(data), device="cpu",
+                     dtype="float32", batch_size=8, progress=False)["tasks"]
     assert [tasks[name]["n"] for name in ("boolq", "hellaswag", "phishing")] == [50, 50, 50]
     assert tasks["hellaswag"]["acc_norm"] > 0.3  # 4 choices: chance is 0.25
     assert tasks["phishing"]["share_phishing"] == pytest.approx(0.56)
@@ -170,7 +166,7 @@ def test_killed_after_a_third_of_the_blocks_resumes_bitwise_identical(smollm2, t
     assert len([name for name in hashes(out) if name.startswith("model-")]) == 31
 
 
-def test_sparsegpt_two_four_and_reconstruction_on_the_real_model(smollm2, tmp_path):
+def test_sparsegpt_two_four_on_the_real_model(smollm2, tmp_path):
     from reference_prune import reference_sparsegpt
 
     out = tmp_path / "sparsegpt"
@@ -186,9 +182,8 @@ def test_sparsegpt_two_four_and_reconstruction_on_the_real_model(smollm2, tmp_pa
     written = block_tensors(out, 0)
     agree = sum((written[n] != 0).eq(w != 0).sum().item() for n, w in reference.items())
     assert agree / sum(w.numel() for w in reference.values()) > 0.999  # float32 against float64
-    rebuilt = run(smollm2, tmp_path / "rebuilt", method="en-modified", alpha=0.5, reconstruct=True, nsamples=4, seqlen=64)
-    assert rebuilt.status == "complete" and all(0.5 <= v < 0.5001 for v in rebuilt.sparsity.values())
-    for directory in (out, tmp_path / "rebuilt"):
-        model = AutoModelForCausalLM.from_pretrained(directory)
-        with torch.no_grad():
-            assert torch.isfinite(model(input_ids=ids[:1, :32]).logits).all()
+    # (--reconstruct runs the same OBS update with a held mask: tests/test_sparsegpt.py checks it against
+    # the reference; a second 30-block OBS run here would cost as much as this one)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids[:1, :32]).logits).all()
