@@ -286,7 +286,7 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
 @click.option("--load-in-8bit", is_flag=True, help="Whole model through transformers + bitsandbytes (CUDA).")
 @click.option("--load-in-4bit", is_flag=True, help="Whole model through transformers + bitsandbytes (CUDA).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a checkpoint's own Python code to run.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--quiet", is_flag=True, help="No progress bars, nor the line on the work done.")
 @memory_options
 @reports_errors
 def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_dir, offload, max_gpu_memory,
@@ -294,6 +294,7 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
     """Perplexity and zero-shot accuracy of MODEL, one block resident at a time."""
     from .checkpoint import check_writable, resolve_model_dir, write_json
     from .evaluate.runner import EvalConfig, evaluate, format_table
+    from .evaluate.work import Work
 
     config = EvalConfig(data_dir=str(data_dir) if data_dir else None, **options)
     budget = _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir)
@@ -306,6 +307,9 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
         evaluate(baseline, config, trust_remote_code=trust_remote_code, progress=not quiet, budget=budget) if baseline else None
     )
     click.echo(format_table(results, reference))
+    for name, done in ((model, results), (baseline, reference)):
+        if done and done.get("work") and not quiet:  # beside the table: how, not what, the numbers were computed
+            click.echo(f"{Path(str(name)).name}: {Work.from_dict(done['work']).describe()}", err=True)
     if json_path:
         payload = {**results, "baseline": reference} if reference else results
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,8 @@ def main() -> None:
     streamprune cannot open) is one `Error: ...` line on stderr and its exit status (1); lm-eval's own
     errors (an unknown task, a dataset it cannot download offline) one `Error: Type: message` line and
     status 1; Ctrl-C `Error: interrupted` and status 130 (as `streamprune eval`).  STREAMPRUNE_DEBUG=1
-    shows the traceback instead.  lm-eval's own usage errors (argparse) are left as lm-eval prints them."""
+    shows the traceback instead.  lm-eval's own usage errors (argparse) are left as lm-eval prints them.
+    After lm-eval's table, a `streamprune: ...` line on stderr gives the work StreamedLM did (work.Work)."""
     try:
         from lm_eval.__main__ import cli_evaluate
 
@@ -50,8 +51,14 @@ def main() -> None:
     if include_path is not None and not os.path.isdir(include_path):  # lm-eval would just not find the tasks
         sys.stderr.write(f"Error: --include_path {include_path} is not a folder; give the folder of your task YAMLs\n")
         sys.exit(1)
+    from .evaluate.harness import StreamedLM
+
+    StreamedLM.works.clear()  # this command's models only (a test calls main more than once)
     try:
         cli_evaluate()
+        for work in StreamedLM.works:  # lm-eval prints its table; how much sharing saved is streamprune's to say
+            if work.requests:
+                sys.stderr.write(f"streamprune: {work.describe()}\n")
     except KeyboardInterrupt:
         if debug:
             raise

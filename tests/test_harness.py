@@ -184,7 +184,9 @@ def test_eval_runs_lm_eval_tasks_beside_the_built_in_ones(tiny_checkpoint, monke
 def test_eval_no_share_contexts_reads_every_request_whole_with_the_same_results(tiny_checkpoint, monkeypatch, tmp_path):
     """`streamprune eval --no-share-contexts` reaches the built-in tasks' scoring, lm-eval's scoring and
     greedy generation: no context or start is shared (HellaSwag's endings, the few-shot examples of
-    sp_continue_fewshot), and the results are those of the default, which shares both."""
+    sp_continue_fewshot), and the results are those of the default, which shares both.  The work each
+    reports (a line beside the table, and the JSON's) counts the same 54 requests taking the same positions
+    alone: fewer through each block shared, at least as many read whole."""
     import json
 
     from click.testing import CliRunner
@@ -199,11 +201,16 @@ def test_eval_no_share_contexts_reads_every_request_whole_with_the_same_results(
         shared.clear()
         out = tmp_path / f"{switch}.json"
         result = CliRunner().invoke(main, ["eval", str(model_dir), "--tasks", "hellaswag,sp_hellaswag,sp_continue_fewshot", "--include-path",
-                                           "tests/data/lmeval", "--data-dir", "tests/data", "--limit", "6", "--quiet", "--json", str(out), switch])
+                                           "tests/data/lmeval", "--data-dir", "tests/data", "--limit", "6", "--json", str(out), switch])
         assert result.exit_code == 0, result.output
         results.append(json.loads(out.read_text()))
         assert bool(shared) == (switch == "--share-contexts"), switch
+        work = results[-1]["work"]  # 6 x 4 endings of each HellaSwag, 6 continuations
+        assert f"token positions through each block for 54 requests ({work['ratio']:.2f}x the {work['alone']:,}" in result.stderr
     assert results[1]["options"]["share_contexts"] is False
+    shared_work, whole_work = results[0]["work"], results[1]["work"]
+    assert shared_work["requests"] == whole_work["requests"] == 54 and shared_work["alone"] == whole_work["alone"]
+    assert shared_work["positions"] < shared_work["alone"] <= whole_work["positions"]  # read whole, padding only adds
     for task in ("hellaswag", "sp_hellaswag", "sp_continue_fewshot"):
         shared_run, whole = results[0]["tasks"][task], results[1]["tasks"][task]
         assert shared_run["primary"] == whole["primary"] and shared_run[shared_run["primary"]] == pytest.approx(whole[whole["primary"]], abs=1e-12)
@@ -391,7 +398,11 @@ def test_lm_eval_command_with_the_streamprune_model_prints_the_hf_backends_numbe
         monkeypatch.setattr(sys, "argv", ["streamprune-lm-eval", "--model", model, "--model_args", *args, "--tasks", "sp_hellaswag",
                                           "--include_path", "tests/data/lmeval", "--limit", "12"])
         lm_eval_main()
-        tables.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("|")])
+        said = capsys.readouterr()
+        tables.append([line for line in said.out.splitlines() if line.startswith("|")])
+        # streamprune's work, after lm-eval's table: 12 questions of 4 endings
+        assert (model == "streamprune") == bool(re.search(r"^streamprune: [\d,]+ token positions through each block for 48 requests "
+                                                          r"\(0\.\d\dx the [\d,]+ they take read one by one\)$", said.err, re.M))
     assert len(tables[0]) >= 4 and tables[0] == tables[1]
 
 

@@ -56,6 +56,7 @@ from ..loading import open_model
 from ..placement import Budget, parse_size
 from .generation import greedy_generate
 from .loglikelihood import Request, streamed_logprobs
+from .work import Work, counting
 
 log = logging.getLogger("streamprune")
 
@@ -80,7 +81,15 @@ class StreamedLM(TemplateLM):
     few-shot examples before each question, run once per block, in scoring and in greedy generation).
     Other arguments are refused.
     Raises StreamPruneError for a model streamprune cannot open.
+
+    `work` (work.Work) adds up the token positions every call put through each block, against what its
+    requests take read one by one; each call logs it (INFO, logger "streamprune"), and
+    streamprune-lm-eval prints the total.
     """
+
+    # every backend's work, in the order made (the counts only, not the models, which lm-eval drops when
+    # done): streamprune-lm-eval prints those of its run
+    works: list[Work] = []
 
     def __init__(self, pretrained: str | None = None, device: str = "auto", dtype: str = "auto", batch_size: int | str = 4,
                  max_length: int | None = None, add_bos_token: bool | None = None, max_gpu_memory: str | None = None,
@@ -113,6 +122,8 @@ class StreamedLM(TemplateLM):
         self._batch_size, self._max_length, self.add_bos_token = batch_size, max_length, add_bos_token
         self.progress, self.share_contexts, self.max_resident_tokens = progress, share_contexts, max_resident_tokens
         self._under_eval = False  # from_opened: streamprune eval's options, not --model_args, are the user's
+        self.work = Work()  # every call's, added up: what sharing saved
+        StreamedLM.works.append(self.work)
 
     def _dtype_advice(self) -> str:
         """How the user asks for a dtype that does not overflow, in the command they ran."""
@@ -231,8 +242,12 @@ class StreamedLM(TemplateLM):
             tokens = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
             scored.append(Request(tuple(tokens), len(tokens) - len(continuation_enc)))
         greedy: list = []
-        logprobs = streamed_logprobs(self.stack, scored, batch_size=self._batch_size, max_resident_tokens=self.max_resident_tokens, progress=self.progress and not disable_tqdm,
-                                     desc="lm-eval loglikelihood", greedy=greedy, share_contexts=self.share_contexts)
+        done = Work.scored(scored)
+        with counting(self.stack, done):
+            logprobs = streamed_logprobs(self.stack, scored, batch_size=self._batch_size, max_resident_tokens=self.max_resident_tokens,
+                                         progress=self.progress and not disable_tqdm, desc="lm-eval loglikelihood", greedy=greedy,
+                                         share_contexts=self.share_contexts)
+        self._worked("loglikelihood", done)
         bad = first_nonfinite(logprobs)
         if bad is not None:  # lm-eval would rank the answers by it all the same
             raise NumericalError(f"the log-likelihood of a request ({len(scored[bad].tokens)} tokens) is not finite: the activations "
@@ -243,6 +258,10 @@ class StreamedLM(TemplateLM):
             if pair is not None:
                 self.cache_hook.add_partial("loglikelihood", pair, result)
         return results
+
+    def _worked(self, call: str, done: Work) -> None:
+        self.work.add(done)
+        log.info("lm-eval %s: %s", call, done.describe())
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """The log-likelihood of each whole text, over lm-eval's rolling windows of max_length tokens
@@ -293,10 +312,13 @@ class StreamedLM(TemplateLM):
                 contexts.update({n: [self.prefix_token_id] for n in empty})
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
             # HF generate takes the model's own max_new_tokens over the max_length HFLM passes
-            generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks if new_tokens is None else new_tokens, self.tokenizer, until,
-                                        self.stop_ids, progress=self.progress and not disable_tqdm, batch_size=self._batch_size,
-                                        max_resident_tokens=self.max_resident_tokens, processor=processor,
-                                        share_contexts=self.share_contexts)
+            done = Work()
+            with counting(self.stack, done):
+                generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks if new_tokens is None else new_tokens,
+                                            self.tokenizer, until, self.stop_ids, progress=self.progress and not disable_tqdm,
+                                            batch_size=self._batch_size, max_resident_tokens=self.max_resident_tokens,
+                                            processor=processor, share_contexts=self.share_contexts)
+            self._worked("generate_until", done.add(Work.generated([contexts[n] for n in ordered], generated)))
             for n, tokens in zip(ordered, generated):
                 text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
                 results[n] = text

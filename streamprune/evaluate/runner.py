@@ -24,6 +24,7 @@ from ..state import peak_memory, reset_peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
 from .perplexity import load_text, perplexity_from, perplexity_requests
 from .tasks import accuracy, all_tasks, get_task, requests_for, subset
+from .work import Work, counting
 
 log = logging.getLogger("streamprune")
 
@@ -198,7 +199,9 @@ def evaluate(
 ) -> dict:
     """Perplexity and/or zero-shot accuracy of `model`; returns the results as a JSON-ready dict.
 
-    `budget` says where the hidden states of the requests may live (placement.py).
+    `budget` says where the hidden states of the requests may live (placement.py).  Streamed, the
+    results' "work" (work.Work.as_dict) counts the token positions every request, built-in and lm-eval's,
+    put through each block, against what they take read one by one: what sharing contexts saved.
     """
     config = config or EvalConfig(**options)
     manager = _task_manager(config) if config.harness_tasks else None
@@ -231,9 +234,13 @@ def evaluate(
     results["timings"]["prepare_s"] = round(time.perf_counter() - started, 3)
     scored = [request for _, requests, _, _ in jobs for request in requests]
     logprobs = []
+    work = Work() if scorer.opened is not None else None  # streamed: what sharing saved
     if scored:  # lm-eval tasks alone: no pass of our own
         step = time.perf_counter()
-        logprobs = scorer.score(scored)
+        with counting(getattr(scorer.opened, "stack", None), work):
+            logprobs = scorer.score(scored)
+        if work is not None:
+            work.add(Work.scored(scored))
         results["timings"]["scoring_s"] = round(time.perf_counter() - step, 3)
     _check_finite(jobs, logprobs, scorer.dtype)
     offset = 0
@@ -246,12 +253,14 @@ def evaluate(
             results.setdefault("tasks", {})[name] = result
     if config.harness_tasks:
         step = time.perf_counter()
-        results.setdefault("tasks", {}).update(_harness_results(scorer, config, manager, progress))
+        results.setdefault("tasks", {}).update(_harness_results(scorer, config, manager, progress, work))
         results["timings"]["harness_s"] = round(time.perf_counter() - step, 3)
     if "tasks" in results:
         primaries = [r[r["primary"]] for r in results["tasks"].values() if r.get("in_macro_mean", True)]
         results["tasks"]["macro_mean"] = sum(primaries) / len(primaries) if primaries else None
     results["timings"]["total_s"] = round(time.perf_counter() - started, 3)
+    if work is not None:
+        results["work"] = work.as_dict()
     results["peak_memory"] = peak_memory(scorer.device)
     results["versions"] = versions()
     if config.harness_tasks:  # lm-eval's task definitions and metrics are part of what the numbers mean
@@ -370,11 +379,12 @@ def _lm_eval_bars(enabled: bool):
             module.tqdm = original
 
 
-def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool) -> dict:
+def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool, work: Work | None = None) -> dict:
     """{task: its lm-eval metrics} for the tasks that are not built in (a group's subtasks each under its
     own name, beside the group's aggregate if lm-eval gives one), through lm_eval.simple_evaluate with
     StreamedLM on the model already open.  --limit is lm-eval's: the first N documents.  A metric of a
-    filter other than lm-eval's 'none' is named 'metric,filter' (gsm8k's strict-match and flexible-extract)."""
+    filter other than lm-eval's 'none' is named 'metric,filter' (gsm8k's strict-match and flexible-extract).
+    StreamedLM's count of the work done is added to `work`."""
     import lm_eval
 
     from .harness import StreamedLM
@@ -397,6 +407,8 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
     finally:
         if not bars_were_off:
             datasets.enable_progress_bars()
+        if work is not None:
+            work.add(lm.work)
     results = {}
     # a subtask enters the macro mean in place of its group only when the group has no accuracy of its own
     subtasks = output.get("group_subtasks", {})

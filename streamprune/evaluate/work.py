@@ -1,0 +1,90 @@
+"""What an evaluation made the blocks compute, against reading each request alone: the measure of what
+sharing contexts (a context before several answers, few-shot examples before every prompt) saved.
+
+Every block computes the same token positions (the hidden states of every pass go through all of them),
+so block 0's calls are counted: rows x columns of the hidden states it is given, padding included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Work:
+    """Counts over an evaluation's streamed requests (ints).
+
+    requests: scored requests (a perplexity window, an answer after its context, a rolling window) and
+        generated continuations.
+    positions: token positions that went through each block (rows x columns of the hidden states block 0
+        was called on, padding included): the work done.
+    alone: the token positions each request would put through a block if read alone, without padding:
+        a scored request's tokens but its last (only predicted), a continuation's context and its new
+        tokens but the last (as transformers' generate with a key/value cache reads them).
+    Read alone, positions would be at least `alone` (padding adds to it); sharing makes it less.
+    """
+
+    requests: int = 0
+    positions: int = 0
+    alone: int = 0
+
+    @classmethod
+    def scored(cls, requests) -> "Work":
+        """The requests (loglikelihood.Request) scored, and what they take alone: tokens but the last."""
+        return cls(len(requests), 0, sum(len(request.tokens) - 1 for request in requests))
+
+    @classmethod
+    def generated(cls, contexts, new) -> "Work":
+        """The continuations generated after contexts (token lists), new their new tokens, and what they
+        take alone: the context, then each new token but the last."""
+        return cls(len(contexts), 0, sum(len(context) + max(len(tokens) - 1, 0) for context, tokens in zip(contexts, new)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Work":
+        """The counts of as_dict's output (its ratio is computed again)."""
+        return cls(values["requests"], values["positions"], values["alone"])
+
+    def add(self, other: "Work") -> "Work":
+        """Adds other's counts to these; returns self."""
+        self.requests += other.requests
+        self.positions += other.positions
+        self.alone += other.alone
+        return self
+
+    @property
+    def ratio(self) -> float | None:
+        """positions / alone: below 1 where sharing saved more than padding cost; None with nothing read."""
+        return self.positions / self.alone if self.alone else None
+
+    def as_dict(self) -> dict:
+        """The counts and their ratio (rounded to 4 digits), for a results JSON."""
+        ratio = self.ratio
+        return {**asdict(self), "ratio": None if ratio is None else round(ratio, 4)}
+
+    def describe(self) -> str:
+        """One line: '812,345 token positions through each block for 4,000 requests (0.42x the 1,950,000
+        they take read one by one)'."""
+        ratio = f"{self.ratio:.2f}x" if self.ratio is not None else "nothing"
+        return (f"{self.positions:,} token positions through each block for {self.requests:,} requests "
+                f"({ratio} the {self.alone:,} they take read one by one)")
+
+
+@contextlib.contextmanager
+def counting(stack, work: Work | None):
+    """Adds to work.positions (when work is given) the token positions that go through stack's block 0
+    inside the `with` block: a forward pre-hook, removed on leaving, whether or not the block raised.
+    The caller adds the requests and what they take alone (Work.add)."""
+    if work is None:
+        yield
+        return
+
+    def count(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        work.positions += hidden.shape[0] * hidden.shape[1]
+
+    hook = stack.blocks[0].register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
