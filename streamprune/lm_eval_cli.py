@@ -54,6 +54,10 @@ def main() -> None:
     from .evaluate.harness import StreamedLM
 
     StreamedLM.works.clear()  # this command's models only (a test calls main more than once)
+    if include_path is not None:  # before the evaluation, which may take hours; lm-eval says nothing of them
+        from .evaluate.runner import warn_skipped_yamls
+
+        warn_skipped_yamls(include_path)
     try:
         cli_evaluate()
         for work in StreamedLM.works:  # lm-eval prints its table; how much sharing saved is streamprune's to say

@@ -274,8 +274,9 @@ def test_a_task_scored_through_a_named_filter_enters_the_macro_mean(tiny_checkpo
     assert tasks["macro_mean"] == pytest.approx((tasks["sp_filtered"]["exact_match,strict-match"] + tasks["sp_boolq"]["acc"]) / 2)
 
 
-def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkpoint, tmp_path):
-    """lm-eval skips a YAML it cannot parse without a word; the error says which file held no task."""
+def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkpoint, tmp_path, monkeypatch):
+    """lm-eval skips a YAML it cannot parse without a word; the error says which file held no task, and
+    when the task asked for is found, a warning still names the files passed over."""
     from click.testing import CliRunner
 
     from streamprune.cli import main
@@ -290,8 +291,15 @@ def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkp
                                        "--include-path", str(tmp_path), "--quiet"])
     assert result.exit_code == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("Error: unknown task 'broken_task'")
-    assert result.stderr.rstrip().endswith("; lm-eval skipped broken_task.yaml (a YAML error at line 3: mapping values are not "
-                                           "allowed here), other.yml (it reads only .yaml files)")
+    skipped = ("lm-eval skipped broken_task.yaml (a YAML error at line 3: mapping values are not allowed here), other.yml "
+               "(it reads only .yaml files)")
+    assert result.stderr.rstrip().endswith("; " + skipped)
+    # a task of the folder that is there: evaluated, and the files lm-eval passed over named all the same
+    monkeypatch.chdir(ROOT)  # where the task's data_files are
+    result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", "sp_continue",
+                                       "--include-path", str(tmp_path), "--limit", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr == f"Warning: {skipped} under {tmp_path}: a task, group or tag defined there is not evaluated\n"
 
 
 def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatch, tmp_path):
@@ -571,7 +579,10 @@ def test_lm_eval_command_reports_bad_model_args_in_one_line(tiny_checkpoint, mon
                                           "--tasks", "broken", f"--include_path={include_path}"])
         with pytest.raises(SystemExit) as exit_:
             lm_eval_main()
-        assert exit_.value.code == 1 and said in capsys.readouterr().err.splitlines()[-1]
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 1 and said in err[-1]
+        # named before lm-eval runs too: had the tasks been found, the evaluation would go on without them
+        assert any(line.startswith("Warning: lm-eval skipped broken.yaml (a YAML error at line 2") for line in err) == (include_path == str(tmp_path))
     import lm_eval.__main__
 
     def interrupted():

@@ -284,6 +284,7 @@ def table_metrics(task: str, metrics: dict) -> list[str]:
 
 
 _TASK_MANAGERS: dict = {}  # (include_path, its YAML files' sizes and times): lm-eval's TaskManager
+_WARNED: set = set()  # those keys whose skipped files were named (warn_skipped_yamls)
 
 
 def _yaml_stamps(include_path: str | None) -> tuple:
@@ -308,7 +309,9 @@ def _task_manager(config: EvalConfig):
     Building one indexes all of lm-eval's task YAMLs (14,690 in lm-eval 0.4.13: 8 to 12 s on a 2-core
     CPU), so it is built once per process for an include_path whose YAML files are unchanged
     (_yaml_stamps): a sweep's configurations, and eval --baseline's second model, reuse it.  lm-eval makes
-    each evaluation's task objects anew from the index (simple_evaluate's get_task_dict)."""
+    each evaluation's task objects anew from the index (simple_evaluate's get_task_dict).  When the
+    tasks are all found, the files under include_path that lm-eval passed over are still named, in a
+    warning, once per folder state: a task, group or tag one of them defines would be missing unnoticed."""
     from lm_eval.tasks import TaskManager
 
     key = (config.include_path, _yaml_stamps(config.include_path))
@@ -325,7 +328,17 @@ def _task_manager(config: EvalConfig):
             + (f" (nor under {config.include_path}){skipped_yamls_note(config.include_path)}" if config.include_path
                else "; --include-path DIR adds task YAMLs")
         )
+    if config.include_path and key not in _WARNED:
+        _WARNED.add(key)
+        warn_skipped_yamls(config.include_path)
     return manager
+
+
+def warn_skipped_yamls(include_path: str) -> None:
+    """A warning naming the files under include_path that lm-eval passes over (skipped_yamls_note), if any."""
+    note = skipped_yamls_note(include_path)
+    if note:
+        log.warning("%s under %s: a task, group or tag defined there is not evaluated", note.removeprefix("; "), include_path)
 
 
 def skipped_yamls_note(include_path: str) -> str:
