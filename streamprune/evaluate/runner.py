@@ -368,28 +368,14 @@ def skipped_yamls_note(include_path: str) -> str:
     return f"; lm-eval skipped {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else ""
 
 
-@contextlib.contextmanager
 def _lm_eval_bars(enabled: bool):
     """For the length of the block, the bars lm-eval draws with tqdm itself (building a task's requests,
-    tokenising, checking its request cache) are streamprune's: none under --quiet, whole lines rather than
-    carriage returns in a log.  lm-eval 0.4.13 has no switch for its request-building bar, so the `tqdm`
-    name its two modules look up is pointed here, and back afterwards; a later lm-eval without that name is
-    left alone."""
+    tokenising, checking its request cache) are streamprune's (progress.libraries_bars): lm-eval 0.4.13
+    has no switch for its request-building bar."""
     import lm_eval.api.model
     import lm_eval.api.task
 
-    def lm_eval_bar(iterable=None, desc=None, total=None, disable=False, **_):  # total None: tqdm takes len(iterable)
-        return progress_bars.bar(iterable=iterable, total=total, desc=desc or "Building requests", unit="it",
-                                 enabled=enabled and not disable, leave=False)
-
-    replaced = [(module, module.tqdm) for module in (lm_eval.api.task, lm_eval.api.model) if hasattr(module, "tqdm")]
-    for module, _ in replaced:
-        module.tqdm = lm_eval_bar
-    try:
-        yield
-    finally:
-        for module, original in replaced:
-            module.tqdm = original
+    return progress_bars.libraries_bars((lm_eval.api.task, lm_eval.api.model), enabled, "Building requests")
 
 
 def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool, work: Work | None = None) -> dict:
