@@ -309,7 +309,7 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
     click.echo(format_table(results, reference))
     for name, done in ((model, results), (baseline, reference)):
         if done and done.get("work") and not quiet:  # beside the table: how, not what, the numbers were computed
-            click.echo(f"{Path(str(name)).name}: {Work.from_dict(done['work']).describe()}", err=True)
+            click.echo(f"{name}: {Work.from_dict(done['work']).describe()}", err=True)
     if json_path:
         payload = {**results, "baseline": reference} if reference else results
         json_path.parent.mkdir(parents=True, exist_ok=True)

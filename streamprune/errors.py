@@ -13,8 +13,10 @@ def lm_eval_context(exc: BaseException) -> str:
     where lm-eval's message does not say it either: for a missing file, that a task YAML's relative data
     paths are read from the folder the command runs in; for an unknown key, the YAML file; for a split
     the dataset lacks (a bare KeyError), the splits it has; for more few-shot examples than its few-shot
-    split holds, to ask for fewer.  '' when no task is involved."""
+    split holds, to ask for fewer; for an answer choice that is empty (lm-eval 0.4.13 reads its first
+    character while building the task), to give every choice text.  '' when no task is involved."""
     name, path, splits, functions, tb = None, None, None, set(), exc.__traceback__
+    innermost = None
     while tb is not None:  # the innermost task object among the frames' `self`, else the task lm-eval was building
         frame = tb.tb_frame
         owner, entry = frame.f_locals.get("self"), frame.f_locals.get("entry")
@@ -25,6 +27,7 @@ def lm_eval_context(exc: BaseException) -> str:
             name, path = entry.name, getattr(entry, "yaml_path", None)
         if type(owner).__name__ == "DatasetDict" and type(owner).__module__.startswith("datasets."):
             splits = list(owner.keys())
+        innermost = frame
         tb = tb.tb_next
     if name is None:
         return ""
@@ -38,6 +41,8 @@ def lm_eval_context(exc: BaseException) -> str:
         hint = f"; {which} is not one of its dataset's: {', '.join(splits)}"
     elif "fewshot samples requested exceeds" in text or ("sample" in functions and "larger than population" in text):
         hint = "; it asks for more few-shot examples than its few-shot split holds: ask for fewer (num_fewshot in its YAML, or the command's option)"
+    elif isinstance(exc, IndexError) and innermost is not None and innermost.f_locals.get("choice") == "" and "check_choices" in innermost.f_locals:
+        hint = "; an answer choice of its first document is empty (doc_to_choice), which lm-eval cannot build a task with: give every choice some text"
     return f" (lm-eval task {name}{hint})"
 
 

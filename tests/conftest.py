@@ -55,8 +55,9 @@ def _index_lm_evals_own_tasks_once() -> None:
     index is built once per session and each TaskManager still indexes the folders it is given
     (--include-path, written by the tests) afresh.  TaskIndex.build indexes its paths one by one and lets a
     later path's entry replace an earlier one's, so indexing them apart and merging in order gives the same
-    index; a TaskFactory deep-copies an entry's configuration before it builds a task, so sharing the
-    entries between managers shares no state.  An lm-eval without that structure is left as it is."""
+    index; a TaskFactory builds a task from an entry's YAML file again (or from a deep copy of its
+    configuration) and lm-eval changes no entry once indexed, so sharing them between managers shares no
+    state.  An lm-eval without that structure is left as it is."""
     try:
         import lm_eval.tasks as tasks
         from lm_eval.tasks._index import TaskIndex, log

@@ -43,6 +43,7 @@ def test_the_work_counted_is_what_block_0_computed_and_what_each_request_takes_a
         assert work == Work(0, positions, 0)
     assert Work(4, 78, 158).as_dict() == {"requests": 4, "positions": 78, "alone": 158, "ratio": 0.4937}
     assert Work(4, 78, 158).describe() == "78 token positions through each block for 4 requests (0.49x the 158 they take read one by one)"
+    assert Work().describe() == "0 token positions through each block for 0 requests" and Work().as_dict()["ratio"] is None
 
 
 def test_streamed_scores_equal_the_whole_model_with_padding_sharing_and_chunks(tiny_checkpoint):

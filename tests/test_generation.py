@@ -247,6 +247,10 @@ def test_the_work_counted_for_generation_is_block_0s_positions_against_each_row_
                 new = greedy_generate(stack, contexts, new_tokens, batch_size=2, share_contexts=share)
             assert work.positions == first + later
             assert Work.generated(contexts, new) == Work(6, 0, 229 + later)
+    work = Work()
+    with counting(stack, work):  # no new token asked for: nothing runs, and nothing would alone
+        new = greedy_generate(stack, contexts, 0)
+    assert work.positions == 0 and Work.generated(contexts, new) == Work(6, 0, 0)
 
 
 def test_sliding_windows_that_cannot_keep_every_position_share_nothing(tiny_checkpoint, monkeypatch):

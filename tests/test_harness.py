@@ -210,7 +210,8 @@ def test_eval_no_share_contexts_reads_every_request_whole_with_the_same_results(
     assert results[1]["options"]["share_contexts"] is False
     shared_work, whole_work = results[0]["work"], results[1]["work"]
     assert shared_work["requests"] == whole_work["requests"] == 54 and shared_work["alone"] == whole_work["alone"]
-    assert shared_work["positions"] < shared_work["alone"] <= whole_work["positions"]  # read whole, padding only adds
+    # read whole, padding only adds (no answer of one token here, whose rows would be one as ever)
+    assert shared_work["positions"] < shared_work["alone"] <= whole_work["positions"]
     for task in ("hellaswag", "sp_hellaswag", "sp_continue_fewshot"):
         shared_run, whole = results[0]["tasks"][task], results[1]["tasks"][task]
         assert shared_run["primary"] == whole["primary"] and shared_run[shared_run["primary"]] == pytest.approx(whole[whole["primary"]], abs=1e-12)
@@ -304,7 +305,7 @@ def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkp
 
 def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatch, tmp_path):
     """lm-eval's message for a template's misspelt field, a data file that is not there, a misspelt YAML key,
-    a few-shot split the data lacks, or more few-shot examples than it holds, does not say which task;
+    a few-shot split the data lacks, more few-shot examples than it holds, or an empty answer choice, does not say which task;
     streamprune's one-line error does, and what to change: where relative paths are read from, the YAML
     file, the splits there are, to ask for fewer examples (first_n's assertion, the default sampler's
     random.sample), to set do_sample false for a task that samples; lm-eval's own "Error: " is not repeated."""
@@ -321,6 +322,7 @@ def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatc
     (tmp_path / "too_many.yaml").write_text(boolq.replace("task: sp_boolq", "task: too_many\nfewshot_split: validation\n"
                                                           "num_fewshot: 61\nfewshot_config:\n  sampler: first_n"))
     (tmp_path / "plain.yaml").write_text(boolq.replace("task: sp_boolq", "task: plain"))
+    (tmp_path / "empty_choice.yaml").write_text(boolq.replace("task: sp_boolq", "task: empty_choice").replace('["no", "yes"]', '["", "yes"]'))
     (tmp_path / "sampled.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
                                            .replace("task: sp_continue", "task: sampled").replace("do_sample: false", "do_sample: true"))
     fewer = "; it asks for more few-shot examples than its few-shot split holds: ask for fewer (num_fewshot in its YAML, or the command's option))"
@@ -334,6 +336,8 @@ def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatc
             ("too_many", "Error: AssertionError: number of fewshot samples requested exceeds the 60 that are available. "
                          f"(lm-eval task too_many{fewer}", []),
             ("plain", f"Sample larger than population or is negative (lm-eval task plain{fewer}", ["--num-fewshot", "61"]),
+            ("empty_choice", "IndexError: string index out of range (lm-eval task empty_choice; an answer choice of its first "
+                             "document is empty (doc_to_choice), which lm-eval cannot build a task with: give every choice some text)", []),
             ("sampled", "Error: streamed generation is greedy only; the task's generation_kwargs with the model's generation config "
                         "ask for sampling (do_sample True); set do_sample false in the task's generation_kwargs for greedy "
                         "decoding (lm-eval task sampled)", [])):

@@ -87,8 +87,8 @@ class StreamedLM(TemplateLM):
     streamprune-lm-eval prints the total.
     """
 
-    # every backend's work, in the order made (the counts only, not the models, which lm-eval drops when
-    # done): streamprune-lm-eval prints those of its run
+    # the work of every backend lm-eval made from --model_args, in the order made (the counts only, not
+    # the models, which lm-eval drops when done): streamprune-lm-eval prints those of its run
     works: list[Work] = []
 
     def __init__(self, pretrained: str | None = None, device: str = "auto", dtype: str = "auto", batch_size: int | str = 4,
@@ -110,6 +110,7 @@ class StreamedLM(TemplateLM):
         opened = open_model(pretrained, device, dtype, flags["trust_remote_code"], budget, tokenizer_options)
         self._serve(opened, _rows_per_pass(batch_size), _whole("max_length", max_length), flags["add_bos_token"],
                     flags["progress"], flags["share_contexts"])
+        StreamedLM.works.append(self.work)  # (from_opened's caller, streamprune eval, reads lm.work itself)
 
     def _serve(self, opened, batch_size: int, max_length: int | None, add_bos_token: bool | None, progress: bool,
                share_contexts: bool, max_resident_tokens: int = MAX_RESIDENT_TOKENS) -> None:
@@ -123,7 +124,6 @@ class StreamedLM(TemplateLM):
         self.progress, self.share_contexts, self.max_resident_tokens = progress, share_contexts, max_resident_tokens
         self._under_eval = False  # from_opened: streamprune eval's options, not --model_args, are the user's
         self.work = Work()  # every call's, added up: what sharing saved
-        StreamedLM.works.append(self.work)
 
     def _dtype_advice(self) -> str:
         """How the user asks for a dtype that does not overflow, in the command they ran."""

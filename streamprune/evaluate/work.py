@@ -21,7 +21,8 @@ class Work:
         was called on, padding included): the work done.
     alone: the token positions each request would put through a block if read alone, without padding:
         a scored request's tokens but its last (only predicted), a continuation's context and its new
-        tokens but the last (as transformers' generate with a key/value cache reads them).
+        tokens but the last (as transformers' generate with a key/value cache reads them; nothing
+        where no token was asked for).
     Read alone, positions would be at least `alone` (padding adds to it); sharing makes it less.
     """
 
@@ -37,8 +38,8 @@ class Work:
     @classmethod
     def generated(cls, contexts, new) -> "Work":
         """The continuations generated after contexts (token lists), new their new tokens, and what they
-        take alone: the context, then each new token but the last."""
-        return cls(len(contexts), 0, sum(len(context) + max(len(tokens) - 1, 0) for context, tokens in zip(contexts, new)))
+        take alone: the context, then each new token but the last (nothing for no new token: none ran)."""
+        return cls(len(contexts), 0, sum(len(context) + len(tokens) - 1 for context, tokens in zip(contexts, new) if tokens))
 
     @classmethod
     def from_dict(cls, values: dict) -> "Work":
@@ -65,9 +66,10 @@ class Work:
     def describe(self) -> str:
         """One line: '812,345 token positions through each block for 4,000 requests (0.42x the 1,950,000
         they take read one by one)'."""
-        ratio = f"{self.ratio:.2f}x" if self.ratio is not None else "nothing"
+        if self.ratio is None:
+            return f"{self.positions:,} token positions through each block for {self.requests:,} requests"
         return (f"{self.positions:,} token positions through each block for {self.requests:,} requests "
-                f"({ratio} the {self.alone:,} they take read one by one)")
+                f"({self.ratio:.2f}x the {self.alone:,} they take read one by one)")
 
 
 @contextlib.contextmanager
