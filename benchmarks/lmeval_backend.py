@@ -9,8 +9,9 @@ spent inside the model's request methods, is the backend's own work):
   hf          HFLM(pretrained=DIR, dtype=D, batch_size=B): the whole model in memory
   streamed    StreamedLM(pretrained=DIR, dtype=D, batch_size=B): one block resident, shared contexts
   unshared    the same without sharing contexts (each ending re-runs its context)
-It prints a table of the metrics (they must agree), wall time and peak RSS with ratios to hf, and
-writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.  --tasks hellaswag runs HellaSwag
+It prints a table of the metrics (they must agree), wall time, peak RSS and the token positions through each
+block (StreamedLM's work, HFLM's first decoder layer counted the same way: rows x columns, padding
+included; the work apart from the machine's speed) with ratios to hf, and writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.  --tasks hellaswag runs HellaSwag
 alone (the task whose contexts are shared); --tasks boolq_fewshot runs BoolQ with three examples before
 each question, the first three documents before every question (lm-eval's first_n sampler, as MMLU's
 five; the first three see themselves among them, as lm-eval leaves a question's own document out only
@@ -64,12 +65,24 @@ def timed(method):
 
 for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):  # lm-eval calls them by name
     setattr(lm, name, timed(getattr(lm, name)))
+positions = [0]  # HFLM: token positions through its first decoder layer, as StreamedLM's work counts block 0's
+
+
+def count(module, args, kwargs):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    positions[0] += hidden.shape[0] * hidden.shape[1]
+
+
+if kind == "hf":
+    lm.model.model.layers[0].register_forward_pre_hook(count, with_kwargs=True)
 out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=tasks_dir),
                               limit=limit, bootstrap_iters=0)
 from streamprune.state import peak_rss_bytes
 metrics = {f"{t} {k.split(',')[0]}": v for t, r in out["results"].items() for k, v in r.items()
            if k.endswith(",none") and "stderr" not in k}
-print(json.dumps({"wall_s": time.perf_counter() - started, "scoring_s": scoring[0], "peak_rss_bytes": peak_rss_bytes(), "metrics": metrics}))
+work = lm.work.as_dict() if kind != "hf" else {"positions": positions[0]}
+print(json.dumps({"wall_s": time.perf_counter() - started, "scoring_s": scoring[0], "peak_rss_bytes": peak_rss_bytes(), "metrics": metrics,
+                  "work": work}))
 """
 
 TASK = """task: {name}
@@ -167,12 +180,17 @@ def main() -> int:
         runs[kind] = run_script(RUN, kind, model_dir, tasks, args.limit, args.batch_size, args.dtype, names)
         print(f"{kind:10s} {runs[kind]['wall_s']:8.1f} s  {runs[kind]['peak_rss_bytes'] / GIB:6.2f} GiB", flush=True)
     base = runs["hf"]
-    print(f"\n{'run':10s} {'wall s':>8s} {'x hf':>6s} {'scoring s':>10s} {'x hf':>6s} {'peak GiB':>9s} {'x hf':>6s}  metrics")
+    print(f"\n{'run':10s} {'wall s':>8s} {'x hf':>6s} {'scoring s':>10s} {'x hf':>6s} {'peak GiB':>9s} {'x hf':>6s} "
+          f"{'positions':>10s} {'x hf':>6s}  metrics")
     for kind, run in runs.items():
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(run["metrics"].items()))
         print(f"{kind:10s} {run['wall_s']:8.1f} {run['wall_s'] / base['wall_s']:6.2f} {run['scoring_s']:10.1f} "
               f"{run['scoring_s'] / base['scoring_s']:6.2f} {run['peak_rss_bytes'] / GIB:9.2f} "
-              f"{run['peak_rss_bytes'] / base['peak_rss_bytes']:6.2f}  {metrics}")
+              f"{run['peak_rss_bytes'] / base['peak_rss_bytes']:6.2f} {run['work']['positions']:10d} "
+              f"{run['work']['positions'] / base['work']['positions']:6.2f}  {metrics}")
+    alone = runs["streamed"]["work"]["alone"]
+    print(f"\npositions: token positions through each block (the first decoder layer's calls, padding included), the "
+          f"work apart from the machine's speed; the requests take {alone} read one by one, without padding")
     agree = all(abs(run["metrics"][k] - base["metrics"][k]) < 1e-9 for run in runs.values() for k in base["metrics"])
     print(f"\nmetrics identical across the three runs: {agree}")
     if args.json:
