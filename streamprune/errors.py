@@ -12,11 +12,13 @@ def lm_eval_context(exc: BaseException) -> str:
     message does not say (a template's "'questoin' is undefined" among three tasks), with what to change
     where lm-eval's message does not say it either: for a missing file, that a task YAML's relative data
     paths are read from the folder the command runs in; for an unknown key, the YAML file; for a split
-    the dataset lacks (a bare KeyError), the splits it has; for more few-shot examples than its few-shot
+    the dataset lacks (a bare KeyError), which of its splits (the innermost *_docs call: test_split
+    where lm-eval's fewshot_docs fell back to test_docs) and the splits it has; for a metric given an
+    option its function does not take (a TypeError in process_results), that; for more few-shot examples than its few-shot
     split holds, to ask for fewer; for an answer choice that is empty (lm-eval 0.4.13 reads its first
     character while building the task), to give every choice text.  '' when no task is involved."""
     name, path, splits, functions, tb = None, None, None, set(), exc.__traceback__
-    innermost = None
+    innermost, frames = None, []
     while tb is not None:  # the innermost task object among the frames' `self`, else the task lm-eval was building
         frame = tb.tb_frame
         owner, entry = frame.f_locals.get("self"), frame.f_locals.get("entry")
@@ -28,6 +30,7 @@ def lm_eval_context(exc: BaseException) -> str:
         if type(owner).__name__ == "DatasetDict" and type(owner).__module__.startswith("datasets."):
             splits = list(owner.keys())
         innermost = frame
+        frames.append(frame)
         tb = tb.tb_next
     if name is None:
         return ""
@@ -37,10 +40,15 @@ def lm_eval_context(exc: BaseException) -> str:
     elif isinstance(exc, TypeError) and "TaskConfig" in text and "unexpected keyword argument" in text:
         hint = f"; its YAML{f' {path}' if path else ''} has a key lm-eval does not know: misspelt?"
     elif isinstance(exc, KeyError) and splits is not None:
-        which = "its fewshot_split" if "fewshot_docs" in functions else "a split its YAML names"
+        # lm-eval's fewshot_docs falls back to test_docs when the task names no fewshot_split
+        docs = next((f for f in reversed(frames) if f.f_code.co_name.endswith("_docs")), None)
+        split = docs.f_code.co_name.removesuffix("_docs") if docs is not None else None
+        which = f"its {split}_split" if split in ("fewshot", "test", "validation", "training") else "a split its YAML names"
         hint = f"; {which} is not one of its dataset's: {', '.join(splits)}"
     elif "fewshot samples requested exceeds" in text or ("sample" in functions and "larger than population" in text):
         hint = "; it asks for more few-shot examples than its few-shot split holds: ask for fewer (num_fewshot in its YAML, or the command's option)"
+    elif isinstance(exc, TypeError) and "process_results" in functions and "positional argument" in text:
+        hint = "; its metric_list gives a metric an option the metric does not take (lm-eval hands a metric's options to its function)"
     elif isinstance(exc, IndexError) and innermost is not None and innermost.f_locals.get("choice") == "" and "check_choices" in innermost.f_locals:
         hint = "; an answer choice of its first document is empty (doc_to_choice), which lm-eval cannot build a task with: give every choice some text"
     return f" (lm-eval task {name}{hint})"

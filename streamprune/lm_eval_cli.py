@@ -58,8 +58,11 @@ def main() -> None:
         from .evaluate.runner import warn_skipped_yamls
 
         warn_skipped_yamls(include_path)
+    from .evaluate.runner import unknown_metrics_refused
+
     try:
-        cli_evaluate()
+        with unknown_metrics_refused():
+            cli_evaluate()
         for work in StreamedLM.works:  # lm-eval prints its table; how much sharing saved is streamprune's to say
             if work.requests:
                 sys.stderr.write(f"streamprune: {work.describe()}\n")

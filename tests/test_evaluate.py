@@ -42,7 +42,7 @@ def test_the_work_counted_is_what_block_0_computed_and_what_each_request_takes_a
         streamed_logprobs(stack, requests[:1], batch_size=4)
         assert work == Work(0, positions, 0)
     assert Work(4, 78, 158).as_dict() == {"requests": 4, "positions": 78, "alone": 158, "ratio": 0.4937}
-    assert Work(4, 78, 158).describe() == "78 token positions through each block for 4 requests (0.49x the 158 they take read one by one)"
+    assert Work(4, 78, 158).describe() == "78 token positions through each block for 4 requests; read one by one they would take 158 (0.49x)"
     assert Work().describe() == "0 token positions through each block for 0 requests" and Work().as_dict()["ratio"] is None
 
 

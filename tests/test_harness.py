@@ -206,7 +206,7 @@ def test_eval_no_share_contexts_reads_every_request_whole_with_the_same_results(
         results.append(json.loads(out.read_text()))
         assert bool(shared) == (switch == "--share-contexts"), switch
         work = results[-1]["work"]  # 6 x 4 endings of each HellaSwag, 6 continuations
-        assert f"token positions through each block for 54 requests ({work['ratio']:.2f}x the {work['alone']:,}" in result.stderr
+        assert f"token positions through each block for 54 requests; read one by one they would take {work['alone']:,} ({work['ratio']:.2f}x)" in result.stderr
     assert results[1]["options"]["share_contexts"] is False
     shared_work, whole_work = results[0]["work"], results[1]["work"]
     assert shared_work["requests"] == whole_work["requests"] == 54 and shared_work["alone"] == whole_work["alone"]
@@ -219,13 +219,16 @@ def test_eval_no_share_contexts_reads_every_request_whole_with_the_same_results(
 
 def test_a_group_counts_its_subtasks_documents_and_a_task_without_metrics_is_named(tiny_checkpoint, monkeypatch, tmp_path):
     """sp_group (sp_boolq + sp_hellaswag, its own acc weighted by size) reports n = 3 + 3, and only its acc
-    enters the macro mean.  A task whose YAML names a metric lm-eval does not know gives no number: a
+    enters the macro mean.  A task whose YAML names a metric lm-eval does not know is refused before
+    anything runs (lm-eval would drop the metric); a task left without a metric gives no number: a
     warning names it, and the table and JSON are still written."""
+    import contextlib
     import json
 
     from click.testing import CliRunner
 
     from streamprune.cli import main
+    from streamprune.evaluate import runner
 
     monkeypatch.chdir(ROOT)
     model_dir = str(tiny_checkpoint("llama", layers=2))
@@ -243,9 +246,20 @@ def test_a_group_counts_its_subtasks_documents_and_a_task_without_metrics_is_nam
     unknown = tmp_path / "tasks"
     unknown.mkdir()
     (unknown / "sp_unknown_metric.yaml").write_text((ROOT / "tests/data/lmeval/sp_boolq.yaml").read_text()
-                                                    .replace("task: sp_boolq", "task: sp_unknown_metric").replace("metric: acc", "metric: accuracy"))
-    result = CliRunner().invoke(main, ["eval", model_dir, "--tasks", "sp_unknown_metric", "--include-path", str(unknown),
-                                       "--limit", "3", "--quiet", "--json", str(out)])
+                                                    .replace("task: sp_boolq", "task: sp_unknown_metric").replace("metric: acc", "metric: acc_nrom"))
+    out.unlink()
+
+    def unknown_metric():
+        return CliRunner().invoke(main, ["eval", model_dir, "--tasks", "sp_unknown_metric", "--include-path", str(unknown),
+                                         "--limit", "3", "--quiet", "--json", str(out)])
+
+    result = unknown_metric()  # refused while lm-eval builds the task, before any request runs
+    assert result.exit_code == 1 and result.stderr.startswith("Error: UnknownMetric: its metric_list names 'acc_nrom', which is "
+                                                              "neither one of lm-eval's metrics (acc, ")
+    assert "(lm-eval task sp_unknown_metric)" in result.stderr and not out.exists()
+    # were lm-eval to drop it without its log record, the results would still say the task has no metric
+    monkeypatch.setattr(runner, "unknown_metrics_refused", contextlib.nullcontext)
+    result = unknown_metric()
     assert result.exit_code == 0, result.output
     assert "Warning: lm-eval computed no metric for task sp_unknown_metric: check the metric_list of its YAML" in result.stderr
     assert result.stdout.splitlines()[0] == "(no metrics)" and json.loads(out.read_text())["tasks"] == {"macro_mean": None}
@@ -305,7 +319,8 @@ def test_an_unknown_task_names_the_yaml_files_lm_eval_could_not_read(tiny_checkp
 
 def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatch, tmp_path):
     """lm-eval's message for a template's misspelt field, a data file that is not there, a misspelt YAML key,
-    a few-shot split the data lacks, more few-shot examples than it holds, or an empty answer choice, does not say which task;
+    a few-shot or test split the data lacks, more few-shot examples than it holds, an empty answer choice, a metric
+    given an option it does not take, does not say which task (and a misspelt metric, which lm-eval drops, is refused);
     streamprune's one-line error does, and what to change: where relative paths are read from, the YAML
     file, the splits there are, to ask for fewer examples (first_n's assertion, the default sampler's
     random.sample), to set do_sample false for a task that samples; lm-eval's own "Error: " is not repeated."""
@@ -322,6 +337,12 @@ def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatc
     (tmp_path / "too_many.yaml").write_text(boolq.replace("task: sp_boolq", "task: too_many\nfewshot_split: validation\n"
                                                           "num_fewshot: 61\nfewshot_config:\n  sampler: first_n"))
     (tmp_path / "plain.yaml").write_text(boolq.replace("task: sp_boolq", "task: plain"))
+    (tmp_path / "bad_metric.yaml").write_text(boolq.replace("task: sp_boolq", "task: bad_metric").replace("metric: acc\n", "metric: acc_nrom\n"))
+    (tmp_path / "test_split.yaml").write_text(boolq.replace("task: sp_boolq", "task: test_split").replace("validation_split: validation", "test_split: validation")
+                                              .replace("    validation: tests/", "    test: tests/"))
+    continue_ = (ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
+    (tmp_path / "metric_option.yaml").write_text(continue_.replace("task: sp_continue", "task: metric_option")
+                                                 .replace("higher_is_better: true", "higher_is_better: true\n    ignore_whitespace: true"))
     (tmp_path / "empty_choice.yaml").write_text(boolq.replace("task: sp_boolq", "task: empty_choice").replace('["no", "yes"]', '["", "yes"]'))
     (tmp_path / "sampled.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
                                            .replace("task: sp_continue", "task: sampled").replace("do_sample: false", "do_sample: true"))
@@ -336,6 +357,9 @@ def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatc
             ("too_many", "Error: AssertionError: number of fewshot samples requested exceeds the 60 that are available. "
                          f"(lm-eval task too_many{fewer}", []),
             ("plain", f"Sample larger than population or is negative (lm-eval task plain{fewer}", ["--num-fewshot", "61"]),
+            ("bad_metric", "Error: UnknownMetric: its metric_list names 'acc_nrom', which is neither one of lm-eval's metrics (acc, ", []),
+            ("test_split", "KeyError: 'validation' (lm-eval task test_split; its test_split is not one of its dataset's: test)", []),
+            ("metric_option", "(lm-eval task metric_option; its metric_list gives a metric an option the metric does not take", []),
             ("empty_choice", "IndexError: string index out of range (lm-eval task empty_choice; an answer choice of its first "
                              "document is empty (doc_to_choice), which lm-eval cannot build a task with: give every choice some text)", []),
             ("sampled", "Error: streamed generation is greedy only; the task's generation_kwargs with the model's generation config "
@@ -413,8 +437,8 @@ def test_lm_eval_command_with_the_streamprune_model_prints_the_hf_backends_numbe
         said = capsys.readouterr()
         tables.append([line for line in said.out.splitlines() if line.startswith("|")])
         # streamprune's work, after lm-eval's table: 12 questions of 4 endings
-        assert (model == "streamprune") == bool(re.search(r"^streamprune: [\d,]+ token positions through each block for 48 requests "
-                                                          r"\(0\.\d\dx the [\d,]+ they take read one by one\)$", said.err, re.M))
+        assert (model == "streamprune") == bool(re.search(r"^streamprune: [\d,]+ token positions through each block for 48 requests; "
+                                                          r"read one by one they would take [\d,]+ \(0\.\d\dx\)$", said.err, re.M))
     assert len(tables[0]) >= 4 and tables[0] == tables[1]
 
 

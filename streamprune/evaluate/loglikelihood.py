@@ -229,11 +229,12 @@ def streamed_logprobs(
         rest = sorted(set(range(len(requests))) - set(shared))
         numbered = iter(range(len(shared)))  # the groups in the numbers of the shared requests' own list
         plan = [(split, [next(numbered) for _ in numbers]) for split, numbers in groups]
-        for numbers, score in ((shared, partial(shared_context_logprobs, plan=plan)),
-                               (rest, partial(streamed_logprobs, share_contexts=False))):
+        for numbers, score, what in ((shared, partial(shared_context_logprobs, plan=plan), "shared contexts"),
+                                     (rest, partial(streamed_logprobs, share_contexts=False), "other requests")):
             flags = [] if greedy is not None else None  # argmax only where asked for
+            named = f"{desc} ({what})" if rest else desc  # two passes over the blocks: the bars say which is which
             try:
-                scores = score(stack, [requests[n] for n in numbers], batch_size, max_resident_tokens, progress, desc, flags) if numbers else []
+                scores = score(stack, [requests[n] for n in numbers], batch_size, max_resident_tokens, progress, named, flags) if numbers else []
             except _NoCache:  # a decoder that builds no key/value cache: every request unshared
                 return streamed_logprobs(stack, requests, batch_size, max_resident_tokens, progress, desc, greedy, share_contexts=False)
             for i, (n, result) in enumerate(zip(numbers, scores)):

@@ -368,6 +368,39 @@ def skipped_yamls_note(include_path: str) -> str:
     return f"; lm-eval skipped {', '.join(skipped[:3])}{' ...' if len(skipped) > 3 else ''}" if skipped else ""
 
 
+class UnknownMetric(Exception):
+    """A task's metric_list names a metric that neither lm-eval nor the HF evaluate library has."""
+
+
+@contextlib.contextmanager
+def unknown_metrics_refused():
+    """For the length of the block, a task naming a metric found nowhere stops the evaluation while lm-eval
+    builds the task (before any request is run) with UnknownMetric, whose one-line error names the task
+    (errors.lm_eval_context) and lm-eval's metrics.  lm-eval 0.4.13 logs an error, drops the metric and
+    evaluates on: a misspelt `acc` would cost the whole evaluation and leave another metric, or none, as
+    the task's score.  Done through that log record, the one sign lm-eval gives (a filter on its logger,
+    removed afterwards), since it lets nothing else out."""
+    import logging
+
+    from lm_eval.api.registry import metric_registry
+
+    logger = logging.getLogger("lm_eval.api.registry")
+
+    def refuse(record) -> bool:
+        said = record.getMessage()
+        if " not found in the evaluate library" in said:
+            name = said.split(" not found in the evaluate library")[0]
+            raise UnknownMetric(f"its metric_list names {name!r}, which is neither one of lm-eval's metrics "
+                                f"({', '.join(sorted(metric_registry.keys()))}) nor in the HF evaluate library")
+        return True
+
+    logger.addFilter(refuse)
+    try:
+        yield
+    finally:
+        logger.removeFilter(refuse)
+
+
 def _lm_eval_bars(enabled: bool):
     """For the length of the block, the bars lm-eval draws with tqdm itself (building a task's requests,
     tokenising, checking its request cache) are streamprune's (progress.libraries_bars): lm-eval 0.4.13
@@ -397,7 +430,7 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
         datasets.disable_progress_bars()
     try:
         # lm-eval prints a line to stdout when it bootstraps a metric's stderr; stdout is the results table's
-        with _lm_eval_bars(progress), contextlib.redirect_stdout(sys.stderr):
+        with _lm_eval_bars(progress), unknown_metrics_refused(), contextlib.redirect_stdout(sys.stderr):
             output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
                                              num_fewshot=config.num_fewshot, limit=config.limit)
     except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", offline or down

@@ -64,12 +64,12 @@ class Work:
         return {**asdict(self), "ratio": None if ratio is None else round(ratio, 4)}
 
     def describe(self) -> str:
-        """One line: '812,345 token positions through each block for 4,000 requests (0.42x the 1,950,000
-        they take read one by one)'."""
+        """One line: '812,345 token positions through each block for 4,000 requests; read one by one they
+        would take 1,950,000 (0.42x)'."""
         if self.ratio is None:
             return f"{self.positions:,} token positions through each block for {self.requests:,} requests"
-        return (f"{self.positions:,} token positions through each block for {self.requests:,} requests "
-                f"({self.ratio:.2f}x the {self.alone:,} they take read one by one)")
+        return (f"{self.positions:,} token positions through each block for {self.requests:,} requests; "
+                f"read one by one they would take {self.alone:,} ({self.ratio:.2f}x)")
 
 
 @contextlib.contextmanager
