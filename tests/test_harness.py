@@ -201,13 +201,14 @@ def test_eval_no_share_contexts_reads_every_request_whole_with_the_same_results(
         shared.clear()
         out = tmp_path / f"{switch}.json"
         result = CliRunner().invoke(main, ["eval", str(model_dir), "--tasks", "hellaswag,sp_hellaswag,sp_continue_fewshot", "--include-path",
-                                           "tests/data/lmeval", "--data-dir", "tests/data", "--limit", "6", "--json", str(out), switch])
+                                           "tests/data/lmeval", "--data-dir", "tests/data", "--limit", "6", "--device", "cpu", "--json", str(out), switch])
         assert result.exit_code == 0, result.output
         results.append(json.loads(out.read_text()))
         assert bool(shared) == (switch == "--share-contexts"), switch
         work = results[-1]["work"]  # 6 x 4 endings of each HellaSwag, 6 continuations
         assert f"token positions through each block for 54 requests; read one by one they would take {work['alone']:,} ({work['ratio']:.2f}x)" in result.stderr
     assert results[1]["options"]["share_contexts"] is False
+    assert results[1]["options"]["dtype"] == "auto" and results[1]["computed_in"] == {"device": "cpu", "dtype": "float64"}
     shared_work, whole_work = results[0]["work"], results[1]["work"]
     assert shared_work["requests"] == whole_work["requests"] == 54 and shared_work["alone"] == whole_work["alone"]
     # read whole, padding only adds (no answer of one token here, whose rows would be one as ever)
@@ -522,9 +523,10 @@ def test_a_sweep_evaluates_lm_eval_tasks(tiny_checkpoint, monkeypatch, tmp_path)
     assert "lm-eval tasks: 1-shot (--num-fewshot); the built-in tasks zero-shot." in table
 
 
-def test_lm_evals_task_index_is_built_again_only_when_a_yaml_under_the_include_path_changes(tmp_path, monkeypatch):
+def test_lm_evals_task_index_is_built_again_only_when_a_yaml_under_the_include_path_changes(tmp_path, monkeypatch, capsys):
     """The TaskManager (lm-eval's index of its tasks, seconds to build) is reused while the YAML files under
-    --include-path are unchanged; a file added or rewritten makes a new one, which knows the new task."""
+    --include-path are unchanged; a file added or rewritten makes a new one, which knows the new task.
+    With progress on, a line says so whenever one is built (lm-eval itself shows nothing meanwhile)."""
     from lm_eval import tasks
 
     from streamprune.evaluate import runner
@@ -537,11 +539,12 @@ def test_lm_evals_task_index_is_built_again_only_when_a_yaml_under_the_include_p
     monkeypatch.setattr(runner, "_TASK_MANAGERS", {})
     (tmp_path / "one.yaml").write_text("task: one\n")
     config = runner.EvalConfig(tasks=("one",), include_path=str(tmp_path))
-    first = runner._task_manager(config)
-    assert runner._task_manager(config) is first
+    first = runner._task_manager(config, progress=True)
+    assert runner._task_manager(config, progress=True) is first
+    assert capsys.readouterr().err == f"Indexing lm-eval's tasks (its task YAMLs and {tmp_path}'s; about 10 s on a small CPU) ...\n"
     (tmp_path / "two.yaml").write_text("task: two\n")
     second = runner._task_manager(runner.EvalConfig(tasks=("two",), include_path=str(tmp_path)))
-    assert second is not first and second.all_tasks == ["one", "two"]
+    assert second is not first and second.all_tasks == ["one", "two"] and capsys.readouterr().err == ""
     (tmp_path / "two.yaml").write_text("task: two\ndescription: rewritten\n")
     assert runner._task_manager(config) is not second
 

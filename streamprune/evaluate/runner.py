@@ -204,7 +204,7 @@ def evaluate(
     put through each block, against what they take read one by one: what sharing contexts saved.
     """
     config = config or EvalConfig(**options)
-    manager = _task_manager(config) if config.harness_tasks else None
+    manager = _task_manager(config, progress) if config.harness_tasks else None
     started = time.perf_counter()
     reset_peak_memory(torch.device("cpu"))  # this evaluation's peaks, not the process's so far
     quantized = config.load_in_8bit or config.load_in_4bit
@@ -262,6 +262,7 @@ def evaluate(
     if work is not None:
         results["work"] = work.as_dict()
     results["peak_memory"] = peak_memory(scorer.device)
+    results["computed_in"] = {"device": str(scorer.device), "dtype": str(scorer.dtype).removeprefix("torch.")}  # what 'auto' chose
     results["versions"] = versions()
     if config.harness_tasks:  # lm-eval's task definitions and metrics are part of what the numbers mean
         import lm_eval
@@ -302,7 +303,7 @@ def _yaml_stamps(include_path: str | None) -> tuple:
     return tuple(stamps)
 
 
-def _task_manager(config: EvalConfig):
+def _task_manager(config: EvalConfig, progress: bool = False):
     """lm-eval's TaskManager (with include_path), after checking that every task that is not built in
     is one of its tasks or groups: before anything is evaluated, so a typo costs no streaming pass.
 
@@ -311,12 +312,16 @@ def _task_manager(config: EvalConfig):
     (_yaml_stamps): a sweep's configurations, and eval --baseline's second model, reuse it.  lm-eval makes
     each evaluation's task objects anew from the index (simple_evaluate's get_task_dict).  When the
     tasks are all found, the files under include_path that lm-eval passed over are still named, in a
-    warning, once per folder state: a task, group or tag one of them defines would be missing unnoticed."""
+    warning, once per folder state: a task, group or tag one of them defines would be missing unnoticed.
+    With progress, a line says the index is being built (lm-eval shows nothing for those seconds)."""
     from lm_eval.tasks import TaskManager
 
     key = (config.include_path, _yaml_stamps(config.include_path))
     manager = _TASK_MANAGERS.get(key)
     if manager is None:
+        if progress:
+            progress_bars.message("Indexing lm-eval's tasks (its task YAMLs" + (f" and {config.include_path}'s" if config.include_path else "")
+                                  + "; about 10 s on a small CPU) ...")
         manager = TaskManager(include_path=config.include_path)
         _TASK_MANAGERS.clear()  # one index at a time: an older one is not needed again
         _TASK_MANAGERS[key] = manager
