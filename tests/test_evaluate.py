@@ -198,7 +198,8 @@ def test_eval_command_with_baseline_and_json(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "options, fragment",
     [
-        (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),  # neither built in nor lm-eval's
+        (["--tasks", "no_such_task"], "unknown task 'no_such_task': neither built in"),  # nor lm-eval's, nor close to one
+        (["--tasks", "boolq,hellaswg"], "unknown task 'hellaswg' (did you mean 'hellaswag'?): neither built in"),
         (["--tasks", "boolq", "--num-fewshot", "2"], "--num-fewshot applies to lm-eval tasks; the built-in tasks (boolq) are zero-shot;"),
         ([], "nothing to evaluate"),
         (["--ppl", "no-such-text"], "neither a file nor one of"),

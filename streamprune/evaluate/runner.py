@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import functools
 import logging
 import sys
@@ -328,8 +329,10 @@ def _task_manager(config: EvalConfig, progress: bool = False):
     known = set(manager.all_tasks)
     unknown = [t for t in config.harness_tasks if t not in known]
     if unknown:
+        close = difflib.get_close_matches(unknown[0], [*all_tasks(), *known], n=1, cutoff=0.8)
         raise StreamPruneError(
-            f"unknown task {unknown[0]!r}: neither built in ({', '.join(all_tasks())}) nor an lm-eval task"
+            f"unknown task {unknown[0]!r}{f' (did you mean {close[0]!r}?)' if close else ''}: neither built in "
+            f"({', '.join(all_tasks())}) nor an lm-eval task"
             + (f" (nor under {config.include_path}){skipped_yamls_note(config.include_path)}" if config.include_path
                else "; --include-path DIR adds task YAMLs")
         )
