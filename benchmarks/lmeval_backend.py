@@ -65,22 +65,16 @@ def timed(method):
 
 for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):  # lm-eval calls them by name
     setattr(lm, name, timed(getattr(lm, name)))
-positions = [0]  # HFLM: token positions through its first decoder layer, as StreamedLM's work counts block 0's
-
-
-def count(module, args, kwargs):
-    hidden = args[0] if args else kwargs["hidden_states"]
-    positions[0] += hidden.shape[0] * hidden.shape[1]
-
-
-if kind == "hf":
-    lm.model.model.layers[0].register_forward_pre_hook(count, with_kwargs=True)
-out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=tasks_dir),
-                              limit=limit, bootstrap_iters=0)
+import contextlib, types
+from streamprune.evaluate.work import Work, counting
+counted = Work()  # HFLM: token positions through its first decoder layer, counted as StreamedLM's work counts block 0's
+with counting(types.SimpleNamespace(blocks=lm.model.model.layers), counted) if kind == "hf" else contextlib.nullcontext():
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=tasks_dir),
+                                  limit=limit, bootstrap_iters=0)
 from streamprune.state import peak_rss_bytes
 metrics = {f"{t} {k.split(',')[0]}": v for t, r in out["results"].items() for k, v in r.items()
            if k.endswith(",none") and "stderr" not in k}
-work = lm.work.as_dict() if kind != "hf" else {"positions": positions[0]}
+work = lm.work.as_dict() if kind != "hf" else {"positions": counted.positions}
 print(json.dumps({"wall_s": time.perf_counter() - started, "scoring_s": scoring[0], "peak_rss_bytes": peak_rss_bytes(), "metrics": metrics,
                   "work": work}))
 """

@@ -14,11 +14,12 @@ def lm_eval_context(exc: BaseException) -> str:
     paths are read from the folder the command runs in; for an unknown key, the YAML file; for a split
     the dataset lacks (a bare KeyError), which of its splits (the innermost *_docs call: test_split
     where lm-eval's fewshot_docs fell back to test_docs) and the splits it has; for a metric given an
-    option its function does not take (a TypeError in process_results), that; for more few-shot examples than its few-shot
-    split holds, to ask for fewer; for an answer choice that is empty (lm-eval 0.4.13 reads its first
-    character while building the task), to give every choice text.  '' when no task is involved."""
+    option its function does not take (a TypeError in process_results), that; for more few-shot
+    examples than its few-shot split holds, to ask for fewer; for an answer choice that is empty
+    (lm-eval 0.4.13 reads its first character while building the task), to give every choice text.
+    '' when no task is involved."""
     name, path, splits, functions, tb = None, None, None, set(), exc.__traceback__
-    innermost, frames = None, []
+    frames = []
     while tb is not None:  # the innermost task object among the frames' `self`, else the task lm-eval was building
         frame = tb.tb_frame
         owner, entry = frame.f_locals.get("self"), frame.f_locals.get("entry")
@@ -29,7 +30,6 @@ def lm_eval_context(exc: BaseException) -> str:
             name, path = entry.name, getattr(entry, "yaml_path", None)
         if type(owner).__name__ == "DatasetDict" and type(owner).__module__.startswith("datasets."):
             splits = list(owner.keys())
-        innermost = frame
         frames.append(frame)
         tb = tb.tb_next
     if name is None:
@@ -49,7 +49,7 @@ def lm_eval_context(exc: BaseException) -> str:
         hint = "; it asks for more few-shot examples than its few-shot split holds: ask for fewer (num_fewshot in its YAML, or the command's option)"
     elif isinstance(exc, TypeError) and "process_results" in functions and "positional argument" in text:
         hint = "; its metric_list gives a metric an option the metric does not take (lm-eval hands a metric's options to its function)"
-    elif isinstance(exc, IndexError) and innermost is not None and innermost.f_locals.get("choice") == "" and "check_choices" in innermost.f_locals:
+    elif isinstance(exc, IndexError) and frames[-1].f_locals.get("choice") == "" and "check_choices" in frames[-1].f_locals:
         hint = "; an answer choice of its first document is empty (doc_to_choice), which lm-eval cannot build a task with: give every choice some text"
     return f" (lm-eval task {name}{hint})"
 

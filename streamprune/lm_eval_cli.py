@@ -52,13 +52,11 @@ def main() -> None:
         sys.stderr.write(f"Error: --include_path {include_path} is not a folder; give the folder of your task YAMLs\n")
         sys.exit(1)
     from .evaluate.harness import StreamedLM
+    from .evaluate.runner import skipped_yamls_note, unknown_metrics_refused, warn_skipped_yamls
 
     StreamedLM.works.clear()  # this command's models only (a test calls main more than once)
     if include_path is not None:  # before the evaluation, which may take hours; lm-eval says nothing of them
-        from .evaluate.runner import warn_skipped_yamls
-
         warn_skipped_yamls(include_path)
-    from .evaluate.runner import unknown_metrics_refused
 
     try:
         with unknown_metrics_refused():
@@ -81,8 +79,6 @@ def main() -> None:
             raise
         said = one_line(exc).removeprefix("Error: ") + lm_eval_context(exc)
         if include_path is not None and said.startswith("Tasks not found"):  # lm-eval skips broken YAMLs silently
-            from .evaluate.runner import skipped_yamls_note
-
             said += skipped_yamls_note(include_path)
         sys.stderr.write(f"\nError: {type(exc).__name__}: {said} (rerun with STREAMPRUNE_DEBUG=1 for the traceback)\n")
         sys.exit(1)
