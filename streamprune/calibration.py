@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from . import progress as progress_bars
 from .checkpoint import write_atomic
 from .errors import StreamPruneError
+from .hub import datasets_from_cache_when_offline, unreachable_note
 
 log = logging.getLogger("streamprune")
 
@@ -48,19 +49,20 @@ def hub_documents(name: str) -> list[str]:
     """The named corpus from the Hugging Face hub (needs the network, or the datasets cache)."""
     import datasets
 
-    try:
-        if name == "wikitext103":
-            rows = datasets.load_dataset("Salesforce/wikitext", "wikitext-103-raw-v1", split="train")
-            return ["".join(rows["text"])]  # the rows are the lines of the raw file, in order
-        rows = datasets.load_dataset(
-            "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"
-        )
-        return list(rows["text"])
-    except Exception as exc:
-        raise StreamPruneError(
-            f"could not load calibration corpus {name!r} from the hub ({type(exc).__name__}); "
-            "offline, pass a local text or .jsonl file with --calib"
-        ) from exc
+    with datasets_from_cache_when_offline() as unreachable:  # offline: the cached copy at once, or the error
+        try:
+            if name == "wikitext103":
+                rows = datasets.load_dataset("Salesforce/wikitext", "wikitext-103-raw-v1", split="train")
+                return ["".join(rows["text"])]  # the rows are the lines of the raw file, in order
+            rows = datasets.load_dataset(
+                "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train"
+            )
+            return list(rows["text"])
+        except Exception as exc:
+            why = unreachable_note(unreachable) or f"from the Hugging Face Hub ({type(exc).__name__})"
+            raise StreamPruneError(
+                f"could not load calibration corpus {name!r}: {why}; offline, pass a local text or .jsonl file with --calib"
+            ) from exc
 
 
 def file_documents(path: Path) -> list[str]:

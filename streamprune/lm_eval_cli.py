@@ -17,6 +17,7 @@ import os
 import sys
 
 from .errors import StreamPruneError, lm_eval_context, one_line
+from .hub import datasets_from_cache_when_offline, unreachable_note
 
 
 def _include_path(argv: list[str]) -> str | None:
@@ -33,7 +34,8 @@ def main() -> None:
     """Runs lm-eval's command with streamprune's error rules: a StreamPruneError (bad --model_args, a model
     streamprune cannot open) is one `Error: ...` line on stderr and its exit status (1); lm-eval's own
     errors (an unknown task, a dataset it cannot download offline) one `Error: Type: message` line and
-    status 1; Ctrl-C `Error: interrupted` and status 130 (as `streamprune eval`).  STREAMPRUNE_DEBUG=1
+    status 1; when the Hugging Face Hub cannot be reached, datasets come from datasets' cache at once
+    (hub.datasets_from_cache_when_offline) instead of after about 24 s of retries each; Ctrl-C `Error: interrupted` and status 130 (as `streamprune eval`).  STREAMPRUNE_DEBUG=1
     shows the traceback instead.  lm-eval's own usage errors (argparse) are left as lm-eval prints them.
     After lm-eval's table, a `streamprune: ...` line on stderr gives the work StreamedLM did (work.Work)."""
     try:
@@ -58,8 +60,9 @@ def main() -> None:
     if include_path is not None:  # before the evaluation, which may take hours; lm-eval says nothing of them
         warn_skipped_yamls(include_path)
 
+    unreachable = None
     try:
-        with unknown_metrics_refused():
+        with unknown_metrics_refused(), datasets_from_cache_when_offline() as unreachable:
             cli_evaluate()
         for work in StreamedLM.works:  # lm-eval prints its table; how much sharing saved is streamprune's to say
             if work.requests:
@@ -80,6 +83,9 @@ def main() -> None:
         said = one_line(exc).removeprefix("Error: ") + lm_eval_context(exc)
         if include_path is not None and said.startswith("Tasks not found"):  # lm-eval skips broken YAMLs silently
             said += skipped_yamls_note(include_path)
+        if unreachable and isinstance(exc, ConnectionError):  # offline: say why and what to do
+            said += (f"; {unreachable_note(unreachable)}; offline, write a task YAML over local files (dataset_path: "
+                     "json, with data_files) and pass its folder with --include_path")
         sys.stderr.write(f"\nError: {type(exc).__name__}: {said} (rerun with STREAMPRUNE_DEBUG=1 for the traceback)\n")
         sys.exit(1)
 

@@ -20,6 +20,7 @@ import torch
 
 from ..calibration import JSONL_SUFFIXES, file_documents
 from ..errors import StreamPruneError
+from ..hub import datasets_from_cache_when_offline, unreachable_note
 from .loglikelihood import Request
 
 HUB_TEXTS = ("wikitext103", "wikitext2", "c4")
@@ -50,18 +51,18 @@ def load_text(source: str) -> str:
         raise StreamPruneError(f"perplexity text {source!r} is neither a file nor one of {', '.join(HUB_TEXTS)}")
     import datasets
 
-    try:
-        if source == "c4":  # Wanda's protocol: the first 1100 documents of the first validation shard
-            rows = datasets.load_dataset(
-                "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
-            )
-            return " ".join(rows[:1100]["text"])
-        name, split = ("wikitext-103-raw-v1", "validation") if source == "wikitext103" else ("wikitext-2-raw-v1", "test")
-        return "\n\n".join(datasets.load_dataset("Salesforce/wikitext", name, split=split)["text"])
-    except Exception as exc:
-        raise StreamPruneError(
-            f"could not load {source} from the hub ({type(exc).__name__}); offline, pass a local text file with --ppl"
-        ) from exc
+    with datasets_from_cache_when_offline() as unreachable:  # offline: the cached copy at once, or the error
+        try:
+            if source == "c4":  # Wanda's protocol: the first 1100 documents of the first validation shard
+                rows = datasets.load_dataset(
+                    "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation"
+                )
+                return " ".join(rows[:1100]["text"])
+            name, split = ("wikitext-103-raw-v1", "validation") if source == "wikitext103" else ("wikitext-2-raw-v1", "test")
+            return "\n\n".join(datasets.load_dataset("Salesforce/wikitext", name, split=split)["text"])
+        except Exception as exc:
+            why = unreachable_note(unreachable) or f"from the Hugging Face Hub ({type(exc).__name__})"
+            raise StreamPruneError(f"could not load {source}: {why}; offline, pass a local text file with --ppl") from exc
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from ..errors import NumericalError, StreamPruneError, one_line
 from ..loading import choose_device, load_tokenizer, open_model, warn_beyond_context
 from ..placement import Budget
 from ..checkpoint import resolve_model_dir
+from ..hub import datasets_from_cache_when_offline, unreachable_note
 from ..state import peak_memory, reset_peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
 from .perplexity import load_text, perplexity_from, perplexity_requests
@@ -436,13 +437,16 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
     bars_were_off = datasets.are_progress_bars_disabled()
     if not progress or progress_bars.lines_only():  # preparing a task's split: no bar under --quiet, nor \r in a log
         datasets.disable_progress_bars()
+    unreachable = None
     try:
         # lm-eval prints a line to stdout when it bootstraps a metric's stderr; stdout is the results table's
-        with _lm_eval_bars(progress), unknown_metrics_refused(), contextlib.redirect_stdout(sys.stderr):
+        with _lm_eval_bars(progress), unknown_metrics_refused(), contextlib.redirect_stdout(sys.stderr), \
+                datasets_from_cache_when_offline() as unreachable:
             output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
                                              num_fewshot=config.num_fewshot, limit=config.limit)
     except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", offline or down
-        raise StreamPruneError(f"lm-eval could not load a task's dataset ({one_line(exc)}); offline, write a task YAML "
+        why = one_line(exc) + (f"; {unreachable_note(unreachable)}" if unreachable else "")
+        raise StreamPruneError(f"lm-eval could not load a task's dataset ({why}); offline, write a task YAML "
                                "over local files (dataset_path: json, with data_files) and pass its folder with --include-path") from None
     finally:
         if not bars_were_off:

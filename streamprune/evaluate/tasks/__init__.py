@@ -20,7 +20,8 @@ from typing import Callable
 
 import torch
 
-from ...errors import StreamPruneError
+from ...errors import StreamPruneError, one_line
+from ...hub import datasets_from_cache_when_offline, unreachable_note
 from ..loglikelihood import Request
 
 TARGET_DELIMITER = " "
@@ -108,12 +109,15 @@ def read_lines(path: Path, what: str) -> list[str]:
     return path.read_text(encoding="utf-8").splitlines()
 
 
-def from_hub(loader: Callable[[], list[Example]], name: str) -> list[Example]:
-    try:
-        return loader()
-    except StreamPruneError:
-        raise
-    except Exception as exc:
-        raise StreamPruneError(
-            f"could not load {name} from the Hugging Face hub ({type(exc).__name__}); offline, pass --data-dir"
-        ) from exc
+def from_hub(loader: Callable[[], list[Example]], name: str, files: str) -> list[Example]:
+    """loader()'s examples, read from the Hugging Face Hub through datasets (at once from datasets' cache
+    when the Hub cannot be reached: hub.datasets_from_cache_when_offline).  Raises StreamPruneError
+    naming the task, why, and the --data-dir layout of its offline copy (`files`), when they cannot be loaded."""
+    with datasets_from_cache_when_offline() as unreachable:
+        try:
+            return loader()
+        except StreamPruneError:
+            raise
+        except Exception as exc:
+            why = unreachable_note(unreachable) or f"from the Hugging Face Hub ({type(exc).__name__}: {one_line(exc)[:200]})"
+            raise StreamPruneError(f"could not load {name}: {why}; offline, pass --data-dir DIR holding its copy as DIR/{files}") from exc

@@ -31,7 +31,7 @@ def load(data_dir: Path | None) -> list[Example]:
             rows = datasets.load_dataset("aps/super_glue", "boolq", split="validation")
             return [example(r["passage"], r["question"], r["label"] == 1) for r in rows]
 
-        return from_hub(hub, "boolq")
+        return from_hub(hub, "boolq", "boolq/val.jsonl")
     path = Path(data_dir) / "boolq" / "val.jsonl"
     examples = []
     for number, line in enumerate(read_lines(path, "BoolQ"), 1):

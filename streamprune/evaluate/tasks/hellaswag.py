@@ -47,7 +47,7 @@ def load(data_dir: Path | None) -> list[Example]:
                 for r in rows
             ]
 
-        return from_hub(hub, "hellaswag")
+        return from_hub(hub, "hellaswag", f"hellaswag/{TEXT_FILE}")
     path = Path(data_dir) / "hellaswag" / TEXT_FILE
     lines = read_lines(path, "HellaSwag")
     examples = []

@@ -34,7 +34,7 @@ def load(data_dir: Path | None) -> list[Example]:
             rows = datasets.load_dataset("pirocheto/phishing-url", split="train+test")
             return [example(r["url"], r["status"]) for r in rows]
 
-        return from_hub(hub, "phishing")
+        return from_hub(hub, "phishing", f"phishing/{CSV_FILE}")
     path = Path(data_dir) / "phishing" / CSV_FILE
     if not path.is_file():
         raise StreamPruneError(f"phishing data {path} is missing; check --data-dir")
