@@ -293,7 +293,7 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
                      max_cpu_memory, offload_dir, **options):
     """Perplexity and zero-shot accuracy of MODEL, one block resident at a time."""
     from .checkpoint import check_writable, resolve_model_dir, write_json
-    from .evaluate.runner import EvalConfig, evaluate, format_table
+    from .evaluate.runner import EvalConfig, differences, evaluate, format_table
     from .evaluate.work import Work
 
     config = EvalConfig(data_dir=str(data_dir) if data_dir else None, **options)
@@ -311,7 +311,7 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
         if done and done.get("work") and not quiet:  # beside the table: how, not what, the numbers were computed
             click.echo(f"{name}: {Work.from_dict(done['work']).describe()}", err=True)
     if json_path:
-        payload = {**results, "baseline": reference} if reference else results
+        payload = {**results, "baseline": reference, "difference": differences(results, reference)} if reference else results
         json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, payload)
         click.echo(f"Results: {json_path}")

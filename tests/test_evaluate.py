@@ -193,6 +193,39 @@ def test_eval_command_with_baseline_and_json(tiny_checkpoint, tmp_path):
     assert results["tasks"]["macro_mean"] == pytest.approx(sum(primaries) / 3)
     assert results["baseline"]["model"] == str(dense)
     assert results["timings"]["total_s"] > 0 and results["options"]["limit"] == 5
+    difference, base = results["difference"], results["baseline"]
+    assert difference["ppl"]["value"] == results["ppl"]["value"] - base["ppl"]["value"] != 0
+    assert set(difference["tasks"]) == {"boolq", "hellaswag", "phishing", "macro_mean"}
+    assert set(difference["tasks"]["hellaswag"]) == {"acc", "acc_norm"} and set(difference["tasks"]["boolq"]) == {"acc"}
+    for task in ("boolq", "hellaswag", "phishing"):
+        for metric, value in difference["tasks"][task].items():
+            assert value == results["tasks"][task][metric] - base["tasks"][task][metric]
+    assert difference["tasks"]["macro_mean"] == results["tasks"]["macro_mean"] - base["tasks"]["macro_mean"]
+
+
+def test_differences_are_taken_only_where_both_models_were_measured_alike():
+    """eval --baseline's JSON `difference`: model minus baseline, metric by metric (the printed table's last
+    column); a task with another number of examples or shots, a perplexity of other windows, a metric
+    only one has, and the bookkeeping (n, stderr) are left out."""
+    from streamprune.evaluate.runner import differences
+
+    ppl = {"dataset": "w.txt", "windows": 4, "seqlen": 32, "value": 30.0, "slices": [20.0, 40.0], "slices_mean": 30.0}
+    model = {"ppl": ppl, "tasks": {
+        "boolq": {"acc": 0.75, "n": 4},
+        "sp_gen": {"exact_match": 0.5, "exact_match_stderr": 0.2, "n": 2, "num_fewshot": 3, "source": "lm-eval", "primary": "exact_match"},
+        "arc": {"acc": 0.5, "n": 2, "source": "lm-eval"},
+        "macro_mean": 0.6}}
+    baseline = {"ppl": {**ppl, "value": 20.0, "slices": [15.0, 25.0], "slices_mean": 20.0}, "tasks": {
+        "boolq": {"acc": 0.5, "n": 4},
+        "sp_gen": {"exact_match": 1.0, "exact_match_stderr": 0.0, "n": 2, "num_fewshot": 3, "source": "lm-eval", "primary": "exact_match"},
+        "arc": {"acc": 0.25, "n": 3, "source": "lm-eval"},
+        "macro_mean": 0.7}}
+    assert differences(model, baseline) == {
+        "ppl": {"value": 10.0, "slices": [5.0, 15.0], "slices_mean": 10.0},
+        "tasks": {"boolq": {"acc": 0.25}, "sp_gen": {"exact_match": -0.5}, "macro_mean": pytest.approx(-0.1)}}
+    other_windows = {**baseline, "ppl": {**baseline["ppl"], "windows": 3}}
+    assert "ppl" not in differences(model, other_windows)
+    assert differences({"tasks": {}}, baseline) == {}
 
 
 @pytest.mark.parametrize(

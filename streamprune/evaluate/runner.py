@@ -510,6 +510,34 @@ def metric_rows(results: dict) -> list[tuple[str, float]]:
     return rows
 
 
+def differences(results: dict, baseline: dict) -> dict:
+    """This model's results minus the baseline's, for the JSON beside the table's difference column:
+    {"ppl": {"value", "slices" (list), "slices_mean"}, "tasks": {task: {metric: difference}, "macro_mean"}}
+    over what both have on the same footing: perplexity on the same text, windows and length; a task's
+    metrics (those the table shows, table_metrics) where both evaluated the same number of examples with
+    the same shots.  Perplexities are in their own units (lower is better), accuracies in [-1, 1]."""
+    out: dict = {}
+    ppl, base_ppl = results.get("ppl"), baseline.get("ppl")
+    if ppl and base_ppl and all(ppl.get(k) == base_ppl.get(k) for k in ("dataset", "windows", "seqlen")):
+        slices = [a - b for a, b in zip(ppl["slices"], base_ppl["slices"])] if len(ppl["slices"]) == len(base_ppl["slices"]) else []
+        both = ppl.get("slices_mean") is not None and base_ppl.get("slices_mean") is not None
+        out["ppl"] = {"value": ppl["value"] - base_ppl["value"], "slices": slices,
+                      "slices_mean": ppl["slices_mean"] - base_ppl["slices_mean"] if both else None}
+    tasks, base_tasks = results.get("tasks", {}), baseline.get("tasks", {})
+    differing: dict = {}
+    for name, metrics in tasks.items():
+        base = base_tasks.get(name)
+        if name == "macro_mean" or not isinstance(base, dict) or (metrics.get("n"), metrics.get("num_fewshot")) != (base.get("n"), base.get("num_fewshot")):
+            continue
+        differing[name] = {m: metrics[m] - base[m] for m in table_metrics(name, metrics)
+                           if isinstance(base.get(m), (int, float)) and isinstance(metrics.get(m), (int, float))}
+    if differing:
+        out["tasks"] = differing
+        if tasks.get("macro_mean") is not None and base_tasks.get("macro_mean") is not None:
+            out["tasks"]["macro_mean"] = tasks["macro_mean"] - base_tasks["macro_mean"]
+    return out
+
+
 def format_table(results: dict, baseline: dict | None = None) -> str:
     """The metrics as an aligned text table; with a baseline: baseline, this model and the difference."""
     rows = metric_rows(results)
