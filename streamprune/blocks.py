@@ -29,7 +29,7 @@ from .checkpoint import CheckpointReader
 from .checks import check_fits
 from .errors import StreamPruneError
 from .families import Layout, block_index, derive_layout
-from .placement import Budget, FileStates, TensorStates, choose_placement, make_states
+from .placement import Budget, FileStates, TensorStates, choose_placement, make_states, pin_host_states, pinned_bytes
 
 
 @dataclass
@@ -466,7 +466,8 @@ class DecoderStack:
                 block_kwargs = dict(record["kwargs"])  # later calls record into the same dict
                 shape = (rows, seqlen, record["hidden"].shape[-1])
                 placement = placement or self.placement_for(torch.Size(shape).numel(), batch_size * seqlen, reserve_bytes)
-                hidden = make_states(shape, self.dtype, self.device, placement, self.budget.offload_dir)
+                pin = pin_host_states(self.dtype.itemsize * torch.Size(shape).numel(), self.budget, self.host_reserve_bytes())
+                hidden = make_states(shape, self.dtype, self.device, placement, self.budget.offload_dir, pin=pin)
                 for start in range(0, rows, batch_size):
                     self.decoder(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
                     hidden.write(start, record["hidden"])
@@ -491,7 +492,18 @@ class DecoderStack:
         itemsize = self.dtype.itemsize
         block_bytes = itemsize * sum(torch.Size(self.reader.shapes[k]).numel() for k in self.block_keys(0))
         activations = itemsize * batch_tokens * self.activation_values_per_token()
-        return choose_placement(nbytes, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget)
+        return choose_placement(nbytes, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget,
+                                self.host_reserve_bytes())
+
+    def host_reserve_bytes(self) -> int:
+        """Host memory, in bytes, that hidden states in host memory must leave for the blocks: on CUDA, two
+        blocks' tensors as read_block pins them (the block at work and the next, read meanwhile), each
+        tensor rounded up as PyTorch's pinned allocator rounds it (placement.pinned_bytes); 0 on a CPU,
+        where the device's own reserve counts them."""
+        if self.device.type != "cuda":
+            return 0
+        reader = self.reader
+        return 2 * sum(pinned_bytes(reader.dtypes[k].itemsize * torch.Size(reader.shapes[k]).numel()) for k in self.block_keys(0))
 
     def activation_values_per_token(self) -> int:
         """Entries a block at work holds per token of its batch (4 x hidden size + 3 x intermediate size:

@@ -1,7 +1,8 @@
 """Where the hidden states of the calibration windows live between blocks.
 
   device  a tensor on the device the blocks run on (fastest; GPU memory holds them all)
-  cpu     host memory (pinned when the blocks run on CUDA), one batch at a time copied to the device
+  cpu     host memory (pinned when the blocks run on CUDA and the pinned allocation, rounded up to a power
+          of two by PyTorch, fits --max-cpu-memory), one batch at a time copied to the device
   disk    a file, read and written one batch at a time with plain file I/O (no memory map: resident
           memory stays one batch, whatever the size of the file)
 
@@ -85,13 +86,29 @@ def apply_gpu_limit(device: torch.device, budget: Budget | None) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget.max_gpu_bytes / total), index)
 
 
-def choose_placement(nbytes: int, reserve_bytes: int, device: torch.device, budget: Budget) -> str:
-    """The placement for `nbytes` of hidden states, leaving `reserve_bytes` for a block at work."""
+def host_limit_bytes(budget: Budget) -> int:
+    """The host memory the budget allows, in bytes: --max-cpu-memory, else 80% of what is available now."""
+    return budget.max_cpu_bytes if budget.max_cpu_bytes is not None else int(0.8 * available_host_bytes())
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """The host memory, in bytes, that PyTorch's caching host allocator takes for a pinned tensor of `nbytes`
+    bytes (tensor.pin_memory(), torch.empty(..., pin_memory=True)): the next power of two (torch 2.13,
+    ATen/core/CachingHostAllocator.h: every request is rounded up so, below `pinned_max_round_threshold_mb`
+    of PYTORCH_ALLOC_CONF, unlimited by default), kept by the allocator for reuse after the tensor is
+    freed.  1.5 GiB of hidden states take 2 GiB pinned."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
+
+
+def choose_placement(nbytes: int, reserve_bytes: int, device: torch.device, budget: Budget, host_reserve_bytes: int = 0) -> str:
+    """The placement for `nbytes` of hidden states, leaving `reserve_bytes` for a block at work on the
+    device, and on CUDA `host_reserve_bytes` of host memory beside them in host memory (the pinned copies
+    of the blocks read from the checkpoint, StreamingStack.host_reserve_bytes)."""
     if budget.offload != "auto":
         if budget.offload == "cpu" and device.type == "cpu":
             return "device"
         return budget.offload
-    host = budget.max_cpu_bytes if budget.max_cpu_bytes is not None else int(0.8 * available_host_bytes())
+    host = host_limit_bytes(budget)
     if device.type == "cuda":
         gpu = budget.max_gpu_bytes
         if gpu is None:
@@ -99,15 +116,24 @@ def choose_placement(nbytes: int, reserve_bytes: int, device: torch.device, budg
             gpu = int(0.9 * free)
         if nbytes + reserve_bytes <= gpu:
             return "device"
-        return "cpu" if nbytes <= host else "disk"
+        return "cpu" if nbytes + host_reserve_bytes <= host else "disk"
     return "device" if nbytes + reserve_bytes <= host else "disk"
 
 
-class TensorStates:
-    """Hidden states in one tensor on the device or in (pinned) host memory."""
+def pin_host_states(nbytes: int, budget: Budget, host_reserve_bytes: int = 0) -> bool:
+    """Whether `nbytes` of hidden states placed in host memory for a CUDA device ("cpu") are pinned: when
+    their pinned allocation (pinned_bytes, up to twice their size) fits the host limit beside
+    `host_reserve_bytes`.  Otherwise they are ordinary (pageable) memory of their exact size, which the
+    limit then holds, at the cost of copies to and from the device that wait for each other."""
+    return pinned_bytes(nbytes) + host_reserve_bytes <= host_limit_bytes(budget)
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, storage: torch.device, compute: torch.device):
-        pin = storage.type == "cpu" and compute.type == "cuda"
+
+class TensorStates:
+    """Hidden states in one tensor on the device or in host memory, pinned there for a CUDA device unless
+    `pin` is False (pin_host_states)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, storage: torch.device, compute: torch.device, pin: bool = True):
+        pin = pin and storage.type == "cpu" and compute.type == "cuda"
         self.tensor = torch.empty(shape, dtype=dtype, device=storage, pin_memory=pin)
         self.compute = compute
         self.shape = shape
@@ -170,9 +196,12 @@ class FileStates:
 
 
 def make_states(
-    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, placement: str, directory: str | Path | None
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, placement: str, directory: str | Path | None,
+    pin: bool = True,
 ) -> TensorStates | FileStates:
+    """Storage for hidden states of `shape` and `dtype` where `placement` says: a tensor on `device`, one
+    in host memory ("cpu"; pinned for a CUDA device when `pin`), or a file in `directory` ("disk")."""
     if placement == "disk":
         return FileStates(shape, dtype, Path(directory or tempfile.gettempdir()), device)
     storage = device if placement == "device" else torch.device("cpu")
-    return TensorStates(shape, dtype, storage, device)
+    return TensorStates(shape, dtype, storage, device, pin=pin)

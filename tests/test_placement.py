@@ -12,7 +12,7 @@ from streamprune.data import WIKITEXT_CALIBRATION
 from streamprune.errors import StreamPruneError
 from streamprune.evaluate.loglikelihood import Request, streamed_logprobs
 from streamprune.loading import open_model
-from streamprune.placement import Budget, FileStates, choose_placement, parse_size
+from streamprune.placement import Budget, FileStates, choose_placement, parse_size, pin_host_states, pinned_bytes
 
 
 def test_sizes_read_like_people_write_them():
@@ -32,6 +32,26 @@ def test_auto_placement_follows_the_budget():
     assert choose_placement(10**15, 0, cpu, Budget(offload="cpu")) == "device"  # on a CPU, host memory is the device
     with pytest.raises(StreamPruneError, match="--offload"):
         Budget(offload="ssd")
+
+
+def test_pinned_host_memory_counts_at_the_size_pytorch_allocates(tiny_checkpoint):
+    """On CUDA, host memory holds pinned copies rounded up to a power of two (PyTorch's caching host
+    allocator): hidden states go to host memory only beside two pinned blocks, and are pinned only where
+    their rounded size fits --max-cpu-memory too; else they stay pageable, at their own size."""
+    assert [pinned_bytes(n) for n in (0, 1, 2, 3, 4, 5, 1000, 1024, 1025)] == [0, 1, 2, 4, 4, 8, 1024, 1024, 2048]
+    assert pinned_bytes(3 * 2**29) == 2**31  # 1.5 GiB of hidden states take 2 GiB pinned
+    cuda, budget = torch.device("cuda"), Budget(max_gpu_bytes=100, max_cpu_bytes=1000)  # no GPU is asked: limits given
+    assert choose_placement(600, 0, cuda, budget) == choose_placement(600, 0, cuda, budget, 400) == "cpu"
+    assert choose_placement(600, 0, cuda, budget, 401) == "disk"
+    assert choose_placement(50, 50, cuda, budget, 10**6) == "device"  # on the device, host memory is not used
+    assert pin_host_states(500, budget) and not pin_host_states(600, budget)  # 512 fits in 1000, 1024 does not
+    assert pin_host_states(500, budget, 488) and not pin_host_states(500, budget, 489)
+    stack = open_model(tiny_checkpoint("llama", dtype="float64", layers=2), device="cpu").stack
+    assert stack.host_reserve_bytes() == 0  # on a CPU the device's reserve holds the blocks
+    stored = [8 * torch.Size(stack.reader.shapes[k]).numel() for k in stack.block_keys(0)]
+    assert sorted(set(stored)) == [512, 16384, 32768, 81920]  # norms (64), keys and values (32 x 64), q/o (64 x 64), MLP (160 x 64)
+    stack.device = cuda  # what a CUDA stack reserves, computed without one
+    assert stack.host_reserve_bytes() == 2 * sum({81920: 131072}.get(n, n) for n in stored)
 
 
 def test_file_states_round_trip_any_dtype(tmp_path):
@@ -134,13 +154,13 @@ def test_evaluation_places_a_whole_round_of_hidden_states_against_the_limit(tiny
     reserve += 8 * 2 * 16 * (4 * 64 + 3 * 160)
     asked = []
     real = streamprune.blocks.choose_placement
-    monkeypatch.setattr(streamprune.blocks, "choose_placement", lambda n, r, d, b: asked.append((n, r)) or real(n, r, d, b))
+    monkeypatch.setattr(streamprune.blocks, "choose_placement", lambda n, r, d, b, h: asked.append((n, r, h)) or real(n, r, d, b, h))
     # room for two batches beside a block at work, not for the round of three: the whole round goes to disk
     stack.budget = Budget(max_cpu_bytes=reserve + 2 * batch_bytes, offload_dir=str(tmp_path))
     made = []
-    monkeypatch.setattr(streamprune.blocks, "make_states", lambda *a: made.append(a[3]) or streamprune.placement.make_states(*a))
+    monkeypatch.setattr(streamprune.blocks, "make_states", lambda *a, **k: made.append(a[3]) or streamprune.placement.make_states(*a, **k))
     on_disk = streamed_logprobs(stack, requests, batch_size=2)
-    assert asked == [(3 * batch_bytes, reserve)]  # one decision, for all that is resident at once
+    assert asked == [(3 * batch_bytes, reserve, 0)]  # one decision, for all that is resident at once (no pinned blocks on a CPU)
     assert made == ["disk"] * 3
     assert all(torch.equal(a, b) for a, b in zip(reference, on_disk))
     made.clear()
