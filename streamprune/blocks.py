@@ -460,13 +460,15 @@ class DecoderStack:
         with self._outside_blocks(stands):
 
             @torch.inference_mode()
-            def embed(input_ids: torch.Tensor, batch_size: int, placement: str | None = None, reserve_bytes: int = 0) -> Activations:
+            def embed(input_ids: torch.Tensor, batch_size: int, placement: str | None = None, reserve_bytes: int = 0,
+                      pin: bool | None = None) -> Activations:
                 rows, seqlen = input_ids.shape
                 self.decoder(input_ids=input_ids[:1].to(self.device), use_cache=False)
                 block_kwargs = dict(record["kwargs"])  # later calls record into the same dict
                 shape = (rows, seqlen, record["hidden"].shape[-1])
                 placement = placement or self.placement_for(torch.Size(shape).numel(), batch_size * seqlen, reserve_bytes)
-                pin = pin_host_states(self.dtype.itemsize * torch.Size(shape).numel(), self.budget, self.host_reserve_bytes())
+                if pin is None:  # these states alone resident; a caller holding several decides for them all (pins)
+                    pin = placement == "cpu" and self.pins([self.dtype.itemsize * torch.Size(shape).numel()])
                 hidden = make_states(shape, self.dtype, self.device, placement, self.budget.offload_dir, pin=pin)
                 for start in range(0, rows, batch_size):
                     self.decoder(input_ids=input_ids[start : start + batch_size].to(self.device), use_cache=False)
@@ -494,6 +496,12 @@ class DecoderStack:
         activations = itemsize * batch_tokens * self.activation_values_per_token()
         return choose_placement(nbytes, 2 * block_bytes + activations + reserve_bytes, self.device, self.budget,
                                 self.host_reserve_bytes())
+
+    def pins(self, sizes: list[int]) -> bool:
+        """Whether hidden states in host memory, tensors of `sizes` bytes resident at once, are pinned: on
+        CUDA where their pinned allocations fit the host limit beside two pinned blocks
+        (placement.pin_host_states); never on a CPU."""
+        return self.device.type == "cuda" and pin_host_states(sizes, self.budget, self.host_reserve_bytes())
 
     def host_reserve_bytes(self) -> int:
         """Host memory, in bytes, that hidden states in host memory must leave for the blocks: on CUDA, two

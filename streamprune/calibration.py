@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from . import progress as progress_bars
 from .checkpoint import write_atomic
 from .errors import StreamPruneError
-from .hub import datasets_from_cache_when_offline, unreachable_note
+from .hub import datasets_from_cache_when_offline, failure
 
 log = logging.getLogger("streamprune")
 
@@ -49,7 +49,7 @@ def hub_documents(name: str) -> list[str]:
     """The named corpus from the Hugging Face hub (needs the network, or the datasets cache)."""
     import datasets
 
-    with datasets_from_cache_when_offline() as unreachable:  # offline: the cached copy at once, or the error
+    with datasets_from_cache_when_offline() as offline:  # offline: the cached copy at once, or the error
         try:
             if name == "wikitext103":
                 rows = datasets.load_dataset("Salesforce/wikitext", "wikitext-103-raw-v1", split="train")
@@ -59,9 +59,9 @@ def hub_documents(name: str) -> list[str]:
             )
             return list(rows["text"])
         except Exception as exc:
-            why = unreachable_note(unreachable) or f"from the Hugging Face Hub ({type(exc).__name__})"
+            why = failure(exc, offline)
             raise StreamPruneError(
-                f"could not load calibration corpus {name!r}: {why}; offline, pass a local text or .jsonl file with --calib"
+                f"could not load calibration corpus {name!r} from the Hugging Face Hub ({why}); offline, pass a local text or .jsonl file with --calib"
             ) from exc
 
 

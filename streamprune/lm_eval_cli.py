@@ -17,7 +17,7 @@ import os
 import sys
 
 from .errors import StreamPruneError, lm_eval_context, one_line
-from .hub import datasets_from_cache_when_offline, unreachable_note
+from .hub import Offline, datasets_from_cache_when_offline, unreachable_note
 
 
 def _include_path(argv: list[str]) -> str | None:
@@ -60,9 +60,9 @@ def main() -> None:
     if include_path is not None:  # before the evaluation, which may take hours; lm-eval says nothing of them
         warn_skipped_yamls(include_path)
 
-    unreachable = None
+    offline = Offline()
     try:
-        with unknown_metrics_refused(), datasets_from_cache_when_offline() as unreachable:
+        with unknown_metrics_refused(), datasets_from_cache_when_offline() as offline:
             cli_evaluate()
         for work in StreamedLM.works:  # lm-eval prints its table; how much sharing saved is streamprune's to say
             if work.requests:
@@ -83,8 +83,8 @@ def main() -> None:
         said = one_line(exc).removeprefix("Error: ") + lm_eval_context(exc)
         if include_path is not None and said.startswith("Tasks not found"):  # lm-eval skips broken YAMLs silently
             said += skipped_yamls_note(include_path)
-        if unreachable and isinstance(exc, ConnectionError):  # offline: say why and what to do
-            said += (f"; {unreachable_note(unreachable)}; offline, write a task YAML over local files (dataset_path: "
+        if offline.reason and isinstance(exc, ConnectionError):  # offline: say why and what to do
+            said += (f"; {unreachable_note(offline.reason)}; offline, write a task YAML over local files (dataset_path: "
                      "json, with data_files) and pass its folder with --include_path")
         sys.stderr.write(f"\nError: {type(exc).__name__}: {said} (rerun with STREAMPRUNE_DEBUG=1 for the traceback)\n")
         sys.exit(1)

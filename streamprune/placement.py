@@ -120,12 +120,13 @@ def choose_placement(nbytes: int, reserve_bytes: int, device: torch.device, budg
     return "device" if nbytes + reserve_bytes <= host else "disk"
 
 
-def pin_host_states(nbytes: int, budget: Budget, host_reserve_bytes: int = 0) -> bool:
-    """Whether `nbytes` of hidden states placed in host memory for a CUDA device ("cpu") are pinned: when
-    their pinned allocation (pinned_bytes, up to twice their size) fits the host limit beside
-    `host_reserve_bytes`.  Otherwise they are ordinary (pageable) memory of their exact size, which the
-    limit then holds, at the cost of copies to and from the device that wait for each other."""
-    return pinned_bytes(nbytes) + host_reserve_bytes <= host_limit_bytes(budget)
+def pin_host_states(sizes: list[int], budget: Budget, host_reserve_bytes: int = 0) -> bool:
+    """Whether hidden states placed in host memory for a CUDA device ("cpu"), tensors of `sizes` bytes
+    resident at once, are pinned: when their pinned allocations (pinned_bytes, each up to twice its size)
+    fit the host limit (host_limit_bytes) beside `host_reserve_bytes`.  Otherwise they are ordinary
+    (pageable) memory of their exact sizes, which the limit then holds, at the cost of copies to and from
+    the device that wait for each other."""
+    return sum(pinned_bytes(n) for n in sizes) + host_reserve_bytes <= host_limit_bytes(budget)
 
 
 class TensorStates:

@@ -405,7 +405,6 @@ def test_lm_evals_bars_write_whole_lines_in_a_log(tiny_checkpoint, monkeypatch, 
 def test_a_task_whose_dataset_cannot_be_reached_says_what_to_do_offline(tiny_checkpoint, monkeypatch, tmp_path):
     from click.testing import CliRunner
 
-    from streamprune import hub
     from streamprune.cli import main
 
     def offline(**_):  # what datasets raises for a hub dataset offline (lm-eval's arc_easy: allenai/ai2_arc)
@@ -413,7 +412,6 @@ def test_a_task_whose_dataset_cannot_be_reached_says_what_to_do_offline(tiny_che
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(lm_eval, "simple_evaluate", offline)
-    monkeypatch.setattr(hub, "unreachable_reason", lambda: None)  # the Hub answered; the dataset still failed (test_hub: it did not)
     out = tmp_path / "results.json"
     result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", "sp_boolq", "--include-path",
                                        "tests/data/lmeval", "--quiet", "--json", str(out)])

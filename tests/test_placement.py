@@ -44,14 +44,18 @@ def test_pinned_host_memory_counts_at_the_size_pytorch_allocates(tiny_checkpoint
     assert choose_placement(600, 0, cuda, budget) == choose_placement(600, 0, cuda, budget, 400) == "cpu"
     assert choose_placement(600, 0, cuda, budget, 401) == "disk"
     assert choose_placement(50, 50, cuda, budget, 10**6) == "device"  # on the device, host memory is not used
-    assert pin_host_states(500, budget) and not pin_host_states(600, budget)  # 512 fits in 1000, 1024 does not
-    assert pin_host_states(500, budget, 488) and not pin_host_states(500, budget, 489)
+    assert pin_host_states([500], budget) and not pin_host_states([600], budget)  # 512 fits in 1000, 1024 does not
+    assert pin_host_states([500], budget, 488) and not pin_host_states([500], budget, 489)
+    assert pin_host_states([300, 200], budget) and not pin_host_states([300, 300], budget)  # each rounded: 768; 1024
     stack = open_model(tiny_checkpoint("llama", dtype="float64", layers=2), device="cpu").stack
-    assert stack.host_reserve_bytes() == 0  # on a CPU the device's reserve holds the blocks
+    assert stack.host_reserve_bytes() == 0 and not stack.pins([1])  # on a CPU the device's reserve holds the blocks
     stored = [8 * torch.Size(stack.reader.shapes[k]).numel() for k in stack.block_keys(0)]
     assert sorted(set(stored)) == [512, 16384, 32768, 81920]  # norms (64), keys and values (32 x 64), q/o (64 x 64), MLP (160 x 64)
     stack.device = cuda  # what a CUDA stack reserves, computed without one
-    assert stack.host_reserve_bytes() == 2 * sum({81920: 131072}.get(n, n) for n in stored)
+    reserve = 2 * sum({81920: 131072}.get(n, n) for n in stored)
+    assert stack.host_reserve_bytes() == reserve
+    stack.budget = Budget(max_gpu_bytes=1, max_cpu_bytes=reserve + 2**20)
+    assert stack.pins([2**19, 2**19]) and not stack.pins([2**19, 2**19 + 1])  # 2 x 512 KiB fit; 512 KiB + 1 MiB do not
 
 
 def test_file_states_round_trip_any_dtype(tmp_path):

@@ -249,8 +249,11 @@ def streamed_logprobs(
         for chunk in chunks:
             resident = sum(len(batch) * _padded_length(batch) for batch in chunk) * stack.text_config.hidden_size
             placement = stack.placement_for(resident, batch_size * max(_padded_length(batch) for batch in chunk))
+            # pinned or not, the chunk's batches together (each is its own tensor, rounded up on its own)
+            itemsize, hidden_size = stack.dtype.itemsize, stack.text_config.hidden_size
+            pin = placement == "cpu" and stack.pins([itemsize * len(batch) * _padded_length(batch) * hidden_size for batch in chunk])
             with stack.embedder() as embed:
-                activations = [embed(_padded_ids(batch), len(batch), placement) for batch in chunk]
+                activations = [embed(_padded_ids(batch), len(batch), placement, pin=pin) for batch in chunk]
             for index, _ in walker.blocks(range(stack.num_blocks)):
                 for batch, acts in zip(chunk, activations):
                     stack.run_block(index, acts, len(batch), write_back=True, trim=False)
@@ -262,6 +265,8 @@ def streamed_logprobs(
                                 head_positions(stack.text_config.vocab_size), results, greedy)
                     return_freed_memory()  # as after a block: the logits' heap memory
                     acts.close()
+            if pin:  # the allocator keeps freed pinned memory by size; the next chunk's sizes differ
+                torch.accelerator.empty_host_cache()
             bar.update()
     return results
 

@@ -20,7 +20,7 @@ import torch
 
 from ..calibration import JSONL_SUFFIXES, file_documents
 from ..errors import StreamPruneError
-from ..hub import datasets_from_cache_when_offline, unreachable_note
+from ..hub import datasets_from_cache_when_offline, failure
 from .loglikelihood import Request
 
 HUB_TEXTS = ("wikitext103", "wikitext2", "c4")
@@ -51,7 +51,7 @@ def load_text(source: str) -> str:
         raise StreamPruneError(f"perplexity text {source!r} is neither a file nor one of {', '.join(HUB_TEXTS)}")
     import datasets
 
-    with datasets_from_cache_when_offline() as unreachable:  # offline: the cached copy at once, or the error
+    with datasets_from_cache_when_offline() as offline:  # offline: the cached copy at once, or the error
         try:
             if source == "c4":  # Wanda's protocol: the first 1100 documents of the first validation shard
                 rows = datasets.load_dataset(
@@ -61,8 +61,8 @@ def load_text(source: str) -> str:
             name, split = ("wikitext-103-raw-v1", "validation") if source == "wikitext103" else ("wikitext-2-raw-v1", "test")
             return "\n\n".join(datasets.load_dataset("Salesforce/wikitext", name, split=split)["text"])
         except Exception as exc:
-            why = unreachable_note(unreachable) or f"from the Hugging Face Hub ({type(exc).__name__})"
-            raise StreamPruneError(f"could not load {source}: {why}; offline, pass a local text file with --ppl") from exc
+            why = failure(exc, offline)
+            raise StreamPruneError(f"could not load {source} from the Hugging Face Hub ({why}); offline, pass a local text file with --ppl") from exc
 
 
 def text_windows(tokenizer, text: str, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

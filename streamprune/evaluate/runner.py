@@ -21,7 +21,7 @@ from ..errors import NumericalError, StreamPruneError, one_line
 from ..loading import choose_device, load_tokenizer, open_model, warn_beyond_context
 from ..placement import Budget
 from ..checkpoint import resolve_model_dir
-from ..hub import datasets_from_cache_when_offline, unreachable_note
+from ..hub import Offline, datasets_from_cache_when_offline, unreachable_note
 from ..state import peak_memory, reset_peak_memory, versions
 from .loglikelihood import streamed_logprobs, whole_model_logprobs
 from .perplexity import load_text, perplexity_from, perplexity_requests
@@ -437,15 +437,15 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
     bars_were_off = datasets.are_progress_bars_disabled()
     if not progress or progress_bars.lines_only():  # preparing a task's split: no bar under --quiet, nor \r in a log
         datasets.disable_progress_bars()
-    unreachable = None
+    offline = Offline()
     try:
         # lm-eval prints a line to stdout when it bootstraps a metric's stderr; stdout is the results table's
         with _lm_eval_bars(progress), unknown_metrics_refused(), contextlib.redirect_stdout(sys.stderr), \
-                datasets_from_cache_when_offline() as unreachable:
+                datasets_from_cache_when_offline() as offline:
             output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
                                              num_fewshot=config.num_fewshot, limit=config.limit)
     except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", offline or down
-        why = one_line(exc) + (f"; {unreachable_note(unreachable)}" if unreachable else "")
+        why = one_line(exc) + (f"; {unreachable_note(offline.reason)}" if offline.reason else "")
         raise StreamPruneError(f"lm-eval could not load a task's dataset ({why}); offline, write a task YAML "
                                "over local files (dataset_path: json, with data_files) and pass its folder with --include-path") from None
     finally:
@@ -515,7 +515,8 @@ def differences(results: dict, baseline: dict) -> dict:
     {"ppl": {"value", "slices" (list), "slices_mean"}, "tasks": {task: {metric: difference}, "macro_mean"}}
     over what both have on the same footing: perplexity on the same text, windows and length; a task's
     metrics (those the table shows, table_metrics) where both evaluated the same number of examples with
-    the same shots.  Perplexities are in their own units (lower is better), accuracies in [-1, 1]."""
+    the same shots; the macro means wherever both have one, as the table shows them.  Perplexities are in
+    their own units (lower is better), accuracies in [-1, 1]."""
     out: dict = {}
     ppl, base_ppl = results.get("ppl"), baseline.get("ppl")
     if ppl and base_ppl and all(ppl.get(k) == base_ppl.get(k) for k in ("dataset", "windows", "seqlen")):
@@ -531,10 +532,10 @@ def differences(results: dict, baseline: dict) -> dict:
             continue
         differing[name] = {m: metrics[m] - base[m] for m in table_metrics(name, metrics)
                            if isinstance(base.get(m), (int, float)) and isinstance(metrics.get(m), (int, float))}
+    if tasks.get("macro_mean") is not None and base_tasks.get("macro_mean") is not None:  # as the table's row
+        differing["macro_mean"] = tasks["macro_mean"] - base_tasks["macro_mean"]
     if differing:
         out["tasks"] = differing
-        if tasks.get("macro_mean") is not None and base_tasks.get("macro_mean") is not None:
-            out["tasks"]["macro_mean"] = tasks["macro_mean"] - base_tasks["macro_mean"]
     return out
 
 

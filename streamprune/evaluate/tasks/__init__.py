@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from ...errors import StreamPruneError, one_line
-from ...hub import datasets_from_cache_when_offline, unreachable_note
+from ...errors import StreamPruneError
+from ...hub import datasets_from_cache_when_offline, failure
 from ..loglikelihood import Request
 
 TARGET_DELIMITER = " "
@@ -113,11 +113,11 @@ def from_hub(loader: Callable[[], list[Example]], name: str, files: str) -> list
     """loader()'s examples, read from the Hugging Face Hub through datasets (at once from datasets' cache
     when the Hub cannot be reached: hub.datasets_from_cache_when_offline).  Raises StreamPruneError
     naming the task, why, and the --data-dir layout of its offline copy (`files`), when they cannot be loaded."""
-    with datasets_from_cache_when_offline() as unreachable:
+    with datasets_from_cache_when_offline() as offline:
         try:
             return loader()
         except StreamPruneError:
             raise
         except Exception as exc:
-            why = unreachable_note(unreachable) or f"from the Hugging Face Hub ({type(exc).__name__}: {one_line(exc)[:200]})"
-            raise StreamPruneError(f"could not load {name}: {why}; offline, pass --data-dir DIR holding its copy as DIR/{files}") from exc
+            raise StreamPruneError(f"could not load {name} from the Hugging Face Hub ({failure(exc, offline)}); offline, pass "
+                                   f"--data-dir DIR holding its copy as DIR/{files}") from exc
