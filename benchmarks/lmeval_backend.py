@@ -11,7 +11,8 @@ spent inside the model's request methods, is the backend's own work):
   unshared    the same without sharing contexts (each ending re-runs its context)
 It prints a table of the metrics (they must agree), wall time, peak RSS and the token positions through each
 block (StreamedLM's work, HFLM's first decoder layer counted the same way: rows x columns, padding
-included; the work apart from the machine's speed) with ratios to hf, and writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.  --tasks hellaswag runs HellaSwag
+included; the work apart from the machine's speed) with ratios to hf, and the fewest positions any exact
+evaluation of the requests computes (their distinct prefixes, work.Work.least), and writes JSON.  The target (issue 15): streamed at most 0.5x hf's time.  --tasks hellaswag runs HellaSwag
 alone (the task whose contexts are shared); --tasks boolq_fewshot runs BoolQ with three examples before
 each question, the first three documents before every question (lm-eval's first_n sampler, as MMLU's
 five; the first three see themselves among them, as lm-eval leaves a question's own document out only
@@ -182,9 +183,11 @@ def main() -> int:
               f"{run['scoring_s'] / base['scoring_s']:6.2f} {run['peak_rss_bytes'] / GIB:9.2f} "
               f"{run['peak_rss_bytes'] / base['peak_rss_bytes']:6.2f} {run['work']['positions']:10d} "
               f"{run['work']['positions'] / base['work']['positions']:6.2f}  {metrics}")
-    alone = runs["streamed"]["work"]["alone"]
+    alone, least = runs["streamed"]["work"]["alone"], runs["streamed"]["work"]["least"]
     print(f"\npositions: token positions through each block (the first decoder layer's calls, padding included), the "
-          f"work apart from the machine's speed; the requests take {alone} read one by one, without padding")
+          f"work apart from the machine's speed; the requests take {alone} read one by one, without padding, and "
+          f"{least} at the least ({least / base['work']['positions']:.2f}x hf: each distinct prefix once, unpadded, "
+          f"the fewest any exact evaluation of them computes)")
     agree = all(abs(run["metrics"][k] - base["metrics"][k]) < 1e-9 for run in runs.values() for k in base["metrics"])
     print(f"\nmetrics identical across the three runs: {agree}")
     if args.json:

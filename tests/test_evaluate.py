@@ -25,23 +25,25 @@ def test_the_work_counted_is_what_block_0_computed_and_what_each_request_takes_a
     """Three answers of 3 tokens after one 40-token context and one request of 33 tokens: read alone they
     take 3 x 42 + 32 = 158 positions (a request's last token is only predicted).  Shared, the context
     runs once and each answer's first 2 tokens after it, the other request alone: 40 + 3 x 2 + 32 = 78
-    positions through each block.  Read whole, the four rows are padded to 48 (a multiple of 8): 192.
-    The count stops when the `with` block ends."""
-    from streamprune.evaluate.work import Work, counting
+    positions through each block, as few as any exact evaluation could: the requests' distinct prefixes
+    number as many.  Read whole, the four rows are padded to 48 (a multiple of 8): 192.  The count stops
+    when the `with` block ends."""
+    from streamprune.evaluate.work import Work, counting, distinct_prefixes
 
     stack = open_model(tiny_checkpoint("llama", layers=2), device="cpu").stack
     generator = torch.Generator().manual_seed(0)
     context = torch.randint(10, 250, (40,), generator=generator).tolist()
     requests = [Request(tuple(context + torch.randint(10, 250, (3,), generator=generator).tolist()), 40) for _ in range(3)]
     requests.append(Request(tuple(torch.randint(10, 250, (33,), generator=generator).tolist()), 30))
-    assert Work.scored(requests) == Work(4, 0, 158)
+    assert Work.scored(requests) == Work(4, 0, 158, 78)
     for share, positions in ((True, 78), (False, 192)):
         work = Work()
         with counting(stack, work):
             streamed_logprobs(stack, requests, batch_size=4, share_contexts=share)
         streamed_logprobs(stack, requests[:1], batch_size=4)
         assert work == Work(0, positions, 0)
-    assert Work(4, 78, 158).as_dict() == {"requests": 4, "positions": 78, "alone": 158, "ratio": 0.4937}
+    assert Work(4, 78, 158, 78).as_dict() == {"requests": 4, "positions": 78, "alone": 158, "least": 78, "ratio": 0.4937}
+    assert distinct_prefixes([[1, 2, 3], [1, 2, 4], [5, 6], [1, 2], []]) == 6  # 1, 12, 123, 124, 5, 56
     assert Work(4, 78, 158).describe() == "78 token positions through each block for 4 requests; read one by one they would take 158 (0.49x)"
     assert Work().describe() == "0 token positions through each block for 0 requests" and Work().as_dict()["ratio"] is None
 

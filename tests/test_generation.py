@@ -234,8 +234,10 @@ def test_a_start_shared_by_contexts_is_read_once_and_the_tokens_are_transformers
 def test_the_work_counted_for_generation_is_block_0s_positions_against_each_row_alone(tiny_checkpoint):
     """The contexts of the test above (46, 7, 43, 49, 41 and 43 tokens: 229), each alone, read their
     tokens and then each new token but the last: 229 with one new token, 229 + 6 x 7 = 271 with eight.
-    Through block 0: 72 in the first pass with the start shared, 276 read whole (groups of two padded to
-    46, 49 and 43), then one position a row for each later token (42)."""
+    At the least, each distinct prefix once: 40 + 6 + 3 + 9 + 1 + 7 = 66 (the twice-given context
+    once), and 66 + 5 x 7 with eight (its two rows' tokens alike).  Through block 0: 72 in the first
+    pass with the start shared, 276 read whole (groups of two padded to 46, 49 and 43), then one
+    position a row for each later token (42)."""
     from streamprune.evaluate.work import Work, counting
 
     stack = open_model(tiny_checkpoint("llama", tie_embeddings=None), device="cpu").stack
@@ -246,11 +248,11 @@ def test_the_work_counted_for_generation_is_block_0s_positions_against_each_row_
             with counting(stack, work):
                 new = greedy_generate(stack, contexts, new_tokens, batch_size=2, share_contexts=share)
             assert work.positions == first + later
-            assert Work.generated(contexts, new) == Work(6, 0, 229 + later)
+            assert Work.generated(contexts, new) == Work(6, 0, 229 + later, 66 + 5 * later // 6)
     work = Work()
     with counting(stack, work):  # no new token asked for: nothing runs, and nothing would alone
         new = greedy_generate(stack, contexts, 0)
-    assert work.positions == 0 and Work.generated(contexts, new) == Work(6, 0, 0)
+    assert work.positions == 0 and Work.generated(contexts, new) == Work(6, 0, 0, 0)
 
 
 def test_sliding_windows_that_cannot_keep_every_position_share_nothing(tiny_checkpoint, monkeypatch):

@@ -23,34 +23,44 @@ class Work:
         a scored request's tokens but its last (only predicted), a continuation's context and its new
         tokens but the last (as transformers' generate with a key/value cache reads them; nothing
         where no token was asked for).
-    Read alone, positions would be at least `alone` (padding adds to it); sharing makes it less.
+    least: the token positions no exact evaluation of the same requests can go below: their distinct
+        prefixes (of what `alone` reads), each read once and unpadded, since a position's hidden state
+        depends on every token before it; counted per call (StreamedLM shares within a call).
+    Read alone, positions would be at least `alone` (padding adds to it); sharing makes it less, down to
+    `least` at best.
     """
 
     requests: int = 0
     positions: int = 0
     alone: int = 0
+    least: int = 0
 
     @classmethod
     def scored(cls, requests) -> "Work":
-        """The requests (loglikelihood.Request) scored, and what they take alone: tokens but the last."""
-        return cls(len(requests), 0, sum(len(request.tokens) - 1 for request in requests))
+        """The requests (loglikelihood.Request) scored, what they take alone (tokens but the last), and
+        at the least (their distinct prefixes)."""
+        read = [request.tokens[:-1] for request in requests]
+        return cls(len(requests), 0, sum(map(len, read)), distinct_prefixes(read))
 
     @classmethod
     def generated(cls, contexts, new) -> "Work":
         """The continuations generated after contexts (token lists), new their new tokens, and what they
-        take alone: the context, then each new token but the last (nothing for no new token: none ran)."""
-        return cls(len(contexts), 0, sum(len(context) + len(tokens) - 1 for context, tokens in zip(contexts, new) if tokens))
+        take alone (the context, then each new token but the last; nothing for no new token: none ran)
+        and at the least (their distinct prefixes)."""
+        read = [[*context, *tokens[:-1]] for context, tokens in zip(contexts, new) if tokens]
+        return cls(len(contexts), 0, sum(map(len, read)), distinct_prefixes(read))
 
     @classmethod
     def from_dict(cls, values: dict) -> "Work":
-        """The counts of as_dict's output (its ratio is computed again)."""
-        return cls(values["requests"], values["positions"], values["alone"])
+        """The counts of as_dict's output (its ratio is computed again; `least` 0 where an older one lacks it)."""
+        return cls(values["requests"], values["positions"], values["alone"], values.get("least", 0))
 
     def add(self, other: "Work") -> "Work":
         """Adds other's counts to these; returns self."""
         self.requests += other.requests
         self.positions += other.positions
         self.alone += other.alone
+        self.least += other.least
         return self
 
     @property
@@ -70,6 +80,22 @@ class Work:
             return f"{self.positions:,} token positions through each block for {self.requests:,} requests"
         return (f"{self.positions:,} token positions through each block for {self.requests:,} requests; "
                 f"read one by one they would take {self.alone:,} ({self.ratio:.2f}x)")
+
+
+def distinct_prefixes(sequences) -> int:
+    """How many distinct non-empty prefixes the token sequences have (the nodes of their trie): 6 for
+    [1, 2, 3], [1, 2, 4] and [5, 6]."""
+    root: dict = {}
+    count = 0
+    for sequence in sequences:
+        node = root
+        for token in sequence:
+            child = node.get(token)
+            if child is None:
+                child = node[token] = {}
+                count += 1
+            node = child
+    return count
 
 
 @contextlib.contextmanager
