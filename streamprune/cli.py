@@ -66,6 +66,10 @@ def reports_errors(command):
                     f"the GPU ran out of memory ({'. '.join(one_line(exc).split('. ')[:2])}); lower --batch-size, set --offload cpu "
                     "(hidden states in host memory), or raise --max-gpu-memory if you gave one"
                 ) from None
+            if isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError)) and exc.filename:
+                # a folder that cannot be written (read-only, immutable, another user's): say which, plainly
+                raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror}; choose a folder you may write to "
+                                           "(--debug shows where)") from None
             # lm-eval's own messages may begin with "Error: ", which the line already does
             message = f"{type(exc).__name__}: {one_line(exc).removeprefix('Error: ')}{lm_eval_context(exc)} (rerun with --debug for the traceback)"
             raise click.ClickException(message) from None
@@ -139,6 +143,11 @@ def method_options(command):
 
 
 def _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir) -> Budget:
+    """The memory options as a Budget; --offload-dir checked now (files must be writable there)."""
+    if offload_dir:
+        from .checkpoint import check_writable
+
+        check_writable(Path(offload_dir), f"to --offload-dir {offload_dir}")
     return Budget(offload, parse_size(max_gpu_memory), parse_size(max_cpu_memory), offload_dir)
 
 
@@ -258,7 +267,7 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--ppl", default=None, help="Perplexity text: wikitext103 (validation), wikitext2 (test), c4 (validation; all from the hub), or a local text or .jsonl file.")
+@click.option("--ppl", default=None, help="Perplexity text: wikitext103 (validation), wikitext2 (test), c4 (validation; all from the hub), or a local text or .jsonl file; none (the default): no perplexity.")
 @click.option("--ppl-slices", type=int, default=None, help="Also report perplexity on this many evenly spaced slices (the paper: 7).")
 @click.option("--tasks", default="", callback=_task_list,
               help="Comma-separated tasks: the built-in boolq,hellaswag,phishing (offline, zero-shot) or any "
@@ -296,6 +305,8 @@ def evaluate_command(model, baseline, json_path, trust_remote_code, quiet, data_
     from .evaluate.runner import EvalConfig, differences, evaluate, format_table
     from .evaluate.work import Work
 
+    if str(options.get("ppl")).lower() in ("none", "null"):  # as sweep takes it: no perplexity
+        options["ppl"] = None
     config = EvalConfig(data_dir=str(data_dir) if data_dir else None, **options)
     budget = _budget(offload, max_gpu_memory, max_cpu_memory, offload_dir)
     if baseline:
@@ -358,12 +369,15 @@ def inspect(directory, json_path, trust_remote_code):
 
     Exits with status 1 when a tensor is missing, unreadable or of the wrong shape.
     """
-    from .checkpoint import write_json
+    from .checkpoint import check_writable, write_json
     from .inspect import format_report, inspect_checkpoint
 
+    if json_path:  # checked now, not after the report (its folder is made, as eval's --json)
+        check_writable(json_path.parent, f"--json {json_path}")
     report = inspect_checkpoint(directory, trust_remote_code)
     click.echo(format_report(report))
     if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(json_path, report)
     if report["problems"]:
         raise click.exceptions.Exit(1)
@@ -425,12 +439,13 @@ def sweep(model, outdir, spec_file, overwrite, quiet, offload, max_gpu_memory, m
     spec = SweepSpec.from_file(spec_file, **given) if spec_file else SweepSpec(**given)
     rows = run_sweep(model, outdir, spec, overwrite=overwrite, progress=not quiet,
                      budget=_budget(offload, max_gpu_memory, max_cpu_memory, offload_dir), echo=click.echo)
-    click.echo(f"{len(rows) - 1} configurations and the dense model: {outdir / 'results.md'}, results.csv, "
+    pruned = sum(row["label"] != "dense" for row in rows)  # a dense row per evaluation setting (--seeds, ...)
+    click.echo(f"{pruned} configuration{'s' if pruned != 1 else ''} and the dense model: {outdir / 'results.md'}, results.csv, "
                f"results.json, plots/")
     failed = [row for row in rows if "failed" in row]
     if failed:  # the results are written, but a script must not take the sweep for a success
         raise click.ClickException(
-            f"{len(failed)} of {len(rows) - 1} configurations failed ({failed[0]['label']}: {failed[0]['failed']}); "
+            f"{len(failed)} of {pruned} configurations failed ({failed[0]['label']}: {failed[0]['failed']}); "
             f"the reasons are listed in {outdir / 'results.md'}"
         )
 

@@ -26,6 +26,7 @@ one forward pass per finished block, against two passes, statistics and a write 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -51,7 +52,7 @@ from .methods import BlockView, Decision, Groups, get_method
 from .obs import obs_prune
 from .placement import Budget
 from .state import (
-    CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, make_output, peak_memory, plan_run, reset_peak_memory,
+    CALIBRATION_IDS_FILE, OutputLock, RunManifest, input_fingerprint, make_output, peak_memory, plan_run, reset_peak_memory,
 )
 from .stats import InputStatistics, input_statistics, linear_layers
 from .walker import BlockWalker
@@ -432,74 +433,83 @@ def prune(
     warn_beyond_context(config.seqlen, getattr(stack.text_config, "max_position_embeddings", None))
     _check_config_fits(stack, config)
 
-    current = RunManifest(
-        model=str(model), config=config.to_dict(), blocks_total=stack.num_blocks, device=str(device),
-        dtype=str(stack.dtype).removeprefix("torch."), input_fingerprint=input_fingerprint(opened.model_dir),
-    )
-    plan = plan_run(out, opened.model_dir, current, overwrite, resume)
-    manifest = plan.manifest
-    if checks.ENABLED:  # embeddings, final norm, LM head: refused now, not after the last block
-        stack.reader.check_tensors(stack.non_block_keys())
-    calibration: CalibrationSet
-    # a method that gathers no statistics (magnitude) runs no block forward: no corpus to load or download
-    uses_calibration = bool(config.statistics)  # OWL's outlier ratios of such a method come from its weights
-    no_text = CalibrationSet(torch.zeros((0, config.seqlen), dtype=torch.int64))
-    if plan.resumed:
-        remove_partial_files(out)
-        calibration = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen) if uses_calibration else no_text
-        log.warning("resuming the unfinished run in %s: %d of its %d blocks are done", out, plan.start_block, stack.num_blocks)
-    else:
-        calibration = (calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
-                       if uses_calibration else no_text)
-        make_output(out)
-        save_windows(out / CALIBRATION_IDS_FILE, calibration)
-    earlier_seconds = manifest.timings["total_s"]
-    manifest.status, manifest.error = "running", None
-    manifest.calibration = calibration.summary()
-    manifest.checked = manifest.checked and checks.ENABLED
-    manifest.save(out)
-    earlier_peaks = dict(manifest.peak_memory or {})  # of the sessions before a resume
-    reset_peak_memory(device)
-
-    def record(**changes) -> None:
-        for name, value in changes.items():
-            setattr(manifest, name, value)
-        manifest.timings["total_s"] = round(earlier_seconds + time.perf_counter() - started, 3)
-        peaks = peak_memory(device)
-        manifest.peak_memory = {k: max(v, earlier_peaks.get(k, 0)) for k, v in peaks.items()}
-        manifest.save(out)
-
+    lock = OutputLock(out, opened.model_dir)  # before anything is read from the output or written to it
     try:
-        def embed() -> Activations | None:  # block 0's inputs, again after OWL's first pass
-            return stack.embed(calibration.input_ids, config.batch_size, statistics_bytes(stack, config)) if config.statistics else None
+        current = RunManifest(
+            model=str(model), config=config.to_dict(), blocks_total=stack.num_blocks, device=str(device),
+            dtype=str(stack.dtype).removeprefix("torch."), input_fingerprint=input_fingerprint(opened.model_dir),
+        )
+        plan = plan_run(out, opened.model_dir, current, overwrite, resume)
+        manifest = plan.manifest
+        if checks.ENABLED:  # embeddings, final norm, LM head: refused now, not after the last block
+            stack.reader.check_tensors(stack.non_block_keys())
+        calibration: CalibrationSet
+        # a method that gathers no statistics (magnitude) runs no block forward: no corpus to load or download
+        uses_calibration = bool(config.statistics)  # OWL's outlier ratios of such a method come from its weights
+        no_text = CalibrationSet(torch.zeros((0, config.seqlen), dtype=torch.int64))
+        if plan.resumed:
+            remove_partial_files(out)
+            calibration = recorded_windows(out / manifest.calibration_ids, config.nwindows, config.seqlen) if uses_calibration else no_text
+            log.warning("resuming the unfinished run in %s: %d of its %d blocks are done", out, plan.start_block, stack.num_blocks)
+        else:
+            calibration = (calibration_windows(config.calib, opened.tokenizer, config.nwindows, config.seqlen, config.seed, progress)
+                           if uses_calibration else no_text)
+            _check_token_ids(calibration, stack, config.calib)
+            make_output(out)
+            save_windows(out / CALIBRATION_IDS_FILE, calibration)
+        earlier_seconds = manifest.timings["total_s"]
+        manifest.status, manifest.error = "running", None
+        manifest.calibration = calibration.summary()
+        manifest.checked = manifest.checked and checks.ENABLED
+        manifest.save(out)
+        earlier_peaks = dict(manifest.peak_memory or {})  # of the sessions before a resume
+        reset_peak_memory(device)
 
-        # every block written (a run stopped after its last): only the rest of the checkpoint is left to write
-        acts = embed() if plan.start_block < stack.num_blocks else None
-        manifest.placement = acts.placement if acts else manifest.placement
-        if not plan.resumed:
-            manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
-        overlap = device.type == "cuda" if overlap is None else overlap
+        def record(**changes) -> None:
+            for name, value in changes.items():
+                setattr(manifest, name, value)
+            manifest.timings["total_s"] = round(earlier_seconds + time.perf_counter() - started, 3)
+            peaks = peak_memory(device)
+            manifest.peak_memory = {k: max(v, earlier_peaks.get(k, 0)) for k, v in peaks.items()}
+            manifest.save(out)
+
         try:
-            sparsities = None
-            if config.budgets == "owl":
-                budgets, acts = _owl_budgets(stack, acts, embed, config, out, plan.resumed, progress, overlap)
-                sparsities = budgets["sparsities"]
-                record(budgets=budgets)
-            writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
-            _prune_blocks(stack, acts, config, plan.start_block, writer, manifest, record, progress, overlap, sparsities)
-        finally:
-            if acts is not None:
-                acts.close()
-        writer.write_shard(stack.num_blocks, stack.reader.read(stack.non_block_keys()))
-        writer.copy_metadata(opened.model_dir)
-        writer.write_index()
-    except Interrupted:
-        raise  # recorded as interrupted where it stopped
-    except Exception as exc:
-        _record_failure(record, exc)
-        raise
-    record(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    return manifest
+            def embed() -> Activations | None:  # block 0's inputs, again after OWL's first pass
+                return stack.embed(calibration.input_ids, config.batch_size, statistics_bytes(stack, config)) if config.statistics else None
+
+            # every block written (a run stopped after its last): only the rest of the checkpoint is left to write
+            acts = embed() if plan.start_block < stack.num_blocks else None
+            manifest.placement = acts.placement if acts else manifest.placement
+            if not plan.resumed:
+                manifest.timings["calibration_s"] = round(time.perf_counter() - started, 3)
+            overlap = device.type == "cuda" if overlap is None else overlap
+            try:
+                sparsities = None
+                if config.budgets == "owl":
+                    budgets, acts = _owl_budgets(stack, acts, embed, config, out, plan.resumed, progress, overlap)
+                    sparsities = budgets["sparsities"]
+                    record(budgets=budgets)
+                writer = CheckpointWriter(out, total_shards=stack.num_blocks + 1)
+                _prune_blocks(stack, acts, config, plan.start_block, writer, manifest, record, progress, overlap, sparsities)
+            finally:
+                if acts is not None:
+                    acts.close()
+            writer.write_shard(stack.num_blocks, stack.reader.read(stack.non_block_keys()))
+            writer.copy_metadata(opened.model_dir)
+            writer.write_index()
+        except Interrupted:
+            raise  # recorded as interrupted where it stopped
+        except KeyboardInterrupt:  # a second Ctrl-C, at once: the manifest must not go on saying running
+            with contextlib.suppress(Exception):
+                record(status="interrupted")
+            raise
+        except Exception as exc:
+            _record_failure(record, exc)
+            raise
+        record(status="complete", finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return manifest
+    finally:
+        lock.release()
 
 
 def _owl_budgets(stack, acts, embed, config, out, resumed, progress, overlap) -> tuple[dict, Activations | None]:
@@ -520,6 +530,19 @@ def _owl_budgets(stack, acts, embed, config, out, resumed, progress, overlap) ->
         acts.close()
         acts = embed()
     return budgets, acts
+
+
+def _check_token_ids(calibration: CalibrationSet, stack: DecoderStack, source) -> None:
+    """Refuses calibration token ids outside the model's vocabulary (input ids saved from a run on another
+    model, --calib IDS.safetensors), before anything is written: the embedding would fail on them."""
+    vocab = getattr(stack.text_config, "vocab_size", None)
+    ids = calibration.input_ids
+    if not vocab or not ids.numel():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise StreamPruneError(f"calibration token id {high if high >= vocab else low} (from --calib {source}) is outside the "
+                               f"model's vocabulary of {vocab:,} ids; were they made with another model's tokenizer?")
 
 
 def _record_failure(record, exc: Exception) -> None:

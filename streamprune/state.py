@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import resource
 import shutil
@@ -236,11 +237,64 @@ def _written_before_the_manifest(name: str) -> bool:
 
 
 def make_output(out: Path) -> None:
-    """An empty output directory (whatever was there is gone: plan_run allowed it)."""
+    """An empty output directory (whatever was there is gone: plan_run allowed it).  The directory itself
+    stays, emptied, so that the lock held on it (OutputLock) holds on."""
     try:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for entry in out.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     except OSError as exc:
         raise StreamPruneError(f"cannot write to output directory {out}: {exc.strerror}") from exc
+
+
+class OutputLock:
+    """An exclusive lock on a run's output directory while the run writes it: a second run into the same
+    directory (the same command started twice) is refused instead of writing the same shards beside it.
+
+    The lock is the operating system's advisory lock on the directory itself (fcntl.flock, Linux and
+    macOS; nothing where there is none), released when the run ends or its process dies (SIGKILL too),
+    so a killed run's directory is resumed as before.  The directory is made if missing (after the checks
+    plan_run makes first, so nothing is made inside the input checkpoint), and removed again, if still
+    empty, when the lock is released having made it and nothing was written.  Raises StreamPruneError
+    when another process holds it."""
+
+    def __init__(self, out: Path, model_dir: Path):
+        if out.exists() and not out.is_dir():
+            raise StreamPruneError(f"output path {out} is a file; give a directory")
+        resolved, source = out.resolve(), Path(model_dir).resolve()
+        if resolved == source or resolved in source.parents or source in resolved.parents:
+            raise StreamPruneError(f"output {out} would hold the input checkpoint, or lie inside it; choose another directory")
+        check_writable(out, f"to output directory {out}")
+        self.out, self.made, self.handle = out, not out.exists(), None
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StreamPruneError(f"cannot write to output directory {out}: {exc.strerror}") from exc
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this system: runs are not kept apart
+            return
+        self.handle = os.open(out, os.O_RDONLY)
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.handle)
+            self.handle = None
+            raise StreamPruneError(f"another streamprune run is writing to {out} now; wait for it to end (a rerun "
+                                   "then resumes or reports it), or choose another output directory") from None
+
+    def release(self) -> None:
+        """Releases the lock; removes the directory if this lock made it and it is still empty."""
+        if self.handle is not None:
+            os.close(self.handle)
+            self.handle = None
+        if self.made:
+            try:
+                self.out.rmdir()  # only when empty: a run that wrote nothing leaves nothing
+            except OSError:
+                pass
+            self.made = False
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .calibration import calibration_windows, save_windows
-from .checkpoint import resolve_model_dir, write_json
+from .checkpoint import check_writable, resolve_model_dir, write_json
 from .config import PruneConfig, parse_pattern
 from .engine import prune
 from .errors import NumericalError, StreamPruneError, one_line
@@ -320,6 +320,9 @@ def _ids_file(outdir: Path, seed: int, spec: SweepSpec, suffix: str = "") -> Pat
 def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool) -> None:
     """A new sweep directory, or an earlier one with the same fixed options (the grid may differ)."""
     recorded_path = outdir / SPEC_FILE
+    if outdir.exists() and not outdir.is_dir():
+        raise StreamPruneError(f"sweep output {outdir} is a file; give a directory")
+    check_writable(outdir, f"to sweep directory {outdir}")
     current = {**spec.fixed(), "model_fingerprint": input_fingerprint(model_dir)}
     if outdir.exists() and any(outdir.iterdir()):
         if not recorded_path.is_file():

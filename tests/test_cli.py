@@ -250,3 +250,37 @@ def test_gpu_out_of_memory_is_one_line_with_what_to_do(tiny_checkpoint, tmp_path
     assert_one_line_error(result, "GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)", "--batch-size", "--offload cpu")
     assert "GPU 0 has" not in result.stderr  # two sentences: the rest is the allocator's detail
     assert json.loads((out / "streamprune.json").read_text())["status"] == "failed"
+
+
+def test_inspect_json_goes_into_a_new_folder_and_eval_ppl_none_means_no_perplexity(tiny_checkpoint, tmp_path):
+    """`inspect --json` makes its folder, as `eval --json` does, rather than failing after the report; and
+    `eval --ppl none` is no perplexity, as in `sweep`, not a file named none."""
+    from pathlib import Path
+
+    model = tiny_checkpoint("llama", layers=2)
+    report = tmp_path / "new" / "inspect.json"
+    result = invoke("inspect", model, "--json", report)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["problems"] == []
+    results = tmp_path / "eval.json"
+    data = Path(__file__).parent / "data"
+    result = invoke("eval", model, "--ppl", "none", "--tasks", "boolq", "--limit", "2", "--data-dir", data, "--quiet", "--json", results)
+    assert result.exit_code == 0, result.output
+    assert "ppl" not in json.loads(results.read_text()) and json.loads(results.read_text())["tasks"]["boolq"]["n"] == 2
+
+
+def test_a_folder_that_cannot_be_written_is_named_in_one_plain_line():
+    """An OSError naming a path that cannot be written (an immutable folder, where even root cannot write,
+    or another user's) reaches the user as what it is, not as a Python exception's repr."""
+    import click
+
+    from streamprune.cli import reports_errors
+
+    @click.command()
+    @reports_errors
+    def writes():
+        raise PermissionError(1, "Operation not permitted", "/data/sweeps/run")
+
+    result = CliRunner().invoke(writes, [])
+    assert result.exit_code == 1 and result.stderr.strip() == (
+        "Error: cannot write /data/sweeps/run: Operation not permitted; choose a folder you may write to (--debug shows where)")

@@ -506,3 +506,61 @@ def test_transformers_gguf_conversion_bar_is_streamprunes_while_the_demo_model_i
             assert "\r" not in err and err.splitlines()[-1].startswith("Converting and de-quantizing GGUF tensors...: 3/3 tensor")
         else:
             assert err == ""
+
+
+# -- runs sharing an output, foreign calibration ids, a second Ctrl-C ------------------------------------
+
+
+def test_a_second_run_into_an_output_being_written_is_refused(tiny_checkpoint, tmp_path):
+    """While a run holds its output directory (the same command started twice), another is refused with
+    one line and writes nothing; once it ends, the same command runs.  A run that fails before writing
+    leaves no directory it made."""
+    from streamprune.state import OutputLock
+
+    model, out = tiny_checkpoint("llama", dtype="float32", layers=2), tmp_path / "out"
+    held = OutputLock(out, model)  # what the first run holds while it prunes
+    second = invoke(*prune_args(model, out))
+    assert second.exit_code == 1 and only_line(second.stderr, "Error: ") == (
+        f"Error: another streamprune run is writing to {out} now; wait for it to end (a rerun then resumes or reports "
+        "it), or choose another output directory")
+    assert list(out.iterdir()) == []
+    held.release()
+    assert not out.exists()  # made by the lock, left empty: removed
+    assert invoke(*prune_args(model, out)).exit_code == 0 and manifest(out)["status"] == "complete"
+    inside = invoke(*prune_args(model, Path(model) / "pruned"))
+    assert inside.exit_code == 1 and "would hold the input checkpoint, or lie inside it" in inside.stderr
+    assert not (Path(model) / "pruned").exists()  # the input is never modified
+
+
+def test_calibration_ids_outside_the_vocabulary_are_refused_before_anything_is_written(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama", dtype="float32", layers=2)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    ids = tmp_path / "ids.safetensors"
+    save_file({"input_ids": torch.full((4, 16), 3, dtype=torch.int64).index_fill_(1, torch.tensor([5]), vocab + 7)}, ids)
+    result = invoke(*prune_args(model, tmp_path / "out", "--calib", ids))
+    assert result.exit_code == 1 and only_line(result.stderr, "Error: ") == (
+        f"Error: calibration token id {vocab + 7} (from --calib {ids}) is outside the model's vocabulary of {vocab:,} ids; "
+        "were they made with another model's tokenizer?")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_ctrl_c_leaves_the_run_interrupted_not_running(tiny_checkpoint, tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside a block (a second Ctrl-C stops at once) ends the command with status 130
+    and `Error: interrupted`; the manifest says interrupted, and the same command resumes."""
+    import streamprune.engine
+
+    model, out = tiny_checkpoint("llama", dtype="float32", layers=3), tmp_path / "out"
+    real = streamprune.engine.prune_block
+
+    def stopped_at_block_1(stack, index, *args):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(stack, index, *args)
+
+    monkeypatch.setattr(streamprune.engine, "prune_block", stopped_at_block_1)
+    result = invoke(*prune_args(model, out))
+    assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1] == "Error: interrupted"
+    assert manifest(out)["status"] == "interrupted" and manifest(out)["blocks_done"] == 1
+    monkeypatch.setattr(streamprune.engine, "prune_block", real)
+    resumed = invoke(*prune_args(model, out))
+    assert resumed.exit_code == 0 and "resuming the unfinished run" in resumed.stderr and manifest(out)["status"] == "complete"
