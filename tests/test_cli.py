@@ -267,6 +267,9 @@ def test_inspect_json_goes_into_a_new_folder_and_eval_ppl_none_means_no_perplexi
     result = invoke("eval", model, "--ppl", "none", "--tasks", "boolq", "--limit", "2", "--data-dir", data, "--quiet", "--json", results)
     assert result.exit_code == 0, result.output
     assert "ppl" not in json.loads(results.read_text()) and json.loads(results.read_text())["tasks"]["boolq"]["n"] == 2
+    result = invoke("eval", model, "--tasks", "phishing", "--limit", "1000", "--data-dir", data, "--quiet", "--json", results)
+    assert result.exit_code == 0 and json.loads(results.read_text())["tasks"]["phishing"]["n"] == 60
+    assert f"Warning: --limit 1000 is more than the 60 examples of phishing in {data}: all are evaluated" in result.stderr.splitlines()
 
 
 def test_a_folder_that_cannot_be_written_is_named_in_one_plain_line():
@@ -284,3 +287,16 @@ def test_a_folder_that_cannot_be_written_is_named_in_one_plain_line():
     result = CliRunner().invoke(writes, [])
     assert result.exit_code == 1 and result.stderr.strip() == (
         "Error: cannot write /data/sweeps/run: Operation not permitted; choose a folder you may write to (--debug shows where)")
+
+
+def test_a_misspelt_keyword_of_the_python_api_is_named_with_the_closest_setting():
+    from streamprune.config import PruneConfig
+    from streamprune.errors import StreamPruneError
+
+    with pytest.raises(StreamPruneError, match=r"^unknown argument 'sparsty' \(did you mean 'sparsity'\?\): neither a pruning setting"):
+        PruneConfig.of(method="wanda", sparsty=0.5)
+    with pytest.raises(StreamPruneError, match=r"^unknown argument 'calib_seqlen': "):
+        PruneConfig.of(method="en-modified", calib_seqlen=64)
+    with pytest.raises(StreamPruneError, match="--alpha does not apply to wanda"):  # another method's option, as before
+        PruneConfig.of(method="wanda", alpha=0.5)
+    assert PruneConfig.of(method="en-modified", alpha=0.25).option_values["alpha"] == 0.25

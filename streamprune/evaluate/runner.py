@@ -228,9 +228,13 @@ def evaluate(
     data_dir = Path(config.data_dir) if config.data_dir else None
     for name in config.builtin_tasks:
         task = get_task(name)
-        examples = subset(task.load(data_dir), config.limit)
+        loaded = task.load(data_dir)
+        examples = subset(loaded, config.limit)
         if not examples:
             raise StreamPruneError(f"the {name} data has no examples; check --data-dir")
+        if config.limit is not None and config.limit > len(loaded):  # n in the table says so too, but quietly
+            log.warning("--limit %d is more than the %d examples of %s%s: all are evaluated", config.limit, len(loaded), name,
+                        f" in {data_dir}" if data_dir else "")
         requests = requests_for(examples, scorer.tokenizer, scorer.max_length)
         jobs.append((name, requests, partial(_task_result, task, examples), partial(_answer_name, name, examples)))
     results["timings"]["prepare_s"] = round(time.perf_counter() - started, 3)
