@@ -229,7 +229,7 @@ def calibration_windows(calib: str, tokenizer, nwindows: int, seqlen: int, seed:
         documents = hub_documents(calib)
     else:
         raise StreamPruneError(
-            f"calibration source {calib!r} is neither a file or folder nor one of {', '.join(HUB_CORPORA)}"
+            f"calibration source {calib!r} is neither a file nor a folder, nor one of {', '.join(HUB_CORPORA)}"
         )
     if tokenizer is None:
         raise StreamPruneError("the model has no tokenizer files; pass token ids with --calib IDS.safetensors")

@@ -286,7 +286,8 @@ def stop_requests():
         if asked and signum == signal.SIGINT:
             raise KeyboardInterrupt
         asked.append(signum)
-        log.warning("stopping after the block in progress is written (Ctrl-C again to stop at once)")
+        log.warning("stopping after the block in progress is written%s",
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else " (SIGTERM)")
 
     previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

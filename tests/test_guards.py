@@ -564,3 +564,26 @@ def test_a_second_ctrl_c_leaves_the_run_interrupted_not_running(tiny_checkpoint,
     monkeypatch.setattr(streamprune.engine, "prune_block", real)
     resumed = invoke(*prune_args(model, out))
     assert resumed.exit_code == 0 and "resuming the unfinished run" in resumed.stderr and manifest(out)["status"] == "complete"
+
+
+def test_sigterm_asks_to_stop_without_offering_what_only_ctrl_c_does():
+    """SIGTERM (a job scheduler's stop) stops after the block in progress, as Ctrl-C does; its line does
+    not offer a second Ctrl-C, which a scheduler does not send."""
+    import logging
+    import os
+    import signal
+
+    from streamprune.engine import stop_requests
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logger = logging.getLogger("streamprune")
+    logger.addHandler(handler)
+    try:
+        with stop_requests() as asked:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert asked()
+    finally:
+        logger.removeHandler(handler)
+    assert said == ["stopping after the block in progress is written (SIGTERM)"]
