@@ -33,7 +33,9 @@ class _Group(click.Group):
             code = exc.exit_code
         except (click.Abort, KeyboardInterrupt):
             progress.close_all()
-            progress.message("Error: interrupted")
+            given = [arg for arg in (sys.argv[1:] if args is None else args) if not str(arg).startswith("-")]
+            resumable = given[:1] in (["prune"], ["sweep"])  # their outputs resume where they stopped
+            progress.message("Error: interrupted" + ("; rerun the same command to resume" if resumable else ""))
             code = 130
         if not standalone_mode:
             return code

@@ -546,7 +546,8 @@ def test_calibration_ids_outside_the_vocabulary_are_refused_before_anything_is_w
 
 def test_a_second_ctrl_c_leaves_the_run_interrupted_not_running(tiny_checkpoint, tmp_path, monkeypatch):
     """A KeyboardInterrupt inside a block (a second Ctrl-C stops at once) ends the command with status 130
-    and `Error: interrupted`; the manifest says interrupted, and the same command resumes."""
+    and `Error: interrupted; rerun the same command to resume`; the manifest says interrupted, and the same
+    command resumes."""
     import streamprune.engine
 
     model, out = tiny_checkpoint("llama", dtype="float32", layers=3), tmp_path / "out"
@@ -559,7 +560,7 @@ def test_a_second_ctrl_c_leaves_the_run_interrupted_not_running(tiny_checkpoint,
 
     monkeypatch.setattr(streamprune.engine, "prune_block", stopped_at_block_1)
     result = invoke(*prune_args(model, out))
-    assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1] == "Error: interrupted"
+    assert result.exit_code == 130 and result.stderr.strip().splitlines()[-1] == "Error: interrupted; rerun the same command to resume"
     assert manifest(out)["status"] == "interrupted" and manifest(out)["blocks_done"] == 1
     monkeypatch.setattr(streamprune.engine, "prune_block", real)
     resumed = invoke(*prune_args(model, out))
