@@ -33,9 +33,16 @@ class _Group(click.Group):
             code = exc.exit_code
         except (click.Abort, KeyboardInterrupt):
             progress.close_all()
-            given = [arg for arg in (sys.argv[1:] if args is None else args) if not str(arg).startswith("-")]
-            resumable = given[:1] in (["prune"], ["sweep"])  # their outputs resume where they stopped
-            progress.message("Error: interrupted" + ("; rerun the same command to resume" if resumable else ""))
+            argv = [str(arg) for arg in (sys.argv[1:] if args is None else args)]
+            given = [arg for arg in argv if not arg.startswith("-")]
+            hint = ""
+            if given[:1] == ["sweep"]:  # its results are kept, --overwrite or not, while its settings are the same
+                hint = "; rerun the same command to resume"
+            elif given[:1] == ["prune"]:  # --overwrite and --no-resume would start it over
+                starts_over = [flag for flag in ("--overwrite", "--no-resume") if flag in argv]
+                hint = (f"; rerun without {' and '.join(starts_over)} to resume" if starts_over
+                        else "; rerun the same command to resume")
+            progress.message("Error: interrupted" + hint)
             code = 130
         if not standalone_mode:
             return code
@@ -69,9 +76,8 @@ def reports_errors(command):
                     "(hidden states in host memory), or raise --max-gpu-memory if you gave one"
                 ) from None
             if isinstance(exc, (PermissionError, IsADirectoryError, NotADirectoryError)) and exc.filename:
-                # a folder that cannot be written (read-only, immutable, another user's): say which, plainly
-                raise click.ClickException(f"cannot write {exc.filename}: {exc.strerror}; choose a folder you may write to "
-                                           "(--debug shows where)") from None
+                # a file or folder that cannot be read or written (another user's, immutable): say which, plainly
+                raise click.ClickException(f"cannot access {exc.filename}: {exc.strerror} (--debug shows where)") from None
             # lm-eval's own messages may begin with "Error: ", which the line already does
             message = f"{type(exc).__name__}: {one_line(exc).removeprefix('Error: ')}{lm_eval_context(exc)} (rerun with --debug for the traceback)"
             raise click.ClickException(message) from None

@@ -423,6 +423,8 @@ def prune(
     may live (placement.py); `overlap` reads and writes blocks in the background (default: on CUDA).
     Neither changes the result.  Returns the final run manifest.
     """
+    if config is not None and options:  # the keywords would be dropped unseen (a misspelt one too)
+        raise StreamPruneError(f"give either a PruneConfig or keyword options, not both (got {', '.join(sorted(options))} beside the config)")
     config = config or PruneConfig.of(**options)
     started = time.perf_counter()
     out = Path(output).expanduser()
@@ -498,8 +500,11 @@ def prune(
             writer.write_shard(stack.num_blocks, stack.reader.read(stack.non_block_keys()))
             writer.copy_metadata(opened.model_dir)
             writer.write_index()
-        except Interrupted:
-            raise  # recorded as interrupted where it stopped
+        except Interrupted as exc:  # recorded as interrupted where it stopped
+            starts_over = [flag for flag, on in (("--overwrite", overwrite), ("--no-resume", not resume)) if on]
+            if starts_over:  # the same command would start over, deleting the blocks written
+                raise Interrupted(str(exc).replace("rerun the same command", f"rerun without {' and '.join(starts_over)}")) from None
+            raise
         except KeyboardInterrupt:  # a second Ctrl-C, at once: the manifest must not go on saying running
             with contextlib.suppress(Exception):
                 record(status="interrupted")

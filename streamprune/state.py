@@ -8,8 +8,10 @@ read back from the output, and pruning continues after the last block whose shar
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import logging
 import os
 import platform
 import resource
@@ -24,6 +26,8 @@ import torch
 from .checkpoint import INDEX_FILE, check_writable, is_partial_file, shard_name, write_json
 from .errors import StreamPruneError
 from .placement import proc_bytes
+
+log = logging.getLogger("streamprune")
 
 MANIFEST_FILE = "streamprune.json"
 CALIBRATION_IDS_FILE = "calibration_ids.safetensors"
@@ -255,8 +259,9 @@ class OutputLock:
     directory (the same command started twice) is refused instead of writing the same shards beside it.
 
     The lock is the operating system's advisory lock on the directory itself (fcntl.flock, Linux and
-    macOS; nothing where there is none), released when the run ends or its process dies (SIGKILL too),
-    so a killed run's directory is resumed as before.  The directory is made if missing (after the checks
+    macOS), released when the run ends or its process dies (SIGKILL too), so a killed run's directory is
+    resumed as before.  Where the file system cannot lock a directory (NFS, Lustre without -o flock,
+    SMB), a warning says so and the run goes on unlocked.  The directory is made if missing (after the checks
     plan_run makes first, so nothing is made inside the input checkpoint), and removed again, if still
     empty, when the lock is released having made it and nothing was written.  Raises StreamPruneError
     when another process holds it."""
@@ -280,9 +285,13 @@ class OutputLock:
         self.handle = os.open(out, os.O_RDONLY)
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             os.close(self.handle)
             self.handle = None
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # this file system locks no directory
+                log.warning("cannot lock %s (%s): runs started into it meanwhile are not kept apart", out, exc.strerror)
+                return
+            self.release()  # what this lock made goes again
             raise StreamPruneError(f"another streamprune run is writing to {out} now; wait for it to end (a rerun "
                                    "then resumes or reports it), or choose another output directory") from None
 

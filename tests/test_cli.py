@@ -286,7 +286,7 @@ def test_a_folder_that_cannot_be_written_is_named_in_one_plain_line():
 
     result = CliRunner().invoke(writes, [])
     assert result.exit_code == 1 and result.stderr.strip() == (
-        "Error: cannot write /data/sweeps/run: Operation not permitted; choose a folder you may write to (--debug shows where)")
+        "Error: cannot access /data/sweeps/run: Operation not permitted (--debug shows where)")
 
 
 def test_a_misspelt_keyword_of_the_python_api_is_named_with_the_closest_setting():

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -565,6 +566,36 @@ def test_a_second_ctrl_c_leaves_the_run_interrupted_not_running(tiny_checkpoint,
     monkeypatch.setattr(streamprune.engine, "prune_block", real)
     resumed = invoke(*prune_args(model, out))
     assert resumed.exit_code == 0 and "resuming the unfinished run" in resumed.stderr and manifest(out)["status"] == "complete"
+    monkeypatch.setattr(streamprune.engine, "prune_block", stopped_at_block_1)  # the same command would start over
+    over = invoke(*prune_args(model, out, "--overwrite"))
+    assert over.exit_code == 130 and over.stderr.strip().splitlines()[-1] == "Error: interrupted; rerun without --overwrite to resume"
+
+
+def test_the_lock_steps_aside_where_the_file_system_cannot_lock_a_directory(tiny_checkpoint, tmp_path, monkeypatch, caplog):
+    """NFS, Lustre without -o flock or SMB refuse flock on a directory (EBADF, ENOSYS, ENOTSUP): a warning,
+    and the run goes on unlocked; only a lock held elsewhere (EWOULDBLOCK) refuses, leaving no folder."""
+    import errno
+    import fcntl
+
+    from streamprune.state import OutputLock
+
+    model = tiny_checkpoint("llama", dtype="float32", layers=2)
+    for code in (errno.EBADF, errno.ENOSYS, errno.ENOTSUP):
+        monkeypatch.setattr(fcntl, "flock", lambda *_, code=code: (_ for _ in ()).throw(OSError(code, os.strerror(code))))
+        lock = OutputLock(tmp_path / f"out{code}", model)
+        assert lock.handle is None and f"cannot lock {tmp_path / f'out{code}'}" in caplog.text
+        lock.release()
+    monkeypatch.setattr(fcntl, "flock", lambda *_: (_ for _ in ()).throw(BlockingIOError(errno.EWOULDBLOCK, "held")))
+    with pytest.raises(StreamPruneError, match="another streamprune run is writing to"):
+        OutputLock(tmp_path / "held", model)
+    assert not (tmp_path / "held").exists()
+
+
+def test_a_config_and_keyword_options_together_are_refused(tiny_checkpoint, tmp_path):
+    from streamprune.config import PruneConfig
+
+    with pytest.raises(StreamPruneError, match=r"give either a PruneConfig or keyword options, not both \(got sparsty beside"):
+        streamprune.prune(tiny_checkpoint("llama", layers=2), tmp_path / "out", PruneConfig(method="wanda"), sparsty=0.9)
 
 
 def test_sigterm_asks_to_stop_without_offering_what_only_ctrl_c_does():
