@@ -442,7 +442,7 @@ def prune(
             model=str(model), config=config.to_dict(), blocks_total=stack.num_blocks, device=str(device),
             dtype=str(stack.dtype).removeprefix("torch."), input_fingerprint=input_fingerprint(opened.model_dir),
         )
-        plan = plan_run(out, opened.model_dir, current, overwrite, resume)
+        plan = plan_run(out, current, overwrite, resume)
         manifest = plan.manifest
         if checks.ENABLED:  # embeddings, final norm, LM head: refused now, not after the last block
             stack.reader.check_tensors(stack.non_block_keys())

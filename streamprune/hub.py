@@ -51,7 +51,7 @@ def unreachable_reason(timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     return asked[1]
 
 
-def from_hub(path) -> bool:
+def is_hub_dataset(path) -> bool:
     """Whether datasets.load_dataset(path) reads a Hub dataset: neither one of datasets' packaged builders
     (json, csv, parquet, text, ...: local or remote data_files) nor a local file or folder."""
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
@@ -75,7 +75,7 @@ _depth = 0
 
 @contextlib.contextmanager
 def datasets_from_cache_when_offline():
-    """For the length of the block, the first `datasets.load_dataset` of a Hub dataset (from_hub) asks
+    """For the length of the block, the first `datasets.load_dataset` of a Hub dataset (is_hub_dataset) asks
     whether the Hub can be reached (unreachable_reason); when it cannot, huggingface_hub is in its offline
     mode for the rest of the block (its module flag, which it reads on every request; the HF_HUB_OFFLINE
     variable would be too late, being read at import), so datasets reads a Hub dataset's copy in its
@@ -93,7 +93,7 @@ def datasets_from_cache_when_offline():
             state = Offline()
 
             def load_dataset(path, *args, **kwargs):
-                if state.reason is None and not constants.is_offline_mode() and from_hub(path):
+                if state.reason is None and not constants.is_offline_mode() and is_hub_dataset(path):
                     reason = unreachable_reason()
                     if reason is not None:
                         state.reason = reason

@@ -202,14 +202,10 @@ class Plan:
     resumed: bool = False
 
 
-def plan_run(out: Path, model_dir: Path, current: RunManifest, overwrite: bool, resume: bool) -> Plan:
-    """Decides between a fresh run and resuming; refuses what would clobber or mix runs. Changes nothing."""
-    if out.exists() and not out.is_dir():
-        raise StreamPruneError(f"output path {out} is a file; give a directory")
-    check_writable(out, f"to output directory {out}")
-    resolved, source = out.resolve(), Path(model_dir).resolve()
-    if resolved == source or resolved in source.parents:
-        raise StreamPruneError(f"output {out} would hold the input checkpoint; choose another directory")
+def plan_run(out: Path, current: RunManifest, overwrite: bool, resume: bool) -> Plan:
+    """Decides between a fresh run and resuming; refuses what would clobber or mix runs. Changes nothing.
+    The output's place (a writable directory, not the input's nor around or inside it) was checked by
+    the OutputLock taken before."""
     if not out.exists() or overwrite or all(_written_before_the_manifest(p.name) for p in out.iterdir()):
         return Plan(current)  # empty, or a run killed before its first manifest: nothing to keep
     earlier = RunManifest.load(out)
