@@ -3,7 +3,7 @@
 
 On a random checkpoint with LLaMA-2-7B's block shape (hidden 4096, MLP 11008, 32 heads, vocab 32000,
 bfloat16; 4 blocks by default), CPU, the same requests (random token contexts) decoded by
-streamprune.evaluate.generation.greedy_generate in a fresh child process each:
+streamprune.evaluate.generation.generate in a fresh child process each:
   memory  the default budget: caches and the contexts' hidden states stay in (host) memory
   disk    --offload disk: every cache entry waits in a file between block visits
   cramped the default placement (auto) under a host-memory limit below the caches' size
@@ -36,7 +36,7 @@ GIB = 2**30
 RUN = r"""
 import json, sys, time
 import torch
-from streamprune.evaluate.generation import greedy_generate
+from streamprune.evaluate.generation import generate
 from streamprune.loading import open_model
 from streamprune.placement import Budget
 kind, model_dir, requests, context, new, workdir = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
@@ -46,7 +46,7 @@ generator = torch.Generator().manual_seed(0)
 contexts = [torch.randint(0, 32000, (context - 7 * (i % 4),), generator=generator).tolist() for i in range(requests)]
 started = time.perf_counter()
 stack = open_model(model_dir, device="cpu", dtype="bfloat16", budget=budget).stack
-tokens = greedy_generate(stack, contexts, new, batch_size=4)
+tokens = generate(stack, contexts, new, batch_size=4)
 from streamprune.state import peak_rss_bytes
 try:  # bytes handed to write() calls by this process (Linux), files and pipes alike
     io = {k: int(v) for k, v in (line.split(": ") for line in open("/proc/self/io").read().splitlines())}

@@ -559,7 +559,7 @@ def test_decoding_holds_the_embedding_and_head_once_and_the_placements_reserve_t
 
     from streamprune import blocks
     from streamprune.evaluate import loglikelihood
-    from streamprune.evaluate.generation import greedy_generate
+    from streamprune.evaluate.generation import generate
 
     model_dir = tiny_checkpoint("llama", layers=2, tie_embeddings=tied, vocab=4096)
     stored = {}
@@ -587,7 +587,7 @@ def test_decoding_holds_the_embedding_and_head_once_and_the_placements_reserve_t
     def both():
         reserves.clear()
         loglikelihood._sharing_fits(stack, requests, 4, 2**18)
-        greedy_generate(stack, [[1, 2, 3]], 2)
+        generate(stack, [[1, 2, 3]], 2)
         return list(reserves)
 
     counted = both()

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from streamprune.evaluate import generation
-from streamprune.evaluate.generation import greedy_generate
+from streamprune.evaluate.generation import generate
 from streamprune.loading import open_model
 from streamprune.placement import Budget
 
@@ -52,7 +52,7 @@ def test_groups_decoded_in_the_same_block_visits_equal_transformers_generate(tin
     softcapping, GPT-NeoX's cache."""
     model_dir = tiny_checkpoint(family, tie_embeddings=None)
     contexts = _contexts()
-    ours = greedy_generate(open_model(model_dir, device="cpu").stack, contexts, 12, batch_size=2)
+    ours = generate(open_model(model_dir, device="cpu").stack, contexts, 12, batch_size=2)
     assert ours == _expected(model_dir, contexts, 12)
 
 
@@ -68,7 +68,7 @@ def test_caches_parked_in_files_between_visits_give_the_same_tokens(tiny_checkpo
     for budget in (Budget(offload="disk", offload_dir=str(tmp_path)), Budget(max_cpu_bytes=1, offload_dir=str(tmp_path))):
         _Recorded.made.clear()
         stack = open_model(model_dir, device="cpu", budget=budget).stack
-        assert greedy_generate(stack, contexts, 8, batch_size=2) == expected
+        assert generate(stack, contexts, 8, batch_size=2) == expected
         (parking,) = _Recorded.made
         assert parking.placement == "disk"
         # 3 groups x 3 blocks x (keys, values) per pass, 8 passes, plus the contexts' hidden states
@@ -83,12 +83,12 @@ def test_caches_parked_in_files_between_visits_give_the_same_tokens(tiny_checkpo
             hidden = sum(len(g) * max(map(len, g)) for g in groups) * 2 * config.hidden_size * 8
             assert parking.bytes_written == caches + hidden
     _Recorded.made.clear()
-    assert greedy_generate(open_model(model_dir, device="cpu").stack, contexts, 8, batch_size=2) == expected
+    assert generate(open_model(model_dir, device="cpu").stack, contexts, 8, batch_size=2) == expected
     assert _Recorded.made == []  # room on the device: nothing parked
     # host copies (what a GPU parks in host memory; on a CPU placement.choose_placement never picks it)
     stack = open_model(model_dir, device="cpu").stack
     monkeypatch.setattr(stack, "placement_of_bytes", lambda *args: "cpu")
-    assert greedy_generate(stack, contexts, 8, batch_size=2) == expected
+    assert generate(stack, contexts, 8, batch_size=2) == expected
     (parking,) = _Recorded.made
     assert parking.placement == "cpu" and parking.parked == 3 * 3 * 2 * 8 + 3 * 2
     if family == "llama":
@@ -102,27 +102,27 @@ def test_rounds_and_rows_that_stop_early(tiny_checkpoint, tmp_path, capsys):
     model_dir = tiny_checkpoint("llama", layers=2)
     stack = open_model(model_dir, device="cpu").stack
     contexts = _contexts(3)
-    free = greedy_generate(stack, contexts, 10, batch_size=2)
+    free = generate(stack, contexts, 10, batch_size=2)
     assert free == _expected(model_dir, contexts, 10)
-    assert greedy_generate(stack, contexts, 10, batch_size=2, max_resident_tokens=30) == free  # a group a round
+    assert generate(stack, contexts, 10, batch_size=2, max_resident_tokens=30) == free  # a group a round
     stop = free[0][0]
-    stopped = greedy_generate(stack, contexts, 10, stop_ids={stop}, batch_size=2)
+    stopped = generate(stack, contexts, 10, stop_ids={stop}, batch_size=2)
     for row, tokens in zip(free, stopped):
         assert tokens == (row[: row.index(stop) + 1] if stop in row else row)
     assert stopped[0] == [stop] and any(len(tokens) == 10 for tokens in stopped)
     # the same with every cache in files, and with row 0 alone in its group: a whole group stops early
     parked = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
-    assert greedy_generate(parked, contexts, 10, stop_ids={stop}, batch_size=2) == stopped
+    assert generate(parked, contexts, 10, stop_ids={stop}, batch_size=2) == stopped
     _Recorded.made.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(generation, "_Parking", _Recorded)
-        assert greedy_generate(parked, contexts[:1] + contexts, 10, stop_ids={stop}, batch_size=1) == [[stop]] + stopped
+        assert generate(parked, contexts[:1] + contexts, 10, stop_ids={stop}, batch_size=1) == [[stop]] + stopped
     # groups 0 and 1 (row 0 twice) stopped at their first token: nothing of theirs was held to the end
     left = _Recorded.made[0].left
     assert left and not [name for name in left if name.split("-")[0] in ("0", "1")]
-    assert greedy_generate(stack, contexts, 0) == [[]] * len(contexts)
+    assert generate(stack, contexts, 0) == [[]] * len(contexts)
     capsys.readouterr()
-    assert greedy_generate(stack, contexts[:1], 10, stop_ids={stop}, progress=True) == [[stop]]
+    assert generate(stack, contexts[:1], 10, stop_ids={stop}, progress=True) == [[stop]]
     assert capsys.readouterr().err.splitlines()[-1].startswith("Generating: 10/10 token")
 
 
@@ -194,32 +194,32 @@ def test_a_start_shared_by_contexts_is_read_once_and_the_tokens_are_transformers
     expected, logits = _expected_with_logits(model_dir, contexts + [longer], 8)
     stack = open_model(model_dir, device="cpu").stack
     seen = _tokens_through_block_0(stack, monkeypatch)
-    greedy_generate(stack, contexts, 1, batch_size=2)
+    generate(stack, contexts, 1, batch_size=2)
     assert sum(seen) == 40 + 2 * 9 + 2 * 3 + 1 + 7
     seen.clear()
-    greedy_generate(stack, contexts, 1, batch_size=2, share_contexts=False)
+    generate(stack, contexts, 1, batch_size=2, share_contexts=False)
     assert sum(seen) == 2 * 46 + 2 * 49 + 2 * 43
     recorded = _Logits()
-    assert greedy_generate(stack, contexts + [longer], 8, batch_size=2, processor=recorded) == expected  # 90, 49 | 46, 43 | 43, 41
+    assert generate(stack, contexts + [longer], 8, batch_size=2, processor=recorded) == expected  # 90, 49 | 46, 43 | 43, 41
     assert recorded.seen.keys() == logits.keys()
     for ids, scores in logits.items():
         torch.testing.assert_close(recorded.seen[ids], scores, rtol=0, atol=1e-5)
     expected = expected[:-1]
-    assert greedy_generate(stack, contexts, 8, batch_size=2, max_resident_tokens=30) == expected  # a group a round
-    assert greedy_generate(stack, contexts, 8, batch_size=3) == expected  # 49, 46, 43 | 43, 41
+    assert generate(stack, contexts, 8, batch_size=2, max_resident_tokens=30) == expected  # a group a round
+    assert generate(stack, contexts, 8, batch_size=3) == expected  # 49, 46, 43 | 43, 41
     stop = expected[0][1]
-    assert greedy_generate(stack, contexts, 8, batch_size=2, stop_ids={stop}) == [row[: row.index(stop) + 1] if stop in row else row
+    assert generate(stack, contexts, 8, batch_size=2, stop_ids={stop}) == [row[: row.index(stop) + 1] if stop in row else row
                                                                                  for row in expected]
     # the caches in files, the starts on the device
     parked = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
     monkeypatch.setattr(generation, "_Parking", _Recorded)
     if family == "llama":  # left to itself, --offload disk puts nothing on the device: the prompts are read whole
         seen = _tokens_through_block_0(parked, monkeypatch)
-        assert greedy_generate(parked, contexts, 8, batch_size=2) == expected
+        assert generate(parked, contexts, 8, batch_size=2) == expected
         assert seen[:3] == [2 * 46, 2 * 49, 2 * 43]
     monkeypatch.setattr(generation, "_starts_fit", lambda *args: True)
     _Recorded.made.clear()
-    assert greedy_generate(parked, contexts, 8, batch_size=2) == expected
+    assert generate(parked, contexts, 8, batch_size=2) == expected
     if family == "llama":  # the groups' own columns are parked, not the start's: 2 x (9 + 7) + 2 x (3 + 7) + (1 + 7) + (7 + 7)
         config = stack.text_config
         per_token = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 8
@@ -227,7 +227,7 @@ def test_a_start_shared_by_contexts_is_read_once_and_the_tokens_are_transformers
         assert _Recorded.made[0].bytes_written == per_token * 3 * (own + 7 * 6) + 2 * own * config.hidden_size * 8
     monkeypatch.setattr(stack, "placement_of_bytes", lambda *args: "cpu")  # host copies, as a GPU parks them
     _Recorded.made.clear()
-    assert greedy_generate(stack, contexts, 8, batch_size=2) == expected
+    assert generate(stack, contexts, 8, batch_size=2) == expected
     assert _Recorded.made[0].placement == "cpu"
 
 
@@ -246,12 +246,12 @@ def test_the_work_counted_for_generation_is_block_0s_positions_against_each_row_
         for new_tokens, later in ((1, 0), (8, 42)):
             work = Work()
             with counting(stack, work):
-                new = greedy_generate(stack, contexts, new_tokens, batch_size=2, share_contexts=share)
+                new = generate(stack, contexts, new_tokens, batch_size=2, share_contexts=share)
             assert work.positions == first + later
             assert Work.generated(contexts, new) == Work(6, 0, 229 + later, 66 + 5 * later // 6)
     work = Work()
     with counting(stack, work):  # no new token asked for: nothing runs, and nothing would alone
-        new = greedy_generate(stack, contexts, 0)
+        new = generate(stack, contexts, 0)
     assert work.positions == 0 and Work.generated(contexts, new) == Work(6, 0, 0, 0)
 
 
@@ -266,7 +266,7 @@ def test_sliding_windows_that_cannot_keep_every_position_share_nothing(tiny_chec
     stack = open_model(model_dir, device="cpu").stack
     monkeypatch.delattr(DynamicSlidingWindowLayer, "activate_past_recording")
     seen = _tokens_through_block_0(stack, monkeypatch)
-    assert greedy_generate(stack, contexts, 8, batch_size=2) == _expected(model_dir, contexts, 8)
+    assert generate(stack, contexts, 8, batch_size=2) == _expected(model_dir, contexts, 8)
     assert seen[:3] == [2 * 46, 2 * 49, 2 * 43]  # the first pass: the callers' groups, whole
 
 
@@ -322,7 +322,7 @@ def test_parked_files_are_removed_when_decoding_stops_with_an_error(tiny_checkpo
     model_dir = tiny_checkpoint("llama", layers=2)
     stack = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
     with pytest.raises(KeyboardInterrupt):
-        greedy_generate(stack, _contexts(), 8, _FailingTokenizer(), until=["never"], batch_size=2)
+        generate(stack, _contexts(), 8, _FailingTokenizer(), until=["never"], batch_size=2)
     assert _FailingTokenizer.calls == 3
     assert list(tmp_path.iterdir()) == []
 
@@ -354,3 +354,45 @@ def test_a_cache_that_grew_is_parked_by_writing_its_new_positions_only(placement
         assert torch.equal(parking.fetch("0-h", parking.park("0-h", hidden)), hidden)
     finally:
         parking.close()
+
+
+def _sampled(model_dir, contexts, new_tokens, seeds, **settings):
+    """transformers' generate(do_sample=True) on each context alone (float64) after torch.manual_seed of
+    its seed: its new tokens."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    out = []
+    for context, seed in zip(contexts, seeds):
+        torch.manual_seed(seed)
+        out.append(model.generate(torch.tensor([context]), attention_mask=torch.ones(1, len(context), dtype=torch.long),
+                                  max_new_tokens=new_tokens, do_sample=True, eos_token_id=None, pad_token_id=0,
+                                  **settings)[0, len(context) :].tolist())
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_sampled_rows_draw_what_transformers_generate_draws_for_each_alone(tiny_checkpoint, family, tmp_path):
+    """With a seed per context, each row is sampled with its own generator: its tokens are those HF
+    generate(do_sample=True) samples for that context alone after torch.manual_seed(seed), with HF's
+    warpers (temperature, top_k, top_p), whatever the grouping (batch_size), the rounds, the caches
+    parked in files, or a shared start.  The draws are not greedy ones; other seeds, or the warpers
+    less top_k, draw other tokens."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    model_dir = tiny_checkpoint(family, tie_embeddings=None)
+    (start_contexts, _) = _shared_start_contexts()
+    contexts = _contexts(5) + start_contexts[:3]
+    seeds = [11 * n + 3 for n in range(len(contexts))]
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(1.5), TopKLogitsWarper(40), TopPLogitsWarper(0.95)])
+    expected = _sampled(model_dir, contexts, 8, seeds, temperature=1.5, top_k=40, top_p=0.95)
+    stack = open_model(model_dir, device="cpu").stack
+    assert generate(stack, contexts, 8, batch_size=2, processor=warpers, seeds=seeds) == expected
+    assert generate(stack, contexts, 8, batch_size=3, processor=warpers, seeds=seeds, max_resident_tokens=30,
+                    share_contexts=False) == expected
+    parked = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
+    assert generate(parked, contexts, 8, batch_size=2, processor=warpers, seeds=seeds) == expected
+    assert expected != generate(stack, contexts, 8, batch_size=2)
+    assert expected != generate(stack, contexts, 8, batch_size=2, processor=warpers, seeds=[seed + 1 for seed in seeds])
+    # the warpers are applied: without top_k the same seeds draw other tokens
+    assert expected != generate(stack, contexts, 8, batch_size=2, processor=LogitsProcessorList(warpers[::2]), seeds=seeds)
+    with pytest.raises(ValueError, match="2 seeds for 8 contexts"):
+        generate(stack, contexts, 8, seeds=seeds[:2])

@@ -17,7 +17,7 @@ lm_eval = pytest.importorskip("lm_eval")  # the optional extra; tools/setup-env 
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
-from streamprune.evaluate.generation import greedy_generate  # noqa: E402
+from streamprune.evaluate.generation import generate  # noqa: E402
 from streamprune.evaluate.harness import StreamedLM  # noqa: E402
 from streamprune.errors import StreamPruneError  # noqa: E402
 from streamprune.loading import open_model  # noqa: E402
@@ -324,7 +324,7 @@ def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatc
     given an option it does not take, does not say which task (and a misspelt metric, which lm-eval drops, is refused);
     streamprune's one-line error does, and what to change: where relative paths are read from, the YAML
     file, the splits there are, to ask for fewer examples (first_n's assertion, the default sampler's
-    random.sample), to set do_sample false for a task that samples; lm-eval's own "Error: " is not repeated."""
+    random.sample), to set num_beams 1 for a beam search; lm-eval's own "Error: " is not repeated."""
     from click.testing import CliRunner
 
     from streamprune.cli import main
@@ -345,8 +345,8 @@ def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatc
     (tmp_path / "metric_option.yaml").write_text(continue_.replace("task: sp_continue", "task: metric_option")
                                                  .replace("higher_is_better: true", "higher_is_better: true\n    ignore_whitespace: true"))
     (tmp_path / "empty_choice.yaml").write_text(boolq.replace("task: sp_boolq", "task: empty_choice").replace('["no", "yes"]', '["", "yes"]'))
-    (tmp_path / "sampled.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
-                                           .replace("task: sp_continue", "task: sampled").replace("do_sample: false", "do_sample: true"))
+    (tmp_path / "beams.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
+                                         .replace("task: sp_continue", "task: beams").replace("do_sample: false", "do_sample: false\n  num_beams: 2"))
     fewer = "; it asks for more few-shot examples than its few-shot split holds: ask for fewer (num_fewshot in its YAML, or the command's option))"
     for task, said, more in (
             ("bad_field", "UndefinedError: 'questoin' is undefined (lm-eval task bad_field) (rerun with --debug", []),
@@ -363,9 +363,9 @@ def test_an_error_in_a_tasks_own_code_names_the_task(tiny_checkpoint, monkeypatc
             ("metric_option", "(lm-eval task metric_option; its metric_list gives a metric an option the metric does not take", []),
             ("empty_choice", "IndexError: string index out of range (lm-eval task empty_choice; an answer choice of its first "
                              "document is empty (doc_to_choice), which lm-eval cannot build a task with: give every choice some text)", []),
-            ("sampled", "Error: streamed generation is greedy only; the task's generation_kwargs with the model's generation config "
-                        "ask for sampling (do_sample True); set do_sample false in the task's generation_kwargs for greedy "
-                        "decoding (lm-eval task sampled)", [])):
+            ("beams", "Error: streamed generation decodes greedily or samples, one sequence at a time; the task's generation_kwargs "
+                      "with the model's generation config ask for beam search (do_sample False, num_beams 2); set num_beams 1 in "
+                      "the task's generation_kwargs (lm-eval task beams)", [])):
         result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", task,
                                            "--include-path", str(tmp_path), "--limit", "2", "--quiet", *more])
         assert result.exit_code == 1, result.output
@@ -555,12 +555,12 @@ def test_generation_stops_at_a_stop_id_or_string_and_bad_model_args_are_refused(
     model_dir = tiny_checkpoint("llama", layers=2)
     stack = open_model(model_dir, device="cpu").stack
     context = list(range(20, 31))
-    (free,) = greedy_generate(stack, [context], 10)
-    (stopped,) = greedy_generate(stack, [context], 10, stop_ids={free[3]})
+    (free,) = generate(stack, [context], 10)
+    (stopped,) = generate(stack, [context], 10, stop_ids={free[3]})
     assert stopped == free[: free.index(free[3]) + 1]  # up to and with the first stop id
     tokenizer = open_model(model_dir, device="cpu").tokenizer
     text = tokenizer.decode(free[:5])
-    (cut,) = greedy_generate(stack, [context], 10, tokenizer, until=[text[-1]])
+    (cut,) = generate(stack, [context], 10, tokenizer, until=[text[-1]])
     assert text[-1] in tokenizer.decode(cut) and len(cut) <= 5
     with pytest.raises(StreamPruneError, match="unknown --model_args revision"):
         StreamedLM(pretrained=str(model_dir), device="cpu", revision="main")
@@ -675,7 +675,8 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
     (generation_config.json, else config.json): a repetition penalty (Qwen2.5-Instruct ships 1.05) and
     no_repeat_ngram_size change greedy choices and are applied; the EOS ids of config.json end a
     generation when there is no generation_config.json; other settings that would change the choices,
-    sampling and arguments that are no generation setting are refused, naming where they came from."""
+    beam search, a sampling temperature of 0 (HFLM's when a sampling task gives none), several sequences
+    a request and arguments that are no generation setting are refused, naming where they came from."""
     from streamprune.errors import StreamPruneError
 
     base = tiny_checkpoint("llama", layers=2)
@@ -698,16 +699,23 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
     assert both(_with_json(base, tmp_path / "capped", "generation_config.json", max_new_tokens=5), plain) != free
     assert both(base, [(p, {**kwargs, "no_repeat_ngram_size": 2}) for p, kwargs in plain]) != free
     lm = StreamedLM(pretrained=str(base), device="cpu", progress=False)
-    (tokens,) = greedy_generate(lm.stack, [lm.tok_encode(prompts[0])], 24)
+    (tokens,) = generate(lm.stack, [lm.tok_encode(prompts[0])], 24)
     ends = _with_json(base, tmp_path / "ends", "config.json", eos_token_id=[lm.tokenizer.eos_token_id, tokens[4]])
     assert len(both(ends, plain)[0]) < len(free[0])
     for extra, fragment in (({"min_new_tokens": 3}, "the task's generation arguments (with --gen_kwargs) set min_new_tokens = 3, which"),
                             ({"foo": 1}, "foo in the task's generation arguments (with --gen_kwargs) is not a generation setting (HF generate"),
                             ({"max_length": 40}, "set max_length"),
-                            ({"do_sample": True, "temperature": 0.5}, "greedy only; the task's generation arguments (with "
-                                                                       "--gen_kwargs) with the model's generation config ask for "
-                                                                       "sampling (do_sample True); set do_sample false in the task's "
-                                                                       "generation arguments (with --gen_kwargs) for greedy decoding"),
+                            ({"do_sample": True, "num_beams": 2}, "decodes greedily or samples, one sequence at a time; the task's "
+                                                                  "generation arguments (with --gen_kwargs) with the model's generation "
+                                                                  "config ask for beam sample (do_sample True, num_beams 2); set num_beams 1 "
+                                                                  "in the task's generation arguments (with --gen_kwargs)"),
+                            ({"do_sample": True}, "the task's generation arguments (with --gen_kwargs) set temperature = 0.0, which "
+                                                  "HF generate refuses for sampling: `temperature` (=0.0) has to be a strictly positive float"),
+                            ({"do_sample": True, "temperature": 0.5, "top_k": -1}, "set top_k = -1, which HF generate refuses for sampling: `top_k` has to be a strictly positive"),
+                            ({"num_return_sequences": 2}, "with the model's generation config (config.json) are refused by HF generate: "
+                                                          "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences`"),
+                            ({"do_sample": True, "temperature": 0.5, "num_return_sequences": 2}, "set num_return_sequences = 2, which streamed "
+                                                                                                 "generation does not apply"),
                             ({"num_beams": 2}, "ask for beam search (do_sample False, num_beams 2)")):
         with pytest.raises(StreamPruneError, match=re.escape(fragment)):
             lm.generate_until(_requests("generate_until", [("x", {"until": [], "max_gen_toks": 4, **extra})]))
@@ -715,6 +723,73 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
         suppressing = _with_json(base, tmp_path / f"suppressing-{name}", name, suppress_tokens=[250])
         with pytest.raises(StreamPruneError, match=re.escape(f"the model's generation config ({name}) set suppress_tokens")):
             StreamedLM(pretrained=suppressing, device="cpu", progress=False).generate_until(_requests("generate_until", plain))
+
+
+def test_sampled_requests_draw_what_hf_generate_draws_for_each_alone(tiny_checkpoint, monkeypatch, tmp_path):
+    """do_sample: each request is sampled with its own generator, seeded with a number drawn from torch's
+    global generator once per call plus its position: its text is HF generate's for it alone after
+    torch.manual_seed(that seed), with HF's default top_k of 50 (the vocabulary has 256), the same
+    whatever batch_size or share_contexts, and a request given twice (lm-eval's repeats) draws twice.
+    Through lm_eval.simple_evaluate (which seeds torch) a sampling task's samples are the same run after
+    run, and not the greedy ones."""
+    model_dir = tiny_checkpoint("llama", layers=2)
+    prompts = ["Once upon a time", "The capital of France is", "x", "Once upon a time"]
+    settings = {"until": [], "max_gen_toks": 10, "do_sample": True, "temperature": 0.8}
+    requests = _requests("generate_until", [(p, settings) for p in prompts])
+    lm = StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False)
+    torch.manual_seed(1234)
+    ours = lm.generate_until(requests)
+    torch.manual_seed(1234)
+    base = int(torch.randint(0, 2**62, (1,)))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
+    expected = []
+    for n, prompt in enumerate(prompts):
+        ids = torch.tensor([lm.tok_encode(prompt)])
+        torch.manual_seed(base + n)
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True, temperature=0.8,
+                             pad_token_id=lm.tokenizer.pad_token_id)[0, ids.shape[1] :]
+        expected.append(lm.tok_decode(new.tolist()))
+    assert ours == expected and ours[0] != ours[3]
+    for other in (StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=1, progress=False, share_contexts=False),):
+        torch.manual_seed(1234)
+        assert other.generate_until(requests) == ours
+    torch.manual_seed(1234)
+    greedy = lm.generate_until(_requests("generate_until", [(p, {"until": [], "max_gen_toks": 10, "do_sample": False}) for p in prompts]))
+    assert greedy != ours
+    # a sampling task through lm-eval: simple_evaluate seeds torch, so two runs draw the same texts
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "sampled.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
+                                           .replace("task: sp_continue", "task: sampled").replace("do_sample: false", "do_sample: true\n  temperature: 0.8"))
+    manager = TaskManager(include_path=str(tmp_path))
+    runs = [[s["resps"][0][0] for s in lm_eval.simple_evaluate(model=model_lm, tasks=["sampled"], task_manager=manager, limit=6,
+                                                                bootstrap_iters=0, log_samples=True)["samples"]["sampled"]]
+            for model_lm in (lm, StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=2, progress=False))]
+    assert runs[0] == runs[1] and any(runs[0])
+    greedy_run = lm_eval.simple_evaluate(model=lm, tasks=["sp_continue"], task_manager=TaskManager(include_path=str(ROOT / "tests/data/lmeval")),
+                                         limit=6, bootstrap_iters=0, log_samples=True)["samples"]["sp_continue"]
+    assert [s["resps"][0][0] for s in greedy_run] != runs[0]
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "typical_p": 0.95,
+                                       "epsilon_cutoff": 3e-4, "eta_cutoff": 3e-4, "top_h": 0.9, "repetition_penalty": 1.2},
+                                      {"temperature": 1.3}, {"temperature": 1.0, "top_k": 0}])
+def test_sampling_warpers_are_hf_generates_in_its_order(tiny_checkpoint, settings):
+    """The processors a sampling task gets are those HF generate makes for the same settings
+    (GenerationMixin._get_logits_processor after _prepare_generation_config: its defaults, top_k 50,
+    included): the same classes in the same order, and the same scores out of the same logits."""
+    from transformers import GenerationConfig
+
+    from streamprune.evaluate.harness import _generation_settings
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama", layers=2), dtype=torch.float64)
+    ours, _, sampled = _generation_settings(GenerationConfig(), "generation_config.json", {"do_sample": True, **settings})
+    config, _ = model._prepare_generation_config(None, do_sample=True, **settings)
+    theirs = model._get_logits_processor(config, input_ids_seq_length=4, device="cpu")
+    assert sampled and [type(p) for p in ours] == [type(p) for p in theirs]
+    ids, scores = torch.tensor([[5, 6, 7, 5]]), torch.randn(1, 256, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours(ids, scores.clone()), theirs(ids, scores.clone()))
 
 
 def test_add_bos_token_gives_the_tokenizer_a_bos_as_the_hf_backend_does(tiny_checkpoint):

@@ -1,4 +1,5 @@
-"""Greedy decoding streamed one block at a time, every request of a call in the same block visits.
+"""Decoding streamed one block at a time, every request of a call in the same block visits: greedy, or
+sampled with each row's own seeded generator.
 
 A generated token needs every block, so each token is one pass over the blocks.  Streaming a block
 costs the same whatever the number of rows it serves, so all rows go through each visit: in groups of
@@ -17,6 +18,12 @@ by generation after the same three examples peaked at 2.42 GiB, against 8.44 GiB
 starts are shared is chosen as for scoring (loglikelihood._sharing_plan: tokens through the blocks
 saved), in each round only where the starts' keys and values fit on the compute device beside what
 decoding keeps there (_starts_fit); a round where they do not reads its prompts whole.
+
+Sampling draws each row's tokens with a torch.Generator of its own, seeded by the caller (one seed per
+context): HF generate draws a batch's rows from torch's global generator, so which tokens a row gets
+there depends on the rows beside it and the calls before; here it depends only on its seed, whatever
+the batch size, the rounds, the memory limits or the shared starts, and equals what HF generate samples
+for that context alone after torch.manual_seed(seed) (tests/test_generation.py).
 """
 
 from __future__ import annotations
@@ -139,8 +146,10 @@ class _Group:
     length at most)."""
 
     def __init__(self, number: int, contexts: list[list[int]], inputs, device: torch.device, max_new_tokens: int,
-                 start: tuple[_Contexts, int] | None = None, split: int = 0, placeholders=None):
+                 start: tuple[_Contexts, int] | None = None, split: int = 0, placeholders=None, seeds: list[int] | None = None):
         self.number, self.device, self.inputs, self.contexts = number, device, inputs, contexts
+        # sampling: a generator per row, on the device whose tensors it draws from (torch.multinomial's rule)
+        self.generators = None if seeds is None else [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         self.ids, self.mask, self.positions = left_padded(contexts, device)
         self.capacity = self.ids.shape[1] + max_new_tokens  # positions its cache can reach
         self.start, self.split = (start, split) if start is not None else (None, 0)
@@ -240,19 +249,28 @@ class _Group:
             self.hidden, self.hidden_parked = parking.park(f"{self.number}-h", self.hidden), True
 
     def step(self, logits_of, inputs, tokenizer, until, stop_ids, more: bool, processor=None) -> None:
-        """The greedy next token of every row (argmax, first index on ties as torch.argmax), the stop
-        rules applied per row, and with `more` the block inputs for the next pass.  A `processor` (a
-        transformers LogitsProcessorList) first changes each row's float32 logits, as HF generate's,
-        given that row's own tokens, without padding: HF generate's for a row alone (its repetition
-        penalty leaves the padding out in any batch; its no_repeat_ngram_size counts it)."""
+        """The next token of every row, the stop rules applied per row, and with `more` the block inputs
+        for the next pass.  Greedy: the argmax (first index on ties, as torch.argmax).  Sampling (the
+        group has generators): one torch.multinomial draw from the softmax of the row's float32 logits
+        with the row's generator, as HF generate's _sample draws for a batch of that row alone.  A
+        `processor` (a transformers LogitsProcessorList: penalties, and when sampling the warpers, in HF
+        generate's order) first changes each row's float32 logits, as HF generate's, given that row's own
+        tokens, without padding: HF generate's for a row alone (its repetition penalty leaves the padding
+        out in any batch; its no_repeat_ngram_size counts it)."""
         logits = logits_of(self.hidden[:, -1:])[:, -1]
-        if processor:
+        if processor or self.generators:
             logits = logits.float()
             for row, context in enumerate(self.contexts):
-                if not self.done[row]:
+                if processor and not self.done[row]:
                     ids = torch.tensor([context + self.new[row]], device=logits.device)
                     logits[row : row + 1] = processor(ids, logits[row : row + 1])
-        token = logits.argmax(dim=-1)
+        if self.generators is None:
+            token = logits.argmax(dim=-1)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            # a finished row's draw would be thrown away; it is not made, so its generator is left as it was
+            token = torch.tensor([0 if self.done[row] else int(torch.multinomial(probs[row : row + 1], 1, generator=generator))
+                                  for row, generator in enumerate(self.generators)], device=self.device)
         for row, value in enumerate(token.tolist()):
             if not self.done[row]:
                 self.new[row].append(value)
@@ -317,10 +335,12 @@ def _parked_bytes(stack: DecoderStack, first: _Group, groups: list[list[list[int
 
 
 @torch.no_grad()
-def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_tokens: int, tokenizer=None,
-                    until: list[str] | None = None, stop_ids=(), progress: bool = False, batch_size: int = 4,
-                    max_resident_tokens: int = 2**18, processor=None, share_contexts: bool = True) -> list[list[int]]:
-    """Greedy continuations of token-id contexts, one block resident at a time, every row in each visit.
+def generate(stack: DecoderStack, contexts: list[list[int]], max_new_tokens: int, tokenizer=None,
+             until: list[str] | None = None, stop_ids=(), progress: bool = False, batch_size: int = 4,
+             max_resident_tokens: int = 2**18, processor=None, share_contexts: bool = True,
+             seeds: list[int] | None = None) -> list[list[int]]:
+    """Continuations of token-id contexts, greedy or sampled, one block resident at a time, every row in
+    each visit.
 
     contexts: lists of token ids (Python ints), none empty; rows next to each other decode together in groups of
     batch_size (callers put contexts of similar length together: lm-eval's order is longest first; the
@@ -332,14 +352,21 @@ def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_toke
     memory limits of the stack's budget put them (module docstring), in rounds of at most
     max_resident_tokens tokens.  A row stops at one of stop_ids or once its decoded text holds a string
     of `until`; a group stops when all its rows have, every row after max_new_tokens.  `processor`, a
-    transformers LogitsProcessorList (a repetition penalty: harness._greedy_settings), changes each
-    row's logits before its argmax as in HF generate.  With share_contexts, contexts that begin with
+    transformers LogitsProcessorList (a repetition penalty: harness._generation_settings), changes each
+    row's logits before its argmax as in HF generate.  With `seeds` (an int per context, 0 <= seed <
+    2**63), each row's tokens are sampled instead (_Group.step), with a torch.Generator seeded with its
+    seed: `processor` then holds HF generate's sampling warpers too (harness._generation_settings), and
+    a row's tokens equal what HF generate(do_sample=True) gives its context alone after
+    torch.manual_seed(seed).  With share_contexts, contexts that begin with
     the same tokens (at least MIN_SHARED_PREFIX of them, where that saves tokens through the blocks)
     are grouped together, longest first, and their start is read once per round (module docstring);
     the tokens are the same.
     Returns the new token ids per row (a stop string's tokens included, as HF generate's stopping
-    criteria).  Raises StreamPruneError for an empty context or a decoder without a key/value cache.
+    criteria).  Raises StreamPruneError for an empty context or a decoder without a key/value cache,
+    ValueError for seeds not one per context.
     """
+    if seeds is not None and len(seeds) != len(contexts):
+        raise ValueError(f"{len(seeds)} seeds for {len(contexts)} contexts")
     if not contexts or max_new_tokens <= 0:
         return [[] for _ in contexts]
     if min(len(c) for c in contexts) == 0:
@@ -357,7 +384,8 @@ def greedy_generate(stack: DecoderStack, contexts: list[list[int]], max_new_toke
         with progress_bars.bar(total=max_new_tokens * len(rounds), desc="Generating", unit="token", enabled=progress, leave=False) as bar:
             for round_ in rounds:
                 decoded = _decode(stack, [([contexts[n] for n in rows], split) for rows, split in round_], inputs, logits_of,
-                                  max_new_tokens, tokenizer, until, stop_ids, batch_size, bar, processor, placeholders)
+                                  max_new_tokens, tokenizer, until, stop_ids, batch_size, bar, processor, placeholders,
+                                  None if seeds is None else [[seeds[n] for n in rows] for rows, _ in round_])
                 for (rows, _), done in zip(round_, decoded):
                     for n, tokens in zip(rows, done.new):
                         new[n] = tokens
@@ -461,9 +489,10 @@ def _starts(stack: DecoderStack, groups: list[tuple[list[list[int]], int]], inpu
 
 
 def _decode(stack: DecoderStack, groups: list[tuple[list[list[int]], int]], inputs, logits_of, max_new_tokens: int, tokenizer,
-            until, stop_ids, batch_size: int, bar, processor, placeholders=None) -> list[_Group]:
+            until, stop_ids, batch_size: int, bar, processor, placeholders=None, seeds: list[list[int]] | None = None) -> list[_Group]:
     """One round: every group (its contexts, the length of the start they share) through every block
-    visit, a pass per generated token; the shared starts through each block first in the first pass."""
+    visit, a pass per generated token; the shared starts through each block first in the first pass.
+    `seeds`: when sampling, each group's rows' seeds."""
     last = stack.num_blocks - 1
     live: list[_Group] = []
     parking: _Parking | None = None
@@ -483,7 +512,8 @@ def _decode(stack: DecoderStack, groups: list[tuple[list[list[int]], int]], inpu
                         held, widest = _start_bytes(stack, groups, batch_size)
                         for number, (rows, split) in enumerate(groups):
                             start = starts[tuple(rows[0][:split])] if split else None
-                            group = _Group(number, rows, inputs, stack.device, max_new_tokens, start, split, placeholders)
+                            group = _Group(number, rows, inputs, stack.device, max_new_tokens, start, split, placeholders,
+                                           None if seeds is None else seeds[number])
                             group.run(block, 0, parking)
                             if number == 0:
                                 # the embedding and LM head stay resident through decoding

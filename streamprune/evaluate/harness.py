@@ -14,16 +14,19 @@ The requests are those of lm-eval's Hugging Face backend (HFLM), answered the sa
 - loglikelihood: the sum of the continuation's log-probabilities and whether each of its tokens is the
   argmax, from (context + continuation)[-(max_length + 1):];
 - loglikelihood_rolling: lm-eval's own rolling windows (get_rolling_token_windows, make_disjoint_window);
-- generate_until: greedy decoding (generation.greedy_generate), every request with the same generation
+- generate_until: greedy decoding or sampling (generation.generate), every request with the same generation
   arguments in each block visit, batch_size rows per forward call (longest contexts first, as HFLM),
   left-padded with HF generate's attention mask and position ids, one pass over the blocks per generated
   token with key/value caches placed as hidden states are; stop strings and max_gen_toks as the harness passes them
   (lm-eval's normalize_gen_kwargs, handle_stop_sequences and postprocess_generated_text), the EOS ids
   of the tokenizer and of the model's generation config, and of that config (generation_config.json,
   else config.json's generation settings, as transformers loads them) with the task's arguments as HFLM
-  passes them to HF generate, the greedy settings: repetition_penalty and no_repeat_ngram_size applied
-  by transformers' own logits processors, the model's max_new_tokens over max_gen_toks; sampling, beam
-  search and every other setting that would change greedy choices refused, not ignored;
+  passes them to HF generate, the settings: repetition_penalty and no_repeat_ngram_size applied
+  by transformers' own logits processors, the model's max_new_tokens over max_gen_toks; with do_sample,
+  HF generate's sampling warpers (temperature, top_k, top_p, min_p, typical_p, epsilon and eta cutoffs,
+  top_h) and a draw per token from each request's own generator (its seed: a number drawn once per call
+  from torch's global generator, which lm-eval seeds, plus the request's position in the call); beam
+  search and every other setting that would change the choices refused, not ignored;
 - apply_chat_template: the tokenizer's chat template, as HFLM (lm-eval's --apply_chat_template).
 
 Requires the optional extra: pip install 'streamprune[lmeval]'.
@@ -54,7 +57,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..loading import open_model
 from ..placement import Budget, parse_size
-from .generation import greedy_generate
+from .generation import generate
 from .loglikelihood import Request, streamed_logprobs
 from .work import Work, counting
 
@@ -78,7 +81,7 @@ class StreamedLM(TemplateLM):
     are used only where theirs fit on the device), offload_dir (where what fits in neither goes; default:
     the system's temporary folder), trust_remote_code (off by default), share_contexts (default on: a
     context shared by several continuations, and a start shared by several prompts, such as the same
-    few-shot examples before each question, run once per block, in scoring and in greedy generation).
+    few-shot examples before each question, run once per block, in scoring and in generation).
     Other arguments are refused.
     Raises StreamPruneError for a model streamprune cannot open.
 
@@ -281,20 +284,28 @@ class StreamedLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuations: requests with the same generation arguments, longest context first (as
-        HFLM orders them), all of a group in each block visit, batch_size rows per forward call."""
+        """Continuations, greedy or sampled: requests with the same generation arguments, longest context
+        first (as HFLM orders them), all of a group in each block visit, batch_size rows per forward call.
+        Sampled requests draw from generators of their own, seeded with one number drawn from torch's
+        global generator for this call (lm-eval's torch_random_seed, 1234 unless --seed says otherwise,
+        makes it reproducible) plus the request's position among `requests`: the same text for the same
+        seed whatever batch_size, the memory limits or share_contexts, and HF generate's for that request
+        alone after torch.manual_seed(its seed).  HFLM draws a batch's rows from the global generator
+        instead, so its samples, not their distribution, differ."""
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         groups: dict[str, list[int]] = {}
         for number, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(number)
         results: list = [None] * len(requests)
+        base_seed = None
         for numbers in groups.values():
             kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
             try:
                 task_args = "the task's generation_kwargs" if self._under_eval else TASK_ARGS  # no --gen_kwargs there
-                processor, new_tokens = _greedy_settings(self.generation_config, self.generation_config_file, kwargs, task_args)
+                processor, new_tokens, sampled = _generation_settings(self.generation_config, self.generation_config_file, kwargs,
+                                                                      task_args, self.stack.device)
             except StreamPruneError as exc:  # which task, among several
                 names = ", ".join(sorted({requests[n].task_name for n in numbers if getattr(requests[n], "task_name", None)}))
                 raise StreamPruneError(f"{exc} (lm-eval task {names})" if names else str(exc)) from None
@@ -311,13 +322,18 @@ class StreamedLM(TemplateLM):
                             getattr(first, "task_name", None), getattr(first, "doc_id", None), self.prefix_token_id)
                 contexts.update({n: [self.prefix_token_id] for n in empty})
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
+            seeds = None
+            if sampled:
+                if base_seed is None:  # drawn only when sampling, so that greedy runs leave the global generator as it was
+                    base_seed = int(torch.randint(0, 2**62, (1,)))
+                seeds = [base_seed + n for n in ordered]
             # HF generate takes the model's own max_new_tokens over the max_length HFLM passes
             done = Work()
             with counting(self.stack, done):
-                generated = greedy_generate(self.stack, [contexts[n] for n in ordered], max_gen_toks if new_tokens is None else new_tokens,
+                generated = generate(self.stack, [contexts[n] for n in ordered], max_gen_toks if new_tokens is None else new_tokens,
                                             self.tokenizer, until, self.stop_ids, progress=self.progress and not disable_tqdm,
                                             batch_size=self._batch_size, max_resident_tokens=self.max_resident_tokens,
-                                            processor=processor, share_contexts=self.share_contexts)
+                                            processor=processor, share_contexts=self.share_contexts, seeds=seeds)
             self._worked("generate_until", done.add(Work.generated([contexts[n] for n in ordered], generated)))
             for n, tokens in zip(ordered, generated):
                 text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
@@ -384,29 +400,36 @@ def _stop_ids(tokenizer, generation_config: GenerationConfig) -> set[int]:
     return ({tokenizer.eos_token_id} | set(configured if isinstance(configured, (list, tuple)) else [configured])) - {None}
 
 
-# Settings of a generation config that change greedy choices and that streamed decoding does not apply,
-# with the values that leave them off (transformers' GenerationMixin._get_logits_processor)
-NOT_APPLIED = {"guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "bad_words_ids": (None,), "min_length": (None, 0),
+# Settings of a generation config that change the choices and that streamed decoding does not apply,
+# with the values that leave them off (transformers' GenerationMixin._get_logits_processor), and
+# num_return_sequences (HFLM reads one sequence a request)
+NOT_APPLIED = {"num_return_sequences": (None, 1), "guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "bad_words_ids": (None,), "min_length": (None, 0),
                "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
                "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
                "watermarking_config": (None,)}
 
 
-def _greedy_settings(model_config: GenerationConfig, config_file: str, task_kwargs: dict,
-                     task_args: str = TASK_ARGS) -> tuple[LogitsProcessorList, int | None]:
-    """What HF generate decodes greedily with in HFLM: the model's generation config (from config_file)
-    updated with a task's generation arguments (lm-eval's normalize_gen_kwargs output, less until and
-    max_gen_toks; the temperature 0 of greedy decoding dropped, as HFLM drops it).  Returns the logits
-    processor (repetition_penalty and no_repeat_ngram_size as transformers' own processors; settings
-    that only sampling reads, top_p, top_k, ..., change nothing) and the model's own max_new_tokens if it
-    sets one (HF generate takes it over the max_length HFLM passes), else None.  Raises StreamPruneError
-    for an argument that is no generation setting (HF generate refuses it too), sampling, beam search
-    and other decoding modes, and settings that change greedy choices and are not applied (NOT_APPLIED,
-    a task's max_length), naming where each came from: a model's own repetition penalty
-    (Qwen2.5-Instruct's 1.05) is applied, never ignored."""
+def _generation_settings(model_config: GenerationConfig, config_file: str, task_kwargs: dict, task_args: str = TASK_ARGS,
+                         device: torch.device | str = "cpu") -> tuple[LogitsProcessorList, int | None, bool]:
+    """What HF generate decodes with in HFLM: the task's generation arguments (lm-eval's
+    normalize_gen_kwargs output, less until and max_gen_toks) over the model's generation config (from
+    config_file) over transformers' global defaults (top_k 50, temperature 1.0, ...: GenerationMixin.
+    _prepare_generation_config's order), the temperature set as HFLM's _model_generate sets it (0.0 if
+    absent, dropped for greedy decoding).  Returns the logits processor (repetition_penalty and
+    no_repeat_ngram_size as transformers' own processors, then when sampling HF generate's warpers,
+    _sampling_warpers, on `device`), the model's own max_new_tokens if it sets one (HF generate takes it
+    over the max_length HFLM passes) else None, and whether to sample (do_sample).  Raises
+    StreamPruneError for an argument that is no generation setting (HF generate refuses it too), beam
+    search and the other decoding modes, a sampling setting HF generate refuses (temperature 0), and
+    settings that change the choices and are not applied (NOT_APPLIED, a task's max_length), naming
+    where each came from: a model's own repetition penalty (Qwen2.5-Instruct's 1.05) is applied, never
+    ignored."""
     kwargs = dict(task_kwargs)
-    if not kwargs.get("do_sample") and not kwargs.get("temperature"):
-        kwargs.pop("temperature", None)
+    kwargs.setdefault("temperature", 0.0)  # HFLM's _model_generate: a sampling task without one fails in HF generate
+    if kwargs["temperature"] == 0.0 and kwargs.get("do_sample") is None:
+        kwargs["do_sample"] = False
+    if kwargs.get("do_sample") is False and kwargs["temperature"] == 0.0:
+        kwargs.pop("temperature")
     unknown = sorted(name for name in kwargs if not hasattr(GenerationConfig(), name))
     if unknown:
         raise StreamPruneError(f"{', '.join(unknown)} in {task_args} {'is not a generation setting' if len(unknown) == 1 else 'are not generation settings'} "
@@ -414,29 +437,66 @@ def _greedy_settings(model_config: GenerationConfig, config_file: str, task_kwar
     if "max_length" in kwargs:
         raise StreamPruneError(f"{task_args} set max_length (context and new tokens, in HFLM as padded in "
                                "its batch); streamed generation takes max_gen_toks: set that instead")
-    config = copy.deepcopy(model_config)
-    config.update(**kwargs)
+    config = GenerationConfig()
+    config.update(**model_config.to_dict(), defaults_only=True, allow_custom_entries=True)
+    config.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
+    try:
+        config.update(**kwargs)
+    except ValueError as exc:  # transformers' validation of the combination, as HF generate makes it
+        raise StreamPruneError(f"{task_args} with the model's generation config ({config_file}) are refused by HF generate: "
+                               f"{str(exc).strip()}") from None
 
     def source(name: str) -> str:
         return task_args if name in kwargs else f"the model's generation config ({config_file})"
 
     mode = config.get_generation_mode()
-    if mode != GenerationMode.GREEDY_SEARCH:
-        asked = "sampling" if mode == GenerationMode.SAMPLE else mode.value.replace("_", " ")
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
         beams = f", num_beams {config.num_beams}" if (config.num_beams or 1) > 1 else ""
-        raise StreamPruneError(f"streamed generation is greedy only; {task_args} with the model's generation "
-                               f"config ask for {asked} (do_sample {config.do_sample}{beams}); set do_sample false"
-                               f"{' and num_beams 1' if beams else ''} in {task_args} for greedy decoding")
+        raise StreamPruneError(f"streamed generation decodes greedily or samples, one sequence at a time; {task_args} with the "
+                               f"model's generation config ask for {mode.value.replace('_', ' ')} (do_sample {config.do_sample}{beams}); "
+                               f"set num_beams 1{' and no penalty_alpha' if mode == GenerationMode.CONTRASTIVE_SEARCH else ''} in {task_args}")
     for name, off in NOT_APPLIED.items():
         if getattr(config, name, None) not in off:
             raise StreamPruneError(f"{source(name)} set {name} = {getattr(config, name)!r}, which streamed generation does not "
-                                   f"apply; it would change greedy choices")
+                                   f"apply; it would change the choices")
     processor = LogitsProcessorList()
     if config.repetition_penalty not in (None, 1, 1.0):
         processor.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.no_repeat_ngram_size:
         processor.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
-    return processor, config.max_new_tokens
+    sampled = mode == GenerationMode.SAMPLE
+    if sampled:
+        processor.extend(_sampling_warpers(config, source, device))
+    return processor, config.max_new_tokens, sampled
+
+
+def _sampling_warpers(config: GenerationConfig, source, device: torch.device | str = "cpu") -> list:
+    """HF generate's sampling warpers for `config`, in its order (GenerationMixin._get_logits_processor's
+    do_sample branch, one beam: min_tokens_to_keep 1), each made by transformers' own class.  `source`
+    names where a setting came from, for the error.  Raises StreamPruneError for a value the warper
+    refuses (a temperature of 0, a top_p above 1), as HF generate raises ValueError."""
+    from transformers import generation
+
+    warpers = (  # (setting, whether its value applies a warper, the warper)
+        ("temperature", lambda v: v != 1.0, lambda v: generation.TemperatureLogitsWarper(v)),
+        ("top_h", lambda v: True, lambda v: generation.TopHLogitsWarper(top_h=v)),
+        ("top_k", lambda v: v != 0, lambda v: generation.TopKLogitsWarper(top_k=v, min_tokens_to_keep=1)),
+        ("top_p", lambda v: v < 1.0, lambda v: generation.TopPLogitsWarper(top_p=v, min_tokens_to_keep=1)),
+        ("min_p", lambda v: True, lambda v: generation.MinPLogitsWarper(min_p=v, min_tokens_to_keep=1)),
+        ("typical_p", lambda v: v < 1.0, lambda v: generation.TypicalLogitsWarper(mass=v, min_tokens_to_keep=1)),
+        ("epsilon_cutoff", lambda v: 0.0 < v < 1.0, lambda v: generation.EpsilonLogitsWarper(epsilon=v, min_tokens_to_keep=1)),
+        ("eta_cutoff", lambda v: 0.0 < v < 1.0, lambda v: generation.EtaLogitsWarper(epsilon=v, min_tokens_to_keep=1, device=device)),
+    )
+    made = []
+    for name, applies, warper in warpers:
+        value = getattr(config, name, None)
+        if value is not None and applies(value):
+            try:
+                made.append(warper(value))
+            except ValueError as exc:
+                raise StreamPruneError(f"{source(name)} set {name} = {value!r}, which HF generate refuses for sampling: "
+                                       f"{str(exc).strip()}") from None
+    return made
 
 
 def _flag(name: str, value) -> bool | None:
