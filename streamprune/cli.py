@@ -12,7 +12,7 @@ import click
 
 from . import progress
 from .config import DTYPES, STAT_NORMS, PruneConfig
-from .errors import StreamPruneError, lm_eval_context, one_line
+from .errors import StreamPruneError, lm_eval_context, one_line, rerun_hint
 from .families import TESTED
 from .placement import PLACEMENTS, Budget, parse_size
 from .methods import METHODS, all_options, option_text
@@ -37,11 +37,9 @@ class _Group(click.Group):
             given = [arg for arg in argv if not arg.startswith("-")]
             hint = ""
             if given[:1] == ["sweep"]:  # its results are kept, --overwrite or not, while its settings are the same
-                hint = "; rerun the same command to resume"
+                hint = f"; {rerun_hint()}"
             elif given[:1] == ["prune"]:  # --overwrite and --no-resume would start it over
-                starts_over = [flag for flag in ("--overwrite", "--no-resume") if flag in argv]
-                hint = (f"; rerun without {' and '.join(starts_over)} to resume" if starts_over
-                        else "; rerun the same command to resume")
+                hint = f"; {rerun_hint([flag for flag in ('--overwrite', '--no-resume') if flag in argv])}"
             progress.message("Error: interrupted" + hint)
             code = 130
         if not standalone_mode:

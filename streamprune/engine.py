@@ -45,7 +45,7 @@ from .blocks import Activations, DecoderStack
 from .calibration import CalibrationSet, calibration_windows, recorded_windows, save_windows
 from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files
 from .config import PruneConfig, parse_pattern
-from .errors import Interrupted, NumericalError, StreamPruneError, one_line
+from .errors import Interrupted, NumericalError, StreamPruneError, one_line, rerun_hint
 from .loading import open_model, warn_beyond_context
 from .masking import verify_sparsity, zero_fraction
 from .methods import BlockView, Decision, Groups, get_method
@@ -368,7 +368,7 @@ def _prune_blocks(stack, acts, config, start_block, writer, manifest, record, sh
         if stop_asked():  # after the last block too: a sweep must stop, and the rerun only writes the rest
             record(status="interrupted")
             raise Interrupted(
-                f"stopped after block {index + 1} of {stack.num_blocks}; rerun the same command to resume where it stopped"
+                f"stopped after block {index + 1} of {stack.num_blocks}; {rerun_hint()} where it stopped"
             )
 
     replay = acts is not None and 0 < start_block < stack.num_blocks  # with every block written, nothing to replay
@@ -503,7 +503,7 @@ def prune(
         except Interrupted as exc:  # recorded as interrupted where it stopped
             starts_over = [flag for flag, on in (("--overwrite", overwrite), ("--no-resume", not resume)) if on]
             if starts_over:  # the same command would start over, deleting the blocks written
-                raise Interrupted(str(exc).replace("rerun the same command", f"rerun without {' and '.join(starts_over)}")) from None
+                raise Interrupted(str(exc).replace(rerun_hint(), rerun_hint(starts_over))) from None
             raise
         except KeyboardInterrupt:  # a second Ctrl-C, at once: the manifest must not go on saying running
             with contextlib.suppress(Exception):

@@ -64,6 +64,12 @@ class Interrupted(StreamPruneError):
     exit_code = 130
 
 
+def rerun_hint(starts_over=()) -> str:
+    """How to resume a stopped prune or sweep: the same command, or, where it gave flags that would
+    start it over (--overwrite, --no-resume: `starts_over`), the same command without them."""
+    return f"rerun without {' and '.join(starts_over)} to resume" if starts_over else "rerun the same command to resume"
+
+
 class NumericalError(StreamPruneError):
     """One configuration's numbers went wrong: activations overflowed the compute dtype, a log-likelihood
     is not finite, or a pruned tensor does not meet its sparsity.  Nothing is marked complete; a sweep

@@ -54,7 +54,7 @@ def main() -> None:
         sys.stderr.write(f"Error: --include_path {include_path} is not a folder; give the folder of your task YAMLs\n")
         sys.exit(1)
     from .evaluate.harness import StreamedLM
-    from .evaluate.runner import skipped_yamls_note, unknown_metrics_refused, warn_skipped_yamls
+    from .evaluate.runner import offline_yaml_hint, skipped_yamls_note, unknown_metrics_refused, warn_skipped_yamls
 
     StreamedLM.works.clear()  # this command's models only (a test calls main more than once)
     if include_path is not None:  # before the evaluation, which may take hours; lm-eval says nothing of them
@@ -81,13 +81,30 @@ def main() -> None:
         if debug:
             raise
         said = one_line(exc).removeprefix("Error: ") + lm_eval_context(exc)
-        if include_path is not None and said.startswith("Tasks not found"):  # lm-eval skips broken YAMLs silently
-            said += skipped_yamls_note(include_path)
+        if said.startswith("Tasks not found: "):
+            said += _closest_task(str(exc), include_path)
+            if include_path is not None:  # lm-eval skips broken YAMLs silently
+                said += skipped_yamls_note(include_path)
         if offline.reason and isinstance(exc, ConnectionError):  # offline: say why and what to do
-            said += (f"; {unreachable_note(offline.reason)}; offline, write a task YAML over local files (dataset_path: "
-                     "json, with data_files) and pass its folder with --include_path")
+            said += f"; {unreachable_note(offline.reason)}; {offline_yaml_hint('--include_path')}"
         sys.stderr.write(f"\nError: {type(exc).__name__}: {said} (rerun with STREAMPRUNE_DEBUG=1 for the traceback)\n")
         sys.exit(1)
+
+
+def _closest_task(message: str, include_path: str | None) -> str:
+    """' (did you mean 'X'?)' for the first name of lm-eval's "Tasks not found: a, b", among the tasks,
+    groups and tags of lm-eval's index (built again: lm-eval's own is not reachable from here; seconds,
+    and only after that error), else ''."""
+    from lm_eval.tasks import TaskManager
+
+    from .evaluate.runner import did_you_mean
+
+    missing = message.removeprefix("Tasks not found: ").split(", ")[0].strip()
+    try:
+        names = TaskManager(include_path=include_path).all_tasks
+    except Exception:  # the error at hand is what matters; no suggestion then
+        return ""
+    return did_you_mean(missing, names)
 
 
 if __name__ == "__main__":

@@ -257,9 +257,10 @@ class OutputLock:
     The lock is the operating system's advisory lock on the directory itself (fcntl.flock, Linux and
     macOS), released when the run ends or its process dies (SIGKILL too), so a killed run's directory is
     resumed as before.  Where the file system cannot lock a directory (NFS, Lustre without -o flock,
-    SMB), a warning says so and the run goes on unlocked.  The directory is made if missing (after the checks
-    plan_run makes first, so nothing is made inside the input checkpoint), and removed again, if still
-    empty, when the lock is released having made it and nothing was written.  Raises StreamPruneError
+    SMB), a warning says so and the run goes on unlocked.  The directory is made if missing, with its
+    missing parents (after the checks plan_run makes first, so nothing is made inside the input
+    checkpoint), and what this lock made is removed again, if still empty, when it is released: a run
+    that failed before writing leaves no folders behind.  Raises StreamPruneError
     when another process holds it."""
 
     def __init__(self, out: Path, model_dir: Path):
@@ -269,7 +270,8 @@ class OutputLock:
         if resolved == source or resolved in source.parents or source in resolved.parents:
             raise StreamPruneError(f"output {out} would hold the input checkpoint, or lie inside it; choose another directory")
         check_writable(out, f"to output directory {out}")
-        self.out, self.made, self.handle = out, not out.exists(), None
+        # the folders this lock makes, deepest first: the output and its missing parents
+        self.out, self.made, self.handle = out, [folder for folder in (out, *out.parents) if not folder.exists()], None
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -292,14 +294,15 @@ class OutputLock:
                                    "then resumes or reports it), or choose another output directory") from None
 
     def release(self) -> None:
-        """Releases the lock; removes the directory if this lock made it and it is still empty."""
+        """Releases the lock; removes the folders this lock made (the output, its parents) that are still
+        empty."""
         if self.handle is not None:
             os.close(self.handle)
             self.handle = None
-        if self.made:
+        for folder in self.made:
             try:
-                self.out.rmdir()  # only when empty: a run that wrote nothing leaves nothing
+                folder.rmdir()  # only when empty: a run that wrote nothing leaves nothing
             except OSError:
-                pass
-            self.made = False
+                break  # not empty, so neither are its parents
+        self.made = []
 

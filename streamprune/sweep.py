@@ -174,6 +174,9 @@ class SweepSpec:
         if self.seeds < 1:
             raise StreamPruneError(f"--seeds must be at least 1, got {self.seeds}")
         if not self.points():
+            if self.budgets == "owl" and "unstructured" not in self.patterns:
+                raise StreamPruneError(f"the grid is empty: --budgets owl gives each block a sparsity of its own, which an N:M pattern "
+                                       f"({', '.join(self.patterns)}) fixes at N/M; give sparsities, or --budgets uniform")
             raise StreamPruneError("the grid is empty: give methods (or geometries), alphas, and sparsities or patterns")
         self.eval_config()  # validates the evaluation options
         for point in self.points():
@@ -481,6 +484,10 @@ def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: boo
     results_dir.mkdir(exist_ok=True)
     settings = spec.settings()
     tokenizer = None
+    patterns = [p for p in spec.patterns if p != "unstructured"]
+    if patterns and any(spec.at(setting).budgets == "owl" for setting in settings):
+        log.warning("--budgets owl gives each block a sparsity of its own, which an N:M pattern fixes at N/M: %s left out "
+                    "where the budgets are owl", ", ".join(patterns))
 
     jobs: dict[str, _PruneJob] = {}
     for setting in settings:

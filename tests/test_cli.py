@@ -61,6 +61,7 @@ def test_pattern_sets_the_sparsity(tiny_checkpoint, tmp_path):
         (["--method", "wanda", "--percdamp", "0.1"], ["--percdamp does not apply to wanda", "option of --reconstruct"]),
         (["--method", "sparsegpt", "--reconstruct"], ["sparsegpt updates the kept weights itself"]),
         (["--method", "sparsegpt", "--blocksize", "0"], ["--blocksize must be in [1, "]),
+        (["--method", "en-auto", "--auto-windows", "0"], ["--auto-windows must be in [1, 1048576], got 0"]),
         (["--method", "sparsegpt", "--pattern", "2:4", "--blocksize", "6"], ["--blocksize 6 is not a multiple of M = 4"]),
         (["--nsamples", "0"], ["--nsamples must be at least 1"]),
         (["--device", "mps"], ["device mps is not supported; use cpu, cuda or cuda:N"]),

@@ -527,6 +527,10 @@ def test_a_second_run_into_an_output_being_written_is_refused(tiny_checkpoint, t
     assert list(out.iterdir()) == []
     held.release()
     assert not out.exists()  # made by the lock, left empty: removed
+    nested = tmp_path / "a" / "b" / "c"  # with its parents, all removed again; what was there stays
+    (tmp_path / "a").mkdir()
+    OutputLock(nested, model).release()
+    assert (tmp_path / "a").is_dir() and not (tmp_path / "a" / "b").exists()
     assert invoke(*prune_args(model, out)).exit_code == 0 and manifest(out)["status"] == "complete"
     inside = invoke(*prune_args(model, Path(model) / "pruned"))
     assert inside.exit_code == 1 and "would hold the input checkpoint, or lie inside it" in inside.stderr

@@ -598,10 +598,11 @@ def test_lm_eval_command_reports_bad_model_args_in_one_line(tiny_checkpoint, mon
     import subprocess
 
     run = subprocess.run([sys.executable, "-m", "streamprune.lm_eval_cli", "--model", "streamprune", "--model_args",
-                          f"pretrained={model_dir},device=cpu", "--tasks", "no_such_task", "--include_path", "tests/data/lmeval",
+                          f"pretrained={model_dir},device=cpu", "--tasks", "sp_boolqq", "--include_path", "tests/data/lmeval",
                           "--limit", "2"], capture_output=True, text=True)
     assert run.returncode == 1 and "Traceback" not in run.stderr
-    assert re.fullmatch(r"Error: \w+: .*no_such_task.* \(rerun with STREAMPRUNE_DEBUG=1 for the traceback\)", run.stderr.splitlines()[-1])
+    assert run.stderr.splitlines()[-1] == ("Error: ValueError: Tasks not found: sp_boolqq (did you mean 'sp_boolq'?) (rerun with "
+                                           "STREAMPRUNE_DEBUG=1 for the traceback)")
     # a misspelt --include_path, which lm-eval passes over, and a task YAML lm-eval skipped, are named
     (tmp_path / "broken.yaml").write_text("task: broken\n  output_type: [\n")
     for include_path, said in (("tests/data/lmevl", "Error: --include_path tests/data/lmevl is not a folder; give the folder of your task YAMLs"),

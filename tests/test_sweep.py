@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,11 @@ def test_a_sweep_over_budgets_and_owl_options(tiny_checkpoint, tmp_path, counted
     ]
     assert len(counted_prunes) == 4 and rows[0]["ppl"] == rows[3]["ppl"]  # one dense evaluation serves both
     assert len({r["ppl"] for r in rows[1:3] + rows[4:]}) == 4
+    assert ("Warning: --budgets owl gives each block a sparsity of its own, which an N:M pattern fixes at N/M: 2:4 left out "
+            "where the budgets are owl") in result.stderr
+    with pytest.raises(StreamPruneError, match=re.escape("the grid is empty: --budgets owl gives each block a sparsity of its own, "
+                                                         "which an N:M pattern (2:4) fixes at N/M; give sparsities, or --budgets uniform")):
+        SweepSpec(methods=("wanda",), patterns=("2:4",), budgets="owl")
 
 
 def test_a_sweep_takes_en_auto_as_a_method(tiny_checkpoint, tmp_path):

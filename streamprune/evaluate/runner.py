@@ -309,6 +309,19 @@ def _yaml_stamps(include_path: str | None) -> tuple:
     return tuple(stamps)
 
 
+def offline_yaml_hint(option: str) -> str:
+    """What to do when an lm-eval task's dataset cannot be downloaded, `option` being the command's
+    include-path option (--include-path for streamprune eval, --include_path for lm-eval's command)."""
+    return f"offline, write a task YAML over local files (dataset_path: json, with data_files) and pass its folder with {option}"
+
+
+def did_you_mean(name: str, names) -> str:
+    """' (did you mean 'X'?)' for the one of `names` closest to a misspelt `name` (difflib, ratio 0.8 at
+    least), else ''."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _task_manager(config: EvalConfig, progress: bool = False):
     """lm-eval's TaskManager (with include_path), after checking that every task that is not built in
     is one of its tasks or groups: before anything is evaluated, so a typo costs no streaming pass.
@@ -334,9 +347,8 @@ def _task_manager(config: EvalConfig, progress: bool = False):
     known = set(manager.all_tasks)
     unknown = [t for t in config.harness_tasks if t not in known]
     if unknown:
-        close = difflib.get_close_matches(unknown[0], [*all_tasks(), *known], n=1, cutoff=0.8)
         raise StreamPruneError(
-            f"unknown task {unknown[0]!r}{f' (did you mean {close[0]!r}?)' if close else ''}: neither built in "
+            f"unknown task {unknown[0]!r}{did_you_mean(unknown[0], [*all_tasks(), *known])}: neither built in "
             f"({', '.join(all_tasks())}) nor an lm-eval task"
             + (f" (nor under {config.include_path}){skipped_yamls_note(config.include_path)}" if config.include_path
                else "; --include-path DIR adds task YAMLs")
@@ -450,8 +462,7 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
                                              num_fewshot=config.num_fewshot, limit=config.limit)
     except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", offline or down
         why = one_line(exc) + (f"; {unreachable_note(offline.reason)}" if offline.reason else "")
-        raise StreamPruneError(f"lm-eval could not load a task's dataset ({why}); offline, write a task YAML "
-                               "over local files (dataset_path: json, with data_files) and pass its folder with --include-path") from None
+        raise StreamPruneError(f"lm-eval could not load a task's dataset ({why}); {offline_yaml_hint('--include-path')}") from None
     finally:
         if not bars_were_off:
             datasets.enable_progress_bars()

@@ -74,7 +74,7 @@ class Option:
         too_high = self.high is not None and (number > self.high or (self.open_high and number == self.high))
         if (self.low is not None and number < self.low) or too_high or not math.isfinite(number):
             closing = ")" if self.open_high else "]"
-            bounds = f"[{self.low:g}, {self.high:g}{closing}" if self.high is not None else f"at least {self.low:g}"
+            bounds = f"[{_bound(self.low)}, {_bound(self.high)}{closing}" if self.high is not None else f"at least {_bound(self.low)}"
             raise StreamPruneError(f"{self.flag} must be {'in ' if self.high is not None else ''}{bounds}, got {value}")
         return number
 
@@ -86,6 +86,11 @@ class Option:
         """The value as the manifest's config holds it (a list for numbers), so that a resumed run's
         options compare equal to those read back."""
         return list(value) if isinstance(value, tuple) else value
+
+
+def _bound(number: float) -> str:
+    """A range's end as a message writes it: whole numbers in full (1048576, not 1.04858e+06)."""
+    return str(int(number)) if float(number).is_integer() and abs(number) < 1e15 else f"{number:g}"
 
 
 def option_text(value) -> str:
