@@ -202,7 +202,6 @@ def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, overlap
     Rerunning the same command on an unfinished OUTPUT (crash, kill, Ctrl-C, full disk) resumes it.
     """
     from .config import parse_pattern
-    from .engine import prune as run_prune
 
     sparsity_given = click.get_current_context().get_parameter_source("sparsity") == click.core.ParameterSource.COMMANDLINE
     if options["pattern"] and sparsity_given:
@@ -213,6 +212,8 @@ def prune(model, output, overwrite, no_resume, trust_remote_code, quiet, overlap
             )
     given = {name: value for name, value in options.items() if value is not None or name not in all_options(OBS_OPTIONS + OWL_OPTIONS)}
     config = PruneConfig.of(**given)
+    from .engine import prune as run_prune  # transformers with it: after the options are checked, which is then quick
+
     manifest = run_prune(
         model, output, config, overwrite=overwrite, resume=not no_resume, trust_remote_code=trust_remote_code,
         progress=not quiet, budget=_budget(offload, max_gpu_memory, max_cpu_memory, offload_dir), overlap=overlap,
