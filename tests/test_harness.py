@@ -283,8 +283,11 @@ def test_a_task_scored_through_a_named_filter_enters_the_macro_mean(tiny_checkpo
     (tmp_path / "sp_boolq.yaml").write_text((ROOT / "tests/data/lmeval/sp_boolq.yaml").read_text())
     out = tmp_path / "results.json"
     result = CliRunner().invoke(main, ["eval", str(tiny_checkpoint("llama", layers=2)), "--tasks", "sp_filtered,sp_boolq",
-                                       "--include-path", str(tmp_path), "--limit", "4", "--quiet", "--json", str(out)])
+                                       "--include-path", str(tmp_path), "--limit", "14", "--quiet", "--json", str(out)])
     assert result.exit_code == 0, result.output
+    # lm-eval takes a limit beyond a task's documents quietly
+    assert "Warning: --limit 14 is more than the 12 examples of sp_filtered: all are evaluated" in result.stderr.splitlines()
+    assert "sp_boolq: all" not in result.stderr
     tasks = json.loads(out.read_text())["tasks"]
     assert tasks["sp_filtered"]["primary"] == "exact_match,strict-match" and tasks["sp_filtered"]["in_macro_mean"]
     assert tasks["macro_mean"] == pytest.approx((tasks["sp_filtered"]["exact_match,strict-match"] + tasks["sp_boolq"]["acc"]) / 2)

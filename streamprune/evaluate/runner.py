@@ -232,9 +232,7 @@ def evaluate(
         examples = subset(loaded, config.limit)
         if not examples:
             raise StreamPruneError(f"the {name} data has no examples; check --data-dir")
-        if config.limit is not None and config.limit > len(loaded):  # n in the table says so too, but quietly
-            log.warning("--limit %d is more than the %d examples of %s%s: all are evaluated", config.limit, len(loaded), name,
-                        f" in {data_dir}" if data_dir else "")
+        _warn_limit(config.limit, len(loaded), name, f" in {data_dir}" if data_dir else "")
         requests = requests_for(examples, scorer.tokenizer, scorer.max_length)
         jobs.append((name, requests, partial(_task_result, task, examples), partial(_answer_name, name, examples)))
     results["timings"]["prepare_s"] = round(time.perf_counter() - started, 3)
@@ -292,6 +290,15 @@ def table_metrics(task: str, metrics: dict) -> list[str]:
 
 _TASK_MANAGERS: dict = {}  # (include_path, its YAML files' sizes and times): lm-eval's TaskManager
 _WARNED: set = set()  # those keys whose skipped files were named (warn_skipped_yamls)
+_LIMITS_WARNED: set = set()  # (limit, count, task, where) said once per process: a sweep evaluates many times
+
+
+def _warn_limit(limit: int | None, count: int, task: str, where: str = "") -> None:
+    """A warning, once per process, that --limit asks for more than the `count` examples `task` has (the
+    table's n says so too, but quietly)."""
+    if limit is not None and limit > count and (limit, count, task, where) not in _LIMITS_WARNED:
+        _LIMITS_WARNED.add((limit, count, task, where))
+        log.warning("--limit %d is more than the %d examples of %s%s: all are evaluated", limit, count, task, where)
 
 
 def _yaml_stamps(include_path: str | None) -> tuple:
@@ -479,6 +486,9 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
         counts = [documents(sub) for sub in subtasks.get(task, ())]
         return sum(counts) if counts and None not in counts else None
 
+    for task, counts in output.get("n-samples", {}).items():
+        if isinstance(counts.get("original"), int):
+            _warn_limit(config.limit, counts["original"], task)
     for task, values in output["results"].items():
         metrics = {}
         for key, value in values.items():
