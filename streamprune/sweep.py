@@ -51,7 +51,7 @@ from .methods import METHODS, get_method, option_text
 from .budgets import OPTIONS as OWL_OPTIONS
 from .obs import OPTIONS as OBS_OPTIONS
 from .placement import Budget
-from .state import CALIBRATION_IDS_FILE, RunManifest, input_fingerprint, version_difference, versions
+from .state import CALIBRATION_IDS_FILE, OutputLock, RunManifest, input_fingerprint, make_output, version_difference, versions
 
 log = logging.getLogger("streamprune")
 
@@ -320,18 +320,33 @@ def _ids_file(outdir: Path, seed: int, spec: SweepSpec, suffix: str = "") -> Pat
     return outdir / f"calibration_ids{draw}{suffix}.safetensors"
 
 
-def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool) -> None:
-    """A new sweep directory, or an earlier one with the same fixed options (the grid may differ)."""
+def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool) -> OutputLock:
+    """A new sweep directory, or an earlier one with the same fixed options (the grid may differ), locked
+    for this sweep (state.OutputLock: the same sweep started twice is refused); returns the lock, held.
+    Raises StreamPruneError for a directory that holds something else, or a sweep of other settings
+    (without overwrite), or that another run holds."""
     recorded_path = outdir / SPEC_FILE
     if outdir.exists() and not outdir.is_dir():
         raise StreamPruneError(f"sweep output {outdir} is a file; give a directory")
     check_writable(outdir, f"to sweep directory {outdir}")
+    lock = OutputLock(outdir, model_dir)
+    try:
+        _reuse_or_replace(outdir, recorded_path, model_dir, spec, overwrite)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _reuse_or_replace(outdir: Path, recorded_path: Path, model_dir: Path, spec: SweepSpec, overwrite: bool) -> None:
+    """_open_sweep's choice, in the locked directory: the earlier sweep kept, or emptied (not removed, so
+    that the lock on it holds on), and this one's settings recorded."""
     current = {**spec.fixed(), "model_fingerprint": input_fingerprint(model_dir)}
     if outdir.exists() and any(outdir.iterdir()):
         if not recorded_path.is_file():
             if not overwrite:
                 raise StreamPruneError(f"{outdir} is not empty and holds no sweep; pass --overwrite to replace it")
-            shutil.rmtree(outdir)
+            make_output(outdir)
         else:
             recorded = json.loads(recorded_path.read_text())
             # a setting a sweep from an earlier version did not record had its default then
@@ -348,7 +363,7 @@ def _open_sweep(outdir: Path, model_dir: Path, spec: SweepSpec, overwrite: bool)
                     "rerun with the same settings to continue it, or pass --overwrite to start over"
                 )
             if changed and overwrite:
-                shutil.rmtree(outdir)
+                make_output(outdir)
             elif changed:  # nothing done yet: only what the sweep wrote goes, its settings and calibration draws
                 log.warning("replacing the sweep in %s, which has no results yet, with these settings", outdir)
                 for path in [recorded_path, *outdir.glob("calibration_ids*.safetensors")]:
@@ -479,7 +494,15 @@ def run_sweep(model: str, outdir: str | Path, spec: SweepSpec, *, overwrite: boo
     model (once per evaluation setting); returns the result rows (per setting: the dense row first)."""
     outdir = Path(outdir)
     model_dir = resolve_model_dir(model)
-    _open_sweep(outdir, model_dir, spec, overwrite)
+    lock = _open_sweep(outdir, model_dir, spec, overwrite)
+    try:
+        return _run_grid(model_dir, outdir, spec, progress, budget, echo)
+    finally:
+        lock.release()
+
+
+def _run_grid(model_dir: Path, outdir: Path, spec: SweepSpec, progress: bool, budget: Budget | None, echo) -> list[dict]:
+    """run_sweep's work, in its locked directory."""
     results_dir = outdir / "results"
     results_dir.mkdir(exist_ok=True)
     settings = spec.settings()

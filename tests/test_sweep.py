@@ -259,3 +259,19 @@ def test_a_sweep_takes_en_auto_as_a_method(tiny_checkpoint, tmp_path):
     assert [r["label"] for r in rows[1:]] == ["EN-Modified a=0.5 50%", "en-auto 50%"]
     assert rows[2]["options"] == {"alphas": [0.0, 0.25, 0.5, 0.75, 1.0], "geometry": "modified", "auto_windows": 8}
     assert "| en-auto 50% |" in (out / "results.md").read_text()
+
+
+def test_the_same_sweep_started_twice_is_refused_while_the_first_runs(tiny_checkpoint, tmp_path):
+    """A sweep holds its directory's lock (state.OutputLock) while it runs: a second one into it is
+    refused at once and writes nothing; once the first ends, the directory is the first's."""
+    from streamprune.state import OutputLock
+
+    model, out = tiny_checkpoint("llama"), tmp_path / "sweep"
+    spec = SweepSpec(methods=("magnitude",), sparsities=(0.5,), ppl=str(WIKITEXT_HELD_OUT), seqlen=32, max_windows=1, device="cpu")
+    held = OutputLock(out, model)
+    with pytest.raises(StreamPruneError, match=re.escape(f"another streamprune run is writing to {out} now")):
+        run_sweep(str(model), out, spec, progress=False, echo=lambda *_: None)
+    assert list(out.iterdir()) == []
+    held.release()
+    rows = run_sweep(str(model), out, spec, progress=False, echo=lambda *_: None)
+    assert [row["label"] for row in rows] == ["dense", "magnitude 50%"]
