@@ -43,7 +43,7 @@ from . import progress as progress_bars
 from .budgets import BUDGETS_FILE, load_budgets, outlier_ratio, owl_sparsities, save_budgets
 from .blocks import Activations, DecoderStack
 from .calibration import CalibrationSet, calibration_windows, recorded_windows, save_windows
-from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files
+from .checkpoint import CheckpointReader, CheckpointWriter, remove_partial_files, resolve_model_dir
 from .config import PruneConfig, parse_pattern
 from .errors import Interrupted, NumericalError, StreamPruneError, one_line, rerun_hint
 from .loading import open_model, warn_beyond_context
@@ -431,13 +431,15 @@ def prune(
     budget = budget or Budget()
     if budget.offload_dir is None:
         budget = dataclasses.replace(budget, offload_dir=str(out))
-    opened = open_model(model, config.device, config.dtype, trust_remote_code, budget)
-    stack, device = opened.stack, opened.stack.device
-    warn_beyond_context(config.seqlen, getattr(stack.text_config, "max_position_embeddings", None))
-    _check_config_fits(stack, config)
-
-    lock = OutputLock(out, opened.model_dir)  # before anything is read from the output or written to it
+    model_dir = resolve_model_dir(str(model))  # a hub id downloaded (or found in the cache) first
+    # before the model is opened (its skeleton built: seconds for a large one) and before anything is read
+    # from the output or written to it: the same command started twice is refused at once
+    lock = OutputLock(out, model_dir)
     try:
+        opened = open_model(model_dir, config.device, config.dtype, trust_remote_code, budget)
+        stack, device = opened.stack, opened.stack.device
+        warn_beyond_context(config.seqlen, getattr(stack.text_config, "max_position_embeddings", None))
+        _check_config_fits(stack, config)
         current = RunManifest(
             model=str(model), config=config.to_dict(), blocks_total=stack.num_blocks, device=str(device),
             dtype=str(stack.dtype).removeprefix("torch."), input_fingerprint=input_fingerprint(opened.model_dir),

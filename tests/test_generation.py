@@ -356,15 +356,15 @@ def test_a_cache_that_grew_is_parked_by_writing_its_new_positions_only(placement
         parking.close()
 
 
-def _sampled(model_dir, contexts, new_tokens, seeds, **settings):
+def _sampled(model_dir, contexts, new_tokens, seeds, eos_token_id=None, **settings):
     """transformers' generate(do_sample=True) on each context alone (float64) after torch.manual_seed of
-    its seed: its new tokens."""
+    its seed: its new tokens (up to eos_token_id, included, if given)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     out = []
     for context, seed in zip(contexts, seeds):
         torch.manual_seed(seed)
         out.append(model.generate(torch.tensor([context]), attention_mask=torch.ones(1, len(context), dtype=torch.long),
-                                  max_new_tokens=new_tokens, do_sample=True, eos_token_id=None, pad_token_id=0,
+                                  max_new_tokens=new_tokens, do_sample=True, eos_token_id=eos_token_id, pad_token_id=0,
                                   **settings)[0, len(context) :].tolist())
     return out
 
@@ -390,6 +390,11 @@ def test_sampled_rows_draw_what_transformers_generate_draws_for_each_alone(tiny_
                     share_contexts=False) == expected
     parked = open_model(model_dir, device="cpu", budget=Budget(offload="disk", offload_dir=str(tmp_path))).stack
     assert generate(parked, contexts, 8, batch_size=2, processor=warpers, seeds=seeds) == expected
+    # a row that draws a stop id stops there while the others of its group go on drawing their own
+    stop = expected[1][2]
+    stopped = _sampled(model_dir, contexts, 8, seeds, eos_token_id=stop, temperature=1.5, top_k=40, top_p=0.95)
+    assert generate(stack, contexts, 8, batch_size=2, processor=warpers, seeds=seeds, stop_ids={stop}) == stopped
+    assert len(stopped[1]) == 3 and any(len(row) == 8 for row in stopped)
     assert expected != generate(stack, contexts, 8, batch_size=2)
     assert expected != generate(stack, contexts, 8, batch_size=2, processor=warpers, seeds=[seed + 1 for seed in seeds])
     # the warpers are applied: without top_k the same seeds draw other tokens

@@ -709,17 +709,25 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
     for extra, fragment in (({"min_new_tokens": 3}, "the task's generation arguments (with --gen_kwargs) set min_new_tokens = 3, which"),
                             ({"foo": 1}, "foo in the task's generation arguments (with --gen_kwargs) is not a generation setting (HF generate"),
                             ({"max_length": 40}, "set max_length"),
-                            ({"do_sample": True, "num_beams": 2}, "decodes greedily or samples, one sequence at a time; the task's "
+                            ({"do_sample": True, "temperature": 0.5, "num_beams": 2}, "decodes greedily or samples, one sequence at a time; the task's "
                                                                   "generation arguments (with --gen_kwargs) with the model's generation "
                                                                   "config ask for beam sample (do_sample True, num_beams 2); set num_beams 1 "
                                                                   "in the task's generation arguments (with --gen_kwargs)"),
-                            ({"do_sample": True}, "the task's generation arguments (with --gen_kwargs) set temperature = 0.0, which "
-                                                  "HF generate refuses for sampling: `temperature` (=0.0) has to be a strictly positive float"),
+                            ({"do_sample": True}, "the task's generation arguments (with --gen_kwargs) ask for sampling (do_sample true) "
+                                                  "without a temperature; lm-eval's HF backend then passes temperature 0.0, over the "
+                                                  "model's own, which HF generate refuses: give a temperature above 0"),
+                            ({"do_sample": True, "temperature": 0.0}, "the task's generation arguments (with --gen_kwargs) set temperature "
+                                                                      "= 0.0, which HF generate refuses for sampling: `temperature` (=0.0) "
+                                                                      "has to be a strictly positive float"),
+                            ({"prompt_lookup_num_tokens": 3}, "ask for assisted generation (do_sample False, prompt_lookup_num_tokens 3); "
+                                                              "remove prompt_lookup_num_tokens in the task's generation arguments"),
+                            ({"stop_strings": ["x"]}, "set stop_strings = ['x'], which streamed generation does not apply; HF generate "
+                                                      "would, and its text would differ"),
                             ({"do_sample": True, "temperature": 0.5, "top_k": -1}, "set top_k = -1, which HF generate refuses for sampling: `top_k` has to be a strictly positive"),
                             ({"num_return_sequences": 2}, "with the model's generation config (config.json) are refused by HF generate: "
                                                           "Greedy methods (do_sample != True) without beam search do not support `num_return_sequences`"),
-                            ({"do_sample": True, "temperature": 0.5, "num_return_sequences": 2}, "set num_return_sequences = 2, which streamed "
-                                                                                                 "generation does not apply"),
+                            ({"do_sample": True, "temperature": 0.5, "num_return_sequences": 2}, "set num_return_sequences = 2; lm-eval reads "
+                                                                                                 "one sequence a request"),
                             ({"num_beams": 2}, "ask for beam search (do_sample False, num_beams 2)")):
         with pytest.raises(StreamPruneError, match=re.escape(fragment)):
             lm.generate_until(_requests("generate_until", [("x", {"until": [], "max_gen_toks": 4, **extra})]))
@@ -733,13 +741,15 @@ def test_sampled_requests_draw_what_hf_generate_draws_for_each_alone(tiny_checkp
     """do_sample: each request is sampled with its own generator, seeded with a number drawn from torch's
     global generator once per call plus its position: its text is HF generate's for it alone after
     torch.manual_seed(that seed), with HF's default top_k of 50 (the vocabulary has 256), the same
-    whatever batch_size or share_contexts, and a request given twice (lm-eval's repeats) draws twice.
+    whatever batch_size or share_contexts, and a request given twice (lm-eval's repeats) draws twice;
+    requests of another generation setting in the same call take the same base.  Greedy decoding leaves
+    torch's global generator as it was.
     Through lm_eval.simple_evaluate (which seeds torch) a sampling task's samples are the same run after
     run, and not the greedy ones."""
     model_dir = tiny_checkpoint("llama", layers=2)
-    prompts = ["Once upon a time", "The capital of France is", "x", "Once upon a time"]
-    settings = {"until": [], "max_gen_toks": 10, "do_sample": True, "temperature": 0.8}
-    requests = _requests("generate_until", [(p, settings) for p in prompts])
+    prompts = ["Once upon a time", "The capital of France is", "x", "Once upon a time", "Two"]
+    settings = [{"until": [], "max_gen_toks": 10, "do_sample": True, "temperature": t} for t in (0.8, 0.8, 0.8, 0.8, 1.2)]
+    requests = _requests("generate_until", list(zip(prompts, settings)))  # two groups: one base seed for the call
     lm = StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False)
     torch.manual_seed(1234)
     ours = lm.generate_until(requests)
@@ -747,19 +757,19 @@ def test_sampled_requests_draw_what_hf_generate_draws_for_each_alone(tiny_checkp
     base = int(torch.randint(0, 2**62, (1,)))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     expected = []
-    for n, prompt in enumerate(prompts):
+    for n, (prompt, setting) in enumerate(zip(prompts, settings)):
         ids = torch.tensor([lm.tok_encode(prompt)])
         torch.manual_seed(base + n)
-        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True, temperature=0.8,
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True, temperature=setting["temperature"],
                              pad_token_id=lm.tokenizer.pad_token_id)[0, ids.shape[1] :]
         expected.append(lm.tok_decode(new.tolist()))
     assert ours == expected and ours[0] != ours[3]
     for other in (StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=1, progress=False, share_contexts=False),):
         torch.manual_seed(1234)
         assert other.generate_until(requests) == ours
-    torch.manual_seed(1234)
+    state = torch.get_rng_state()
     greedy = lm.generate_until(_requests("generate_until", [(p, {"until": [], "max_gen_toks": 10, "do_sample": False}) for p in prompts]))
-    assert greedy != ours
+    assert greedy != ours and torch.equal(torch.get_rng_state(), state)  # greedy decoding draws nothing
     # a sampling task through lm-eval: simple_evaluate seeds torch, so two runs draw the same texts
     from lm_eval.tasks import TaskManager
 
@@ -776,24 +786,48 @@ def test_sampled_requests_draw_what_hf_generate_draws_for_each_alone(tiny_checkp
     assert [s["resps"][0][0] for s in greedy_run] != runs[0]
 
 
-@pytest.mark.parametrize("settings", [{"temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "typical_p": 0.95,
-                                       "epsilon_cutoff": 3e-4, "eta_cutoff": 3e-4, "top_h": 0.9, "repetition_penalty": 1.2},
-                                      {"temperature": 1.3}, {"temperature": 1.0, "top_k": 0}])
-def test_sampling_warpers_are_hf_generates_in_its_order(tiny_checkpoint, settings):
-    """The processors a sampling task gets are those HF generate makes for the same settings
-    (GenerationMixin._get_logits_processor after _prepare_generation_config: its defaults, top_k 50,
-    included): the same classes in the same order, and the same scores out of the same logits."""
-    from transformers import GenerationConfig
+SAMPLING_TASK_ARGS = [
+    {"do_sample": True, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "min_p": 0.05, "typical_p": 0.95, "epsilon_cutoff": 3e-4,
+     "eta_cutoff": 3e-4, "top_h": 0.9, "repetition_penalty": 1.2},
+    {"do_sample": True, "temperature": 1.3}, {"temperature": 0.8}, {"do_sample": True, "temperature": 1.0, "top_k": 0},
+    {"do_sample": True, "temperature": 0.5, "top_k": None}, {"do_sample": False}, {},
+    {"do_sample": True, "temperature": 0.5, "remove_invalid_values": True, "renormalize_logits": True}]
+
+
+@pytest.mark.parametrize("model_config", [{}, {"do_sample": True, "temperature": 0.6, "top_p": 0.9},  # Llama-3-Instruct's
+                                          {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}])  # Qwen2.5's
+def test_sampling_warpers_are_hf_generates_in_its_order(tiny_checkpoint, model_config):
+    """The processors a task gets are those HF generate makes from what lm-eval's HF backend passes it:
+    the task's arguments through lm-eval's normalize_gen_kwargs and HFLM._model_generate (which sets
+    the temperature), then GenerationMixin._prepare_generation_config over the model's generation config
+    and transformers' defaults (top_k 50), then _get_logits_processor: greedy or sampling alike, the same
+    classes in the same order, and the same scores out of the same logits."""
+    from types import SimpleNamespace
+
+    from lm_eval.models.utils import normalize_gen_kwargs
+    from transformers import AutoTokenizer, GenerationConfig
+    from transformers.generation import GenerationMode
 
     from streamprune.evaluate.harness import _generation_settings
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama", layers=2), dtype=torch.float64)
-    ours, _, sampled = _generation_settings(GenerationConfig(), "generation_config.json", {"do_sample": True, **settings})
-    config, _ = model._prepare_generation_config(None, do_sample=True, **settings)
-    theirs = model._get_logits_processor(config, input_ids_seq_length=4, device="cpu")
-    assert sampled and [type(p) for p in ours] == [type(p) for p in theirs]
+    model_dir = tiny_checkpoint("llama", layers=2)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    model.generation_config = GenerationConfig(**model_config)
     ids, scores = torch.tensor([[5, 6, 7, 5]]), torch.randn(1, 256, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(ours(ids, scores.clone()), theirs(ids, scores.clone()))
+    for args in SAMPLING_TASK_ARGS:
+        kwargs = normalize_gen_kwargs({"until": [], "max_gen_toks": 8, **args}, 256)
+        kwargs.pop("until"), kwargs.pop("max_gen_toks")
+        ours, _, sampled = _generation_settings(GenerationConfig(**model_config), "generation_config.json", kwargs)
+        passed = {}  # what HFLM hands HF generate
+        backend = SimpleNamespace(model=SimpleNamespace(generate=lambda **given: passed.update(given)), device=torch.device("cpu"),
+                                  tokenizer=AutoTokenizer.from_pretrained(model_dir), mixed_precision_dtype=None)
+        HFLM._model_generate(backend, ids, 12, [], **kwargs)
+        settings = {k: v for k, v in passed.items() if k not in ("input_ids", "max_length", "stopping_criteria", "pad_token_id", "use_cache")}
+        config, _ = model._prepare_generation_config(None, **settings)
+        theirs = model._get_logits_processor(config, input_ids_seq_length=4, device="cpu")
+        assert sampled == (config.get_generation_mode() == GenerationMode.SAMPLE), (model_config, args)
+        assert [type(p) for p in ours] == [type(p) for p in theirs], (model_config, args)
+        assert torch.equal(ours(ids, scores.clone()), theirs(ids, scores.clone())), (model_config, args)
 
 
 def test_add_bos_token_gives_the_tokenizer_a_bos_as_the_hf_backend_does(tiny_checkpoint):

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+from transformers.generation import InfNanRemoveLogitsProcessor, LogitNormalization
 from transformers.generation import GenerationMode
 
 from ..checks import first_nonfinite, wider_dtypes
@@ -331,9 +332,9 @@ class StreamedLM(TemplateLM):
             done = Work()
             with counting(self.stack, done):
                 generated = generate(self.stack, [contexts[n] for n in ordered], max_gen_toks if new_tokens is None else new_tokens,
-                                            self.tokenizer, until, self.stop_ids, progress=self.progress and not disable_tqdm,
-                                            batch_size=self._batch_size, max_resident_tokens=self.max_resident_tokens,
-                                            processor=processor, share_contexts=self.share_contexts, seeds=seeds)
+                                     self.tokenizer, until, self.stop_ids, progress=self.progress and not disable_tqdm,
+                                     batch_size=self._batch_size, max_resident_tokens=self.max_resident_tokens,
+                                     processor=processor, share_contexts=self.share_contexts, seeds=seeds)
             self._worked("generate_until", done.add(Work.generated([contexts[n] for n in ordered], generated)))
             for n, tokens in zip(ordered, generated):
                 text = postprocess_generated_text(generation=self.tok_decode(tokens), stop=until, think_end_token=None)
@@ -401,12 +402,21 @@ def _stop_ids(tokenizer, generation_config: GenerationConfig) -> set[int]:
 
 
 # Settings of a generation config that change the choices and that streamed decoding does not apply,
-# with the values that leave them off (transformers' GenerationMixin._get_logits_processor), and
-# num_return_sequences (HFLM reads one sequence a request)
-NOT_APPLIED = {"num_return_sequences": (None, 1), "guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "bad_words_ids": (None,), "min_length": (None, 0),
+# with the values that leave them off (transformers' GenerationMixin._get_logits_processor and
+# generate: token_healing rewrites the prompt, stop_strings and max_time stop it otherwise)
+NOT_APPLIED = {"guidance_scale": (None, 1, 1.0), "sequence_bias": (None,), "bad_words_ids": (None,), "min_length": (None, 0),
                "min_new_tokens": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
                "exponential_decay_length_penalty": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),
-               "watermarking_config": (None,)}
+               "watermarking_config": (None,), "token_healing": (None, False), "stop_strings": (None,), "max_time": (None,)}
+
+# The settings that ask for each decoding mode streamed generation has not (GenerationConfig.
+# get_generation_mode), with the value that leaves each off
+MODE_SETTINGS = {GenerationMode.BEAM_SEARCH: {"num_beams": 1}, GenerationMode.BEAM_SAMPLE: {"num_beams": 1},
+                 GenerationMode.GROUP_BEAM_SEARCH: {"num_beams": 1, "num_beam_groups": 1},
+                 GenerationMode.CONSTRAINED_BEAM_SEARCH: {"constraints": None, "force_words_ids": None, "num_beams": 1},
+                 GenerationMode.CONTRASTIVE_SEARCH: {"penalty_alpha": None},
+                 GenerationMode.ASSISTED_GENERATION: {"prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False},
+                 GenerationMode.DOLA_GENERATION: {"dola_layers": None}}
 
 
 def _generation_settings(model_config: GenerationConfig, config_file: str, task_kwargs: dict, task_args: str = TASK_ARGS,
@@ -420,12 +430,18 @@ def _generation_settings(model_config: GenerationConfig, config_file: str, task_
     _sampling_warpers, on `device`), the model's own max_new_tokens if it sets one (HF generate takes it
     over the max_length HFLM passes) else None, and whether to sample (do_sample).  Raises
     StreamPruneError for an argument that is no generation setting (HF generate refuses it too), beam
-    search and the other decoding modes, a sampling setting HF generate refuses (temperature 0), and
-    settings that change the choices and are not applied (NOT_APPLIED, a task's max_length), naming
-    where each came from: a model's own repetition penalty (Qwen2.5-Instruct's 1.05) is applied, never
-    ignored."""
+    search and the other decoding modes (MODE_SETTINGS), a sampling task without a temperature and a
+    sampling setting HF generate refuses (a temperature of 0), several sequences a request, and settings
+    that change the choices and are not applied (NOT_APPLIED, a task's max_length), naming where each came
+    from: a model's own repetition penalty (Qwen2.5-Instruct's 1.05) is applied, never ignored.
+    remove_invalid_values and renormalize_logits are applied as HF generate applies them."""
     kwargs = dict(task_kwargs)
-    kwargs.setdefault("temperature", 0.0)  # HFLM's _model_generate: a sampling task without one fails in HF generate
+    if kwargs.get("do_sample") is True and "temperature" not in kwargs:
+        # HFLM's _model_generate passes 0.0 then, over the model's own, and HF generate fails on it
+        raise StreamPruneError(f"{task_args} ask for sampling (do_sample true) without a temperature; lm-eval's HF backend then "
+                               "passes temperature 0.0, over the model's own, which HF generate refuses: give a temperature "
+                               "above 0, or do_sample false for greedy decoding")
+    kwargs.setdefault("temperature", 0.0)  # HFLM's _model_generate
     if kwargs["temperature"] == 0.0 and kwargs.get("do_sample") is None:
         kwargs["do_sample"] = False
     if kwargs.get("do_sample") is False and kwargs["temperature"] == 0.0:
@@ -451,22 +467,35 @@ def _generation_settings(model_config: GenerationConfig, config_file: str, task_
 
     mode = config.get_generation_mode()
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
-        beams = f", num_beams {config.num_beams}" if (config.num_beams or 1) > 1 else ""
+        settings = {name: getattr(config, name, None) for name, off in MODE_SETTINGS.get(mode, {}).items()
+                    if getattr(config, name, None) not in (off, None)}
+        given = ", ".join(f"{name} {value!r}" for name, value in settings.items())
+        fixes = " and ".join(f"set {name} {MODE_SETTINGS[mode][name]}" if MODE_SETTINGS[mode][name] not in (None, False)
+                             else f"remove {name}" for name in settings) or "ask for no other decoding mode"
+        where = " or ".join(dict.fromkeys(source(name) for name in settings)) or task_args
         raise StreamPruneError(f"streamed generation decodes greedily or samples, one sequence at a time; {task_args} with the "
-                               f"model's generation config ask for {mode.value.replace('_', ' ')} (do_sample {config.do_sample}{beams}); "
-                               f"set num_beams 1{' and no penalty_alpha' if mode == GenerationMode.CONTRASTIVE_SEARCH else ''} in {task_args}")
+                               f"model's generation config ask for {mode.value.replace('_', ' ')} (do_sample {config.do_sample}"
+                               f"{', ' + given if given else ''}); {fixes} in {where}")
+    if config.num_return_sequences not in (None, 1):
+        raise StreamPruneError(f"{source('num_return_sequences')} set num_return_sequences = {config.num_return_sequences!r}; lm-eval reads "
+                               "one sequence a request, and streamed generation makes one: set it to 1 (a task's repeats "
+                               "draw several)")
     for name, off in NOT_APPLIED.items():
         if getattr(config, name, None) not in off:
             raise StreamPruneError(f"{source(name)} set {name} = {getattr(config, name)!r}, which streamed generation does not "
-                                   f"apply; it would change the choices")
+                                   f"apply; HF generate would, and its text would differ")
     processor = LogitsProcessorList()
     if config.repetition_penalty not in (None, 1, 1.0):
         processor.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.no_repeat_ngram_size:
         processor.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.remove_invalid_values:  # HF's place for it: after the penalties, before the warpers
+        processor.append(InfNanRemoveLogitsProcessor())
     sampled = mode == GenerationMode.SAMPLE
     if sampled:
         processor.extend(_sampling_warpers(config, source, device))
+    if config.renormalize_logits:  # always last in HF generate
+        processor.append(LogitNormalization())
     return processor, config.max_new_tokens, sampled
 
 
@@ -474,7 +503,7 @@ def _sampling_warpers(config: GenerationConfig, source, device: torch.device | s
     """HF generate's sampling warpers for `config`, in its order (GenerationMixin._get_logits_processor's
     do_sample branch, one beam: min_tokens_to_keep 1), each made by transformers' own class.  `source`
     names where a setting came from, for the error.  Raises StreamPruneError for a value the warper
-    refuses (a temperature of 0, a top_p above 1), as HF generate raises ValueError."""
+    refuses (a temperature of 0, a negative top_k or top_p), as HF generate raises ValueError."""
     from transformers import generation
 
     warpers = (  # (setting, whether its value applies a warper, the warper)
