@@ -738,52 +738,80 @@ def test_generation_applies_the_greedy_settings_hf_generate_applies(tiny_checkpo
 
 
 def test_sampled_requests_draw_what_hf_generate_draws_for_each_alone(tiny_checkpoint, monkeypatch, tmp_path):
-    """do_sample: each request is sampled with its own generator, seeded with a number drawn from torch's
-    global generator once per call plus its position: its text is HF generate's for it alone after
-    torch.manual_seed(that seed), with HF's default top_k of 50 (the vocabulary has 256), the same
-    whatever batch_size or share_contexts, and a request given twice (lm-eval's repeats) draws twice;
-    requests of another generation setting in the same call take the same base.  Greedy decoding leaves
-    torch's global generator as it was.
+    """do_sample: each request is sampled with its own generator, seeded from torch's seed and the
+    request (_request_seeds): its text is HF generate's for it alone after torch.manual_seed(that seed),
+    with HF's default top_k of 50 (the vocabulary has 256), the same whatever batch_size or
+    share_contexts, and a request given twice draws twice, in one group or in two (two generation
+    settings).  Neither sampling nor greedy decoding moves torch's global generator.
     Through lm_eval.simple_evaluate (which seeds torch) a sampling task's samples are the same run after
-    run, and not the greedy ones."""
+    run, with another task beside it, or with a smaller --limit, and not the greedy ones."""
+    from streamprune.evaluate.harness import _request_seeds
+
     model_dir = tiny_checkpoint("llama", layers=2)
     prompts = ["Once upon a time", "The capital of France is", "x", "Once upon a time", "Two"]
     settings = [{"until": [], "max_gen_toks": 10, "do_sample": True, "temperature": t} for t in (0.8, 0.8, 0.8, 0.8, 1.2)]
-    requests = _requests("generate_until", list(zip(prompts, settings)))  # two groups: one base seed for the call
+    requests = _requests("generate_until", list(zip(prompts, settings)))
     lm = StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=3, progress=False)
     torch.manual_seed(1234)
+    state = torch.get_rng_state()
     ours = lm.generate_until(requests)
-    torch.manual_seed(1234)
-    base = int(torch.randint(0, 2**62, (1,)))
+    assert torch.equal(torch.get_rng_state(), state)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64).eval()
     expected = []
-    for n, (prompt, setting) in enumerate(zip(prompts, settings)):
+    for seed, prompt, setting in zip(_request_seeds(requests, 1234), prompts, settings):
         ids = torch.tensor([lm.tok_encode(prompt)])
-        torch.manual_seed(base + n)
+        torch.manual_seed(seed)
         new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True, temperature=setting["temperature"],
                              pad_token_id=lm.tokenizer.pad_token_id)[0, ids.shape[1] :]
         expected.append(lm.tok_decode(new.tolist()))
     assert ours == expected and ours[0] != ours[3]
-    for other in (StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=1, progress=False, share_contexts=False),):
-        torch.manual_seed(1234)
-        assert other.generate_until(requests) == ours
-    state = torch.get_rng_state()
+    torch.manual_seed(1234)
+    assert StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=1, progress=False, share_contexts=False).generate_until(requests) == ours
+    torch.manual_seed(1235)
+    assert lm.generate_until(requests) != ours  # another seed of torch's, other draws
     greedy = lm.generate_until(_requests("generate_until", [(p, {"until": [], "max_gen_toks": 10, "do_sample": False}) for p in prompts]))
-    assert greedy != ours and torch.equal(torch.get_rng_state(), state)  # greedy decoding draws nothing
-    # a sampling task through lm-eval: simple_evaluate seeds torch, so two runs draw the same texts
+    assert greedy != ours and torch.initial_seed() == 1235 and torch.equal(torch.get_rng_state(), torch.manual_seed(1235).get_state())
+    # a sampling task through lm-eval, which seeds torch: the same texts whatever else the run holds
     from lm_eval.tasks import TaskManager
 
     monkeypatch.chdir(ROOT)
-    (tmp_path / "sampled.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
-                                           .replace("task: sp_continue", "task: sampled").replace("do_sample: false", "do_sample: true\n  temperature: 0.8"))
+    continue_ = (ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
+    (tmp_path / "sampled.yaml").write_text(continue_.replace("task: sp_continue", "task: sampled")
+                                           .replace("do_sample: false", "do_sample: true\n  temperature: 0.8"))
+    (tmp_path / "sp_continue.yaml").write_text(continue_)
     manager = TaskManager(include_path=str(tmp_path))
-    runs = [[s["resps"][0][0] for s in lm_eval.simple_evaluate(model=model_lm, tasks=["sampled"], task_manager=manager, limit=6,
-                                                                bootstrap_iters=0, log_samples=True)["samples"]["sampled"]]
-            for model_lm in (lm, StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=2, progress=False))]
-    assert runs[0] == runs[1] and any(runs[0])
-    greedy_run = lm_eval.simple_evaluate(model=lm, tasks=["sp_continue"], task_manager=TaskManager(include_path=str(ROOT / "tests/data/lmeval")),
-                                         limit=6, bootstrap_iters=0, log_samples=True)["samples"]["sp_continue"]
-    assert [s["resps"][0][0] for s in greedy_run] != runs[0]
+
+    def samples(model_lm, tasks, limit=6, task="sampled"):
+        output = lm_eval.simple_evaluate(model=model_lm, tasks=tasks, task_manager=manager, limit=limit, bootstrap_iters=0, log_samples=True)
+        return [s["resps"][0][0] for s in output["samples"][task]]
+
+    sampled = samples(lm, ["sampled"])
+    assert any(sampled) and sampled != samples(lm, ["sp_continue"], task="sp_continue")
+    assert samples(StreamedLM(pretrained=str(model_dir), device="cpu", batch_size=2, progress=False), ["sampled"]) == sampled
+    assert samples(lm, ["sp_continue", "sampled"]) == sampled
+    assert samples(lm, ["sampled"], limit=4) == sampled[:4]
+
+
+def test_a_requests_seed_depends_on_torchs_seed_and_the_request_alone():
+    """_request_seeds: a request of a task is named by its task, document, index and repeat, so other
+    requests before it or between its repeats change nothing; its repeats, other documents and another
+    torch seed give other seeds; a request made by hand (no task) is named by its position."""
+    from lm_eval.api.instance import Instance
+
+    from streamprune.evaluate.harness import _request_seeds
+
+    def request(task, doc, idx=0):
+        return Instance("generate_until", {}, ("q", {}), idx, metadata=(task, doc, 1))
+
+    a, b, c = request("t", 0), request("t", 1), request("u", 0)
+    alone = _request_seeds([a, a, b], 7)
+    beside = _request_seeds([c, a, c, a, request("t", 0, idx=1), b], 7)
+    assert alone == [beside[1], beside[3], beside[5]]
+    assert len(set(beside)) == 6  # c's two repeats, a's, a's other index, b
+    assert len(set(alone)) == 3 and _request_seeds([a], 8) != alone[:1]
+    assert all(0 <= seed < 2**63 for seed in alone + beside)
+    by_hand = [Instance("generate_until", {}, ("q", {}), 0) for _ in range(3)]
+    assert len(set(_request_seeds(by_hand, 7))) == 3
 
 
 SAMPLING_TASK_ARGS = [

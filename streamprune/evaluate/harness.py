@@ -24,8 +24,8 @@ The requests are those of lm-eval's Hugging Face backend (HFLM), answered the sa
   passes them to HF generate, the settings: repetition_penalty and no_repeat_ngram_size applied
   by transformers' own logits processors, the model's max_new_tokens over max_gen_toks; with do_sample,
   HF generate's sampling warpers (temperature, top_k, top_p, min_p, typical_p, epsilon and eta cutoffs,
-  top_h) and a draw per token from each request's own generator (its seed: a number drawn once per call
-  from torch's global generator, which lm-eval seeds, plus the request's position in the call); beam
+  top_h) and a draw per token from each request's own generator (its seed: torch's seed, which lm-eval
+  sets, and the request's task, document, index and repeat; _request_seeds); beam
   search and every other setting that would change the choices refused, not ignored;
 - apply_chat_template: the tokenizer's chat template, as HFLM (lm-eval's --apply_chat_template).
 
@@ -35,6 +35,7 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import logging
 from pathlib import Path
@@ -287,18 +288,18 @@ class StreamedLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations, greedy or sampled: requests with the same generation arguments, longest context
         first (as HFLM orders them), all of a group in each block visit, batch_size rows per forward call.
-        Sampled requests draw from generators of their own, seeded with one number drawn from torch's
-        global generator for this call (lm-eval's torch_random_seed, 1234 unless --seed says otherwise,
-        makes it reproducible) plus the request's position among `requests`: the same text for the same
-        seed whatever batch_size, the memory limits or share_contexts, and HF generate's for that request
-        alone after torch.manual_seed(its seed).  HFLM draws a batch's rows from the global generator
-        instead, so its samples, not their distribution, differ."""
+        Sampled requests draw from generators of their own (_request_seeds: torch's seed, which lm-eval
+        sets, 1234 unless --seed says otherwise, and the request's task, document, index and repeat): the
+        same text for the same seed whatever batch_size, the memory limits, share_contexts or the other
+        tasks of the run, and HF generate's for that request alone after torch.manual_seed(its seed).
+        HFLM draws a batch's rows from the global generator instead, so its samples, not their
+        distribution, differ."""
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         groups: dict[str, list[int]] = {}
         for number, request in enumerate(requests):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(number)
         results: list = [None] * len(requests)
-        base_seed = None
+        seeds_of = None
         for numbers in groups.values():
             kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -325,9 +326,8 @@ class StreamedLM(TemplateLM):
             ordered = sorted(numbers, key=lambda n: -len(contexts[n]))
             seeds = None
             if sampled:
-                if base_seed is None:  # drawn only when sampling, so that greedy runs leave the global generator as it was
-                    base_seed = int(torch.randint(0, 2**62, (1,)))
-                seeds = [base_seed + n for n in ordered]
+                seeds_of = seeds_of or _request_seeds(requests, torch.initial_seed())
+                seeds = [seeds_of[n] for n in ordered]
             # HF generate takes the model's own max_new_tokens over the max_length HFLM passes
             done = Work()
             with counting(self.stack, done):
@@ -345,6 +345,25 @@ class StreamedLM(TemplateLM):
 
 MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_length", "add_bos_token", "max_gpu_memory",
               "max_host_memory", "offload_dir", "trust_remote_code", "progress", "share_contexts")
+
+
+def _request_seeds(requests, seed: int) -> list[int]:
+    """The seed each request of a generate_until call samples with: `seed` (torch.initial_seed(): what
+    lm-eval's torch_random_seed, or torch.manual_seed, set) added to a 63-bit BLAKE2b hash of the
+    request's task name, document id, index and repeat (lm-eval hands a task's `repeats` copies of a
+    request one after another; the k-th draws with repeat k), modulo 2**63.  So a request's samples do
+    not depend on the other requests of the run: another task beside it, or another --limit, leaves
+    them as they were.  A request without a task and document (made by hand) is named by its position
+    in the call instead."""
+    seen: dict[tuple, int] = {}
+    seeds = []
+    for position, request in enumerate(requests):
+        task, document = getattr(request, "task_name", None), getattr(request, "doc_id", None)
+        key = (task, document, getattr(request, "idx", None)) if task is not None and document is not None else ("position", position)
+        repeat = seen[key] = seen.get(key, -1) + 1
+        digest = hashlib.blake2b(repr((*key, repeat)).encode(), digest_size=8).digest()
+        seeds.append((seed + (int.from_bytes(digest, "little") >> 1)) % 2**63)
+    return seeds
 
 
 def _unknown_model_args(names) -> StreamPruneError:
