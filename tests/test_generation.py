@@ -401,3 +401,24 @@ def test_sampled_rows_draw_what_transformers_generate_draws_for_each_alone(tiny_
     assert expected != generate(stack, contexts, 8, batch_size=2, processor=LogitsProcessorList(warpers[::2]), seeds=seeds)
     with pytest.raises(ValueError, match="2 seeds for 8 contexts"):
         generate(stack, contexts, 8, seeds=seeds[:2])
+
+
+def test_a_context_given_several_times_is_read_once_and_each_copy_draws_its_own(tiny_checkpoint, monkeypatch):
+    """lm-eval's repeats of a sampled task: two 50-token contexts that begin with the same 34 tokens,
+    each given four times.  Sharing the 34 would read 34 + 8 x 16 = 162 tokens through block 0 in the
+    first pass; each context's copies sharing all of it but the last token read 2 x 49 + 8 = 106 (the
+    copies counted as rows, not as one context), not 400.  Each copy samples with its own seed what
+    transformers' generate samples for it alone."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper
+
+    model_dir = tiny_checkpoint("llama", tie_embeddings=None)
+    generator = torch.Generator().manual_seed(6)
+    start = torch.randint(10, 256, (34,), generator=generator).tolist()
+    a, b = (start + [first] + torch.randint(0, 256, (15,), generator=generator).tolist() for first in (1, 2))
+    contexts, seeds = [a] * 4 + [b] * 4, list(range(100, 108))
+    stack = open_model(model_dir, device="cpu").stack
+    seen = _tokens_through_block_0(stack, monkeypatch)
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(1.2)])
+    ours = generate(stack, contexts, 6, batch_size=4, processor=warpers, seeds=seeds)
+    assert seen[:3] == [2 * 49, 4, 4] and len(set(map(tuple, ours))) > 2
+    assert ours == _sampled(model_dir, contexts, 6, seeds, temperature=1.2, top_k=0)

@@ -417,10 +417,18 @@ def _groups(contexts: list[list[int]], batch_size: int, share: bool) -> list[tup
     With `share`, the contexts whose start loglikelihood._sharing_plan shares (each context taken as
     one request of a one-token answer: sharing a start of L tokens saves L per context) form groups of
     their own, longest first, the start cut to one token shorter than the shortest of them (every row
-    reads its last token in the first pass); the others keep the callers' order."""
+    reads its last token in the first pass); the others keep the callers' order.  A context given
+    several times (lm-eval's repeats of a sampled task: gsm8k-cot-self-consistency's 64) is a row each
+    time, so each copy is its own context for the plan (a marker token after it, -1 - copy, that no
+    row reads): its copies can share the whole of it but the last token."""
     shared, alone = [], list(range(len(contexts)))
     if share:
-        plan = _sharing_plan([Request((*context, 0), len(context)) for context in contexts])
+        copies: dict[tuple, int] = {}
+        marked = []
+        for context in contexts:
+            copy = copies[tuple(context)] = copies.get(tuple(context), -1) + 1
+            marked.append(Request((*context, -1 - copy, 0), len(context) + 1))
+        plan = _sharing_plan(marked)
         alone = []
         for split, numbers in plan:
             split = min(split, min(len(contexts[n]) for n in numbers) - 1)
