@@ -282,6 +282,8 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
 @click.option("--include-path", type=click.Path(exists=True, file_okay=False), default=None,
               help="lm-eval: a folder of task YAMLs to add to its tasks.")
 @click.option("--num-fewshot", type=int, default=None, help="lm-eval: examples in each prompt (default: the task's own).")
+@click.option("--seed", type=int, default=None,
+              help="lm-eval: the seed of sampled generations and few-shot draws, as lm_eval --seed N (default: lm-eval's 0/1234).")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Perplexity window length.")
 @click.option("--max-windows", type=int, default=None, help="Perplexity on the first N windows only.")
 @click.option("--limit", type=int, default=None,

@@ -792,6 +792,30 @@ def test_sampled_requests_draw_what_hf_generate_draws_for_each_alone(tiny_checkp
     assert samples(lm, ["sampled"], limit=4) == sampled[:4]
 
 
+def test_eval_seed_is_lm_evals_seed(tiny_checkpoint, monkeypatch, tmp_path):
+    """streamprune eval --seed N seeds lm-eval as lm_eval --seed N does: a sampled task's requests are
+    drawn under torch's seed N (lm-eval's 1234 without it); for the built-in tasks alone it is refused."""
+    from click.testing import CliRunner
+
+    from streamprune.cli import main
+    from streamprune.evaluate import harness
+
+    seen, original = [], harness.StreamedLM.generate_until
+    monkeypatch.setattr(harness.StreamedLM, "generate_until",
+                        lambda self, requests, *args, **kwargs: seen.append(torch.initial_seed()) or original(self, requests, *args, **kwargs))
+    monkeypatch.chdir(ROOT)
+    (tmp_path / "sampled.yaml").write_text((ROOT / "tests/data/lmeval/sp_continue.yaml").read_text()
+                                           .replace("task: sp_continue", "task: sampled").replace("do_sample: false", "do_sample: true\n  temperature: 0.8"))
+    model = str(tiny_checkpoint("llama", layers=2))
+    for extra, seed in (([], 1234), (["--seed", "5"], 5)):
+        result = CliRunner().invoke(main, ["eval", model, "--tasks", "sampled", "--include-path", str(tmp_path), "--limit", "2", "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == seed
+    result = CliRunner().invoke(main, ["eval", model, "--tasks", "boolq", "--data-dir", "tests/data", "--seed", "5", "--quiet"])
+    assert result.exit_code == 1 and result.stderr.strip() == ("Error: --seed applies to lm-eval tasks (their sampled generations "
+                                                               "and few-shot draws); the built-in tasks draw nothing (their --limit subset is fixed)")
+
+
 def test_a_requests_seed_depends_on_torchs_seed_and_the_request_alone():
     """_request_seeds: a request of a task is named by its task, document, index and repeat, so other
     requests before it or between its repeats change nothing; its repeats, other documents and another

@@ -49,6 +49,7 @@ class EvalConfig:
     include_path: str | None = None  # lm-eval: a folder of task YAMLs
     num_fewshot: int | None = None  # lm-eval: examples in each prompt (the task's own default if None)
     share_contexts: bool = True  # a context, or a start of prompts, shared by several requests runs once per block
+    seed: int | None = None  # lm-eval: its seeds (python, numpy, torch, few-shot), as its --seed N; None: its own 0, 1234, 1234, 1234
 
     def __post_init__(self):
         if self.harness_tasks:
@@ -61,6 +62,9 @@ class EvalConfig:
                                    f"({', '.join(self.tasks)}) are zero-shot; for examples in the prompts, evaluate an lm-eval task "
                                    f"(lm-eval's own boolq or hellaswag through streamprune-lm-eval, or a task YAML of "
                                    f"yours with --include-path)")
+        if self.seed is not None and not self.harness_tasks:
+            raise StreamPruneError("--seed applies to lm-eval tasks (their sampled generations and few-shot draws); the built-in "
+                                   "tasks draw nothing (their --limit subset is fixed)")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise StreamPruneError("--num-fewshot must be at least 0")
         if self.num_fewshot and self.builtin_tasks:
@@ -466,7 +470,9 @@ def _harness_results(scorer: Scorer, config: EvalConfig, manager, progress: bool
         with _lm_eval_bars(progress), unknown_metrics_refused(), contextlib.redirect_stdout(sys.stderr), \
                 datasets_from_cache_when_offline() as offline:
             output = lm_eval.simple_evaluate(model=lm, tasks=list(config.harness_tasks), task_manager=manager,
-                                             num_fewshot=config.num_fewshot, limit=config.limit)
+                                             num_fewshot=config.num_fewshot, limit=config.limit,
+                                             **({} if config.seed is None else {name: config.seed for name in (
+                                                 "random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}))
     except ConnectionError as exc:  # datasets' "Couldn't reach ... on the Hub", offline or down
         why = one_line(exc) + (f"; {unreachable_note(offline.reason)}" if offline.reason else "")
         raise StreamPruneError(f"lm-eval could not load a task's dataset ({why}); {offline_yaml_hint('--include-path')}") from None
