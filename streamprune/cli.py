@@ -283,7 +283,8 @@ def _numbers(ctx, param, value) -> tuple[float, ...] | None:
               help="lm-eval: a folder of task YAMLs to add to its tasks.")
 @click.option("--num-fewshot", type=int, default=None, help="lm-eval: examples in each prompt (default: the task's own).")
 @click.option("--seed", type=int, default=None,
-              help="lm-eval: the seed of sampled generations and few-shot draws, as lm_eval --seed N (default: lm-eval's 0/1234).")
+              help="lm-eval: the seed of sampled generations and few-shot draws, as lm_eval --seed N (default: lm-eval's own, "
+                   "0 for Python's random and 1234 for numpy, torch and few-shot sampling).")
 @click.option("--seqlen", type=int, default=2048, show_default=True, help="Perplexity window length.")
 @click.option("--max-windows", type=int, default=None, help="Perplexity on the first N windows only.")
 @click.option("--limit", type=int, default=None,

@@ -792,6 +792,22 @@ def test_sampled_requests_draw_what_hf_generate_draws_for_each_alone(tiny_checkp
     assert samples(lm, ["sampled"], limit=4) == sampled[:4]
 
 
+def test_sampling_without_a_temperature_is_refused_in_one_line(tiny_checkpoint, caplog):
+    """lm-eval warns of do_sample with temperature 0 in a line of its own ('do_sample=True` but
+    temperature=0.0 ...') before streamprune's refusal; that warning is left out, the refusal says it all."""
+    import logging
+
+    from lm_eval.utils import warning_once
+
+    lm = StreamedLM(pretrained=str(tiny_checkpoint("llama", layers=2)), device="cpu", progress=False)
+    for settings in ({"do_sample": True}, {"do_sample": True, "temperature": 0}):
+        warning_once.cache_clear()  # lm-eval says it once per process
+        with caplog.at_level(logging.WARNING), pytest.raises(StreamPruneError, match="temperature"):
+            lm.generate_until(_requests("generate_until", [("x", {"until": [], "max_gen_toks": 4, **settings})]))
+        assert not [r for r in caplog.records if "temperature=0.0" in r.getMessage()], caplog.text
+    assert logging.getLogger("lm_eval.models.utils").level == logging.NOTSET  # put back
+
+
 def test_eval_seed_is_lm_evals_seed(tiny_checkpoint, monkeypatch, tmp_path):
     """streamprune eval --seed N seeds lm-eval as lm_eval --seed N does: a sampled task's requests are
     drawn under torch's seed N (lm-eval's 1234 without it); for the built-in tasks alone it is refused."""
@@ -813,7 +829,7 @@ def test_eval_seed_is_lm_evals_seed(tiny_checkpoint, monkeypatch, tmp_path):
         assert seen[-1] == seed
     result = CliRunner().invoke(main, ["eval", model, "--tasks", "boolq", "--data-dir", "tests/data", "--seed", "5", "--quiet"])
     assert result.exit_code == 1 and result.stderr.strip() == ("Error: --seed applies to lm-eval tasks (their sampled generations "
-                                                               "and few-shot draws); the built-in tasks draw nothing (their --limit subset is fixed)")
+                                                               "and few-shot draws); the built-in tasks draw nothing (their --limit subset is fixed): drop --seed")
 
 
 def test_a_requests_seed_depends_on_torchs_seed_and_the_request_alone():

@@ -34,6 +34,7 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -301,7 +302,11 @@ class StreamedLM(TemplateLM):
         results: list = [None] * len(requests)
         seeds_of = None
         for numbers in groups.values():
-            kwargs = normalize_gen_kwargs(dict(requests[numbers[0]].args[1]), self.max_gen_toks)
+            given = dict(requests[numbers[0]].args[1])
+            # lm-eval warns of sampling at temperature 0, which _generation_settings refuses just after, in a line of its own
+            refused = given.get("do_sample") is True and not given.get("temperature")
+            with _logger_quiet("lm_eval.models.utils") if refused else contextlib.nullcontext():
+                kwargs = normalize_gen_kwargs(given, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
             try:
@@ -345,6 +350,18 @@ class StreamedLM(TemplateLM):
 
 MODEL_ARGS = ("pretrained", "device", "dtype", "batch_size", "max_length", "add_bos_token", "max_gpu_memory",
               "max_host_memory", "offload_dir", "trust_remote_code", "progress", "share_contexts")
+
+
+@contextlib.contextmanager
+def _logger_quiet(name: str):
+    """The logger `name` says nothing below ERROR inside the block (its level put back after)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _request_seeds(requests, seed: int) -> list[int]:

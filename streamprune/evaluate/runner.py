@@ -64,7 +64,7 @@ class EvalConfig:
                                    f"yours with --include-path)")
         if self.seed is not None and not self.harness_tasks:
             raise StreamPruneError("--seed applies to lm-eval tasks (their sampled generations and few-shot draws); the built-in "
-                                   "tasks draw nothing (their --limit subset is fixed)")
+                                   "tasks draw nothing (their --limit subset is fixed): drop --seed")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise StreamPruneError("--num-fewshot must be at least 0")
         if self.num_fewshot and self.builtin_tasks:
