@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .errors import StreamPruneError
+from .errors import StreamPruneError, did_you_mean
 from .masking import parse_pattern
 
 STAT_NORMS = ("mean", "sum")
@@ -124,8 +124,6 @@ class PruneConfig:
         """A config from keywords: the fields, and the method's options by name (alpha=0.25).  Raises
         StreamPruneError for a keyword that is neither a field nor any method's, the OBS update's or
         OWL's option (a misspelling: 'sparsty'), naming the closest name."""
-        import difflib
-
         from .budgets import OPTIONS as OWL_OPTIONS
         from .methods import METHODS
         from .obs import OPTIONS
@@ -134,8 +132,7 @@ class PruneConfig:
         known = names | {o.name for o in OPTIONS} | {o.name for o in OWL_OPTIONS} | {o.name for m in METHODS.values() for o in m.options}
         for name in values:
             if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.7)
-                raise StreamPruneError(f"unknown argument {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}: "
+                raise StreamPruneError(f"unknown argument {name!r}{did_you_mean(name, known, cutoff=0.7)}: "
                                        f"neither a pruning setting ({', '.join(sorted(names))}) nor a method's option")
         options = tuple((k, v) for k, v in values.items() if k not in names)
         return cls(**{k: v for k, v in values.items() if k in names}, options=options)

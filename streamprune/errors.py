@@ -64,6 +64,15 @@ class Interrupted(StreamPruneError):
     exit_code = 130
 
 
+def did_you_mean(name: str, names, cutoff: float = 0.8) -> str:
+    """' (did you mean 'X'?)' for the one of `names` closest to a misspelt `name` (difflib's ratio at
+    least `cutoff`), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(names), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def rerun_hint(starts_over=()) -> str:
     """How to resume a stopped prune or sweep: the same command, or, where it gave flags that would
     start it over (--overwrite, --no-resume: `starts_over`), the same command without them."""

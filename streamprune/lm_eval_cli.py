@@ -97,7 +97,7 @@ def _closest_task(message: str, include_path: str | None) -> str:
     and only after that error), else ''."""
     from lm_eval.tasks import TaskManager
 
-    from .evaluate.runner import did_you_mean
+    from .errors import did_you_mean
 
     missing = message.removeprefix("Tasks not found: ").split(", ")[0].strip()
     try:

@@ -258,10 +258,10 @@ class OutputLock:
     macOS), released when the run ends or its process dies (SIGKILL too), so a killed run's directory is
     resumed as before.  Where the file system cannot lock a directory (NFS, Lustre without -o flock,
     SMB), a warning says so and the run goes on unlocked.  The directory is made if missing, with its
-    missing parents (after the checks plan_run makes first, so nothing is made inside the input
-    checkpoint), and what this lock made is removed again, if still empty, when it is released: a run
-    that failed before writing leaves no folders behind.  Raises StreamPruneError
-    when another process holds it."""
+    missing parents, once the output's place is checked (a directory, writable, neither the input
+    checkpoint nor around or inside it), and what this lock made is removed again, if still empty, when
+    it is released: a run that failed before writing leaves no folders behind.  Raises StreamPruneError
+    for an output in the wrong place and when another process holds it."""
 
     def __init__(self, out: Path, model_dir: Path):
         if out.exists() and not out.is_dir():

@@ -258,10 +258,11 @@ class _Group:
         tokens, without padding: HF generate's for a row alone (its repetition penalty leaves the padding
         out in any batch; its no_repeat_ngram_size counts it)."""
         logits = logits_of(self.hidden[:, -1:])[:, -1]
-        if processor or self.generators:
+        if processor or self.generators:  # HF generate processes, and samples from, float32 logits
             logits = logits.float()
+        if processor:
             for row, context in enumerate(self.contexts):
-                if processor and not self.done[row]:
+                if not self.done[row]:
                     ids = torch.tensor([context + self.new[row]], device=logits.device)
                     logits[row : row + 1] = processor(ids, logits[row : row + 1])
         if self.generators is None:
@@ -426,7 +427,8 @@ def _groups(contexts: list[list[int]], batch_size: int, share: bool) -> list[tup
         copies: dict[tuple, int] = {}
         marked = []
         for context in contexts:
-            copy = copies[tuple(context)] = copies.get(tuple(context), -1) + 1
+            key = tuple(context)
+            copy = copies[key] = copies.get(key, -1) + 1
             marked.append(Request((*context, -1 - copy, 0), len(context) + 1))
         plan = _sharing_plan(marked)
         alone = []

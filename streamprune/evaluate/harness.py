@@ -35,7 +35,6 @@ Requires the optional extra: pip install 'streamprune[lmeval]'.
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import inspect
 import logging

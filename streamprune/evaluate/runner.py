@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import functools
 import logging
 import sys
@@ -17,7 +16,7 @@ import torch
 
 from .. import progress as progress_bars
 from ..checks import first_nonfinite, wider_dtypes
-from ..errors import NumericalError, StreamPruneError, one_line
+from ..errors import NumericalError, StreamPruneError, did_you_mean, one_line
 from ..loading import choose_device, load_tokenizer, open_model, warn_beyond_context
 from ..placement import Budget
 from ..checkpoint import resolve_model_dir
@@ -324,13 +323,6 @@ def offline_yaml_hint(option: str) -> str:
     """What to do when an lm-eval task's dataset cannot be downloaded, `option` being the command's
     include-path option (--include-path for streamprune eval, --include_path for lm-eval's command)."""
     return f"offline, write a task YAML over local files (dataset_path: json, with data_files) and pass its folder with {option}"
-
-
-def did_you_mean(name: str, names) -> str:
-    """' (did you mean 'X'?)' for the one of `names` closest to a misspelt `name` (difflib, ratio 0.8 at
-    least), else ''."""
-    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.8)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _task_manager(config: EvalConfig, progress: bool = False):
